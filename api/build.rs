@@ -1,0 +1,14 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/cairn/metadata/v1/metadata.proto",
+        "proto/cairn/rpc/v1/rpc.proto",
+    ];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&protos, &["proto"])?;
+    Ok(())
+}

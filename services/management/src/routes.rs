@@ -1,0 +1,426 @@
+//! REST routes. Reads are linearizable (a ReadIndex barrier first), writes are
+//! raft proposals; both may be sent to any node.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cairn_api::metadata::v1::command::Op;
+use cairn_api::metadata::v1::{
+    AllocateNodeId, CreateDatastore, CreateVdisk, DatastoreRecord, DeleteDatastore, DeleteVdisk, NodeRecord,
+    NodeRole, ResizeVdisk, TieringPolicy, VdiskRecord,
+};
+use cairn_metadata::MetadataHandle;
+use cairn_rpc::pki::TlsPaths;
+use cairn_util::error_code::codes;
+use serde::{Deserialize, Serialize};
+
+use crate::problem::{ApiJson, Problem};
+
+/// What every handler needs.
+#[derive(Clone)]
+pub struct ApiState {
+    pub meta: MetadataHandle,
+    /// Hex SHA-256 of the admin bearer token.
+    pub token_sha256: Arc<str>,
+    pub tls: TlsPaths,
+    pub version: Arc<str>,
+}
+
+type ApiResult<T> = Result<T, Problem>;
+
+/// The REST router (serve it with `cairn_rpc::serve::serve_tls`).
+pub fn router(state: ApiState) -> Router {
+    let authed = Router::new()
+        .route("/v1/openapi.yaml", get(openapi))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/members", post(add_member))
+        .route("/v1/cluster/members/:id", axum::routing::delete(remove_member))
+        .route("/v1/nodes", get(list_nodes).post(prepare_node))
+        .route("/v1/datastores", get(list_datastores).post(create_datastore))
+        .route("/v1/datastores/:ds", get(get_datastore).delete(delete_datastore))
+        .route("/v1/datastores/:ds/vdisks", get(list_vdisks).post(create_vdisk))
+        .route("/v1/datastores/:ds/vdisks/:name", get(get_vdisk).delete(delete_vdisk))
+        .route("/v1/datastores/:ds/vdisks/:name/resize", post(resize_vdisk))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(authed)
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|t| {
+        cairn_util::constant_time_eq(cairn_util::sha256_hex(t.as_bytes()).as_bytes(), st.token_sha256.as_bytes())
+    });
+    if !ok {
+        tracing::info!(path = %req.uri().path(), "refused request without a valid bearer token");
+        return Problem::from_code(codes::UNAUTHORIZED, "a valid bearer token is required (Authorization: Bearer <token>)")
+            .into_response();
+    }
+    next.run(req).await
+}
+
+async fn not_found(req: Request) -> Problem {
+    Problem::from_code(codes::NOT_FOUND, format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+}
+
+async fn health(State(st): State<ApiState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "node_id": st.meta.node_id(), "version": &*st.version }))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], cairn_api::OPENAPI_YAML)
+}
+
+// ---- JSON shapes ----
+
+#[derive(Serialize)]
+struct NodeJson {
+    id: u64,
+    rpc_addr: String,
+    api_addr: String,
+    role: &'static str,
+    version: String,
+}
+
+fn role_name(role: i32) -> &'static str {
+    match NodeRole::try_from(role) {
+        Ok(NodeRole::Voter) => "voter",
+        Ok(NodeRole::Learner) => "learner",
+        Ok(NodeRole::Removed) => "removed",
+        _ => "unknown",
+    }
+}
+
+impl From<NodeRecord> for NodeJson {
+    fn from(n: NodeRecord) -> Self {
+        Self {
+            id: n.id,
+            rpc_addr: n.rpc_addr,
+            api_addr: n.api_addr,
+            role: role_name(n.role),
+            version: n.version,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TieringJson {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    cold_after_secs: u64,
+    #[serde(default)]
+    target: String,
+}
+
+#[derive(Serialize)]
+struct DatastoreJson {
+    id: String,
+    name: String,
+    replication_factor: u32,
+    compression: bool,
+    tiering: TieringJson,
+    created_unix_ms: u64,
+}
+
+impl From<DatastoreRecord> for DatastoreJson {
+    fn from(d: DatastoreRecord) -> Self {
+        let t = d.tiering.unwrap_or_default();
+        Self {
+            id: d.id,
+            name: d.name,
+            replication_factor: d.replication_factor,
+            compression: d.compression,
+            tiering: TieringJson {
+                enabled: t.enabled,
+                cold_after_secs: t.cold_after_secs,
+                target: t.target,
+            },
+            created_unix_ms: d.created_unix_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct VdiskJson {
+    id: String,
+    name: String,
+    datastore: String,
+    size_bytes: u64,
+    owner_node_id: u64,
+    owner_epoch: u64,
+    created_unix_ms: u64,
+}
+
+impl From<VdiskRecord> for VdiskJson {
+    fn from(v: VdiskRecord) -> Self {
+        Self {
+            id: v.id,
+            name: v.name,
+            datastore: v.datastore_id,
+            size_bytes: v.size_bytes,
+            owner_node_id: v.owner_node_id,
+            owner_epoch: v.owner_epoch,
+            created_unix_ms: v.created_unix_ms,
+        }
+    }
+}
+
+fn decode<M: prost::Message + Default>(bytes: &[u8]) -> ApiResult<M> {
+    M::decode(bytes).map_err(|e| Problem::from_code(codes::INTERNAL, format!("undecodable record: {e}")))
+}
+
+fn missing(what: &str) -> Problem {
+    Problem::from_code(codes::NOT_FOUND, format!("{what} not found"))
+}
+
+// ---- cluster and nodes ----
+
+async fn cluster_status(State(st): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+    st.meta.read_barrier().await?;
+    let status = st.meta.status().await?;
+    let cluster = st.meta.cluster()?.unwrap_or_default();
+    let nodes: Vec<NodeJson> = st.meta.nodes()?.into_iter().map(Into::into).collect();
+    Ok(Json(serde_json::json!({
+        "cluster_id": cluster.cluster_id,
+        "name": cluster.name,
+        "node_id": status.node_id,
+        "role": status.role,
+        "leader_id": status.leader_id,
+        "term": status.term,
+        "commit_index": status.commit_index,
+        "applied_index": status.applied_index,
+        "first_index": status.first_index,
+        "last_index": status.last_index,
+        "voters": status.voters,
+        "learners": status.learners,
+        "nodes": nodes,
+        "version": &*st.version,
+    })))
+}
+
+async fn list_nodes(State(st): State<ApiState>) -> ApiResult<Json<Vec<NodeJson>>> {
+    st.meta.read_barrier().await?;
+    Ok(Json(st.meta.nodes()?.into_iter().map(Into::into).collect()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepareNode {
+    rpc_addr: String,
+    api_addr: String,
+}
+
+fn parse_addr(what: &str, a: &str) -> ApiResult<SocketAddr> {
+    a.parse::<SocketAddr>()
+        .map_err(|_| Problem::from_code(codes::INVALID, format!("{what} {a:?} is not an IP:port address")))
+}
+
+/// Allocates a node id and issues the new node's certificate.
+async fn prepare_node(State(st): State<ApiState>, ApiJson(body): ApiJson<PrepareNode>) -> ApiResult<Response> {
+    let rpc = parse_addr("rpc_addr", &body.rpc_addr)?;
+    let api = parse_addr("api_addr", &body.api_addr)?;
+    let res = st.meta.propose(Op::AllocateNodeId(AllocateNodeId {})).await?;
+    let ca = st
+        .tls
+        .load_ca()
+        .map_err(|e| Problem::from_code(codes::INTERNAL, format!("this node cannot issue certificates: {e}")))?;
+    let mut ips: Vec<IpAddr> = vec![rpc.ip(), api.ip()];
+    ips.dedup();
+    let id = ca
+        .issue_node(res.allocated_id, &ips)
+        .map_err(|e| Problem::from_code(codes::INTERNAL, format!("certificate issue failed: {e}")))?;
+    let cluster = st.meta.cluster()?.unwrap_or_default();
+    tracing::info!(node = res.allocated_id, rpc_addr = %rpc, "issued identity for a joining node");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "node_id": res.allocated_id,
+            "cluster_id": cluster.cluster_id,
+            "ca_pem": ca.cert_pem,
+            "ca_key_pem": ca.key_pem,
+            "cert_pem": id.cert_pem,
+            "key_pem": id.key_pem,
+        })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    node_id: u64,
+    rpc_addr: String,
+    api_addr: String,
+    #[serde(default)]
+    version: String,
+}
+
+async fn add_member(State(st): State<ApiState>, ApiJson(body): ApiJson<AddMember>) -> ApiResult<Json<serde_json::Value>> {
+    parse_addr("rpc_addr", &body.rpc_addr)?;
+    parse_addr("api_addr", &body.api_addr)?;
+    if body.node_id == 0 {
+        return Err(Problem::from_code(codes::INVALID, "node_id must be positive"));
+    }
+    let node = NodeRecord {
+        format_version: cairn_api::FORMAT_VERSION,
+        id: body.node_id,
+        rpc_addr: body.rpc_addr,
+        api_addr: body.api_addr,
+        version: body.version,
+        ..Default::default()
+    };
+    st.meta.add_member(node, Duration::from_secs(120)).await?;
+    let status = st.meta.status().await?;
+    Ok(Json(serde_json::json!({ "node_id": body.node_id, "voters": status.voters, "learners": status.learners })))
+}
+
+async fn remove_member(State(st): State<ApiState>, Path(id): Path<u64>) -> ApiResult<StatusCode> {
+    st.meta.read_barrier().await?;
+    st.meta.remove_member(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- datastores ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDatastore {
+    name: String,
+    #[serde(default = "default_rf")]
+    replication_factor: u32,
+    #[serde(default)]
+    compression: bool,
+    #[serde(default)]
+    tiering: TieringJson,
+}
+
+fn default_rf() -> u32 {
+    2
+}
+
+async fn list_datastores(State(st): State<ApiState>) -> ApiResult<Json<Vec<DatastoreJson>>> {
+    st.meta.read_barrier().await?;
+    Ok(Json(st.meta.datastores()?.into_iter().map(Into::into).collect()))
+}
+
+async fn get_datastore(State(st): State<ApiState>, Path(ds): Path<String>) -> ApiResult<Json<DatastoreJson>> {
+    st.meta.read_barrier().await?;
+    let d = st.meta.datastore(&ds)?.ok_or_else(|| missing(&format!("datastore {ds:?}")))?;
+    Ok(Json(d.into()))
+}
+
+async fn create_datastore(State(st): State<ApiState>, ApiJson(b): ApiJson<NewDatastore>) -> ApiResult<Response> {
+    let res = st
+        .meta
+        .propose(Op::CreateDatastore(CreateDatastore {
+            name: b.name,
+            replication_factor: b.replication_factor,
+            compression: b.compression,
+            tiering: Some(TieringPolicy {
+                enabled: b.tiering.enabled,
+                cold_after_secs: b.tiering.cold_after_secs,
+                target: b.tiering.target,
+            }),
+            id: uuid_v4(),
+        }))
+        .await?;
+    let d: DatastoreRecord = decode(&res.record)?;
+    Ok((StatusCode::CREATED, Json(DatastoreJson::from(d))).into_response())
+}
+
+async fn delete_datastore(State(st): State<ApiState>, Path(ds): Path<String>) -> ApiResult<StatusCode> {
+    st.meta.propose(Op::DeleteDatastore(DeleteDatastore { name: ds })).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- vdisks ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewVdisk {
+    name: String,
+    size_bytes: u64,
+    #[serde(default)]
+    owner_node_id: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    size_bytes: u64,
+}
+
+async fn list_vdisks(State(st): State<ApiState>, Path(ds): Path<String>) -> ApiResult<Json<Vec<VdiskJson>>> {
+    st.meta.read_barrier().await?;
+    if st.meta.datastore(&ds)?.is_none() {
+        return Err(missing(&format!("datastore {ds:?}")));
+    }
+    Ok(Json(st.meta.vdisks(&ds)?.into_iter().map(Into::into).collect()))
+}
+
+async fn get_vdisk(State(st): State<ApiState>, Path((ds, name)): Path<(String, String)>) -> ApiResult<Json<VdiskJson>> {
+    st.meta.read_barrier().await?;
+    let v = st
+        .meta
+        .vdisk(&ds, &name)?
+        .ok_or_else(|| missing(&format!("vdisk {name:?} in datastore {ds:?}")))?;
+    Ok(Json(v.into()))
+}
+
+async fn create_vdisk(
+    State(st): State<ApiState>,
+    Path(ds): Path<String>,
+    ApiJson(b): ApiJson<NewVdisk>,
+) -> ApiResult<Response> {
+    let res = st
+        .meta
+        .propose(Op::CreateVdisk(CreateVdisk {
+            datastore: ds,
+            name: b.name,
+            size_bytes: b.size_bytes,
+            owner_node_id: b.owner_node_id,
+            id: uuid_v4(),
+        }))
+        .await?;
+    let v: VdiskRecord = decode(&res.record)?;
+    Ok((StatusCode::CREATED, Json(VdiskJson::from(v))).into_response())
+}
+
+async fn delete_vdisk(State(st): State<ApiState>, Path((ds, name)): Path<(String, String)>) -> ApiResult<StatusCode> {
+    st.meta.propose(Op::DeleteVdisk(DeleteVdisk { datastore: ds, name })).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn resize_vdisk(
+    State(st): State<ApiState>,
+    Path((ds, name)): Path<(String, String)>,
+    ApiJson(b): ApiJson<Resize>,
+) -> ApiResult<Json<VdiskJson>> {
+    let res = st
+        .meta
+        .propose(Op::ResizeVdisk(ResizeVdisk { datastore: ds, name, size_bytes: b.size_bytes }))
+        .await?;
+    let v: VdiskRecord = decode(&res.record)?;
+    Ok(Json(v.into()))
+}
+
+fn uuid_v4() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

@@ -1,0 +1,333 @@
+//! The async face of the metadata service: start a node, propose commands,
+//! linearizable reads, membership changes, and typed queries of the state.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_api::metadata::v1::{
+    command::Op, ClusterRecord, Command, CommandResult, ConfChangeContext, DatastoreRecord, NodeRecord,
+    VdiskRecord,
+};
+use cairn_rpc::pki::NodeIdentity;
+use cairn_util::error_code::codes;
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState};
+use raft::RawNode;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::engine::{Engine, CF_STATE};
+use crate::log::{decode_pair, RaftLog};
+use crate::node::{Driver, Msg, RaftSettings};
+use crate::state::{self, KEY_APPLIED, KEY_CLUSTER, KEY_CONF_STATE, PREFIX_DATASTORE, PREFIX_NODE};
+use crate::transport::Transport;
+use crate::MetaError;
+
+/// Raft status of one node.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub role: String,
+    pub leader_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// (node, matched index), on the leader only.
+    pub progress: Vec<(u64, u64)>,
+}
+
+/// How to start the metadata service of a node.
+#[derive(Debug, Clone)]
+pub struct MetaConfig {
+    pub node_id: u64,
+    /// RocksDB folder.
+    pub db_path: PathBuf,
+    /// This node's RPC address as peers reach it.
+    pub rpc_addr: String,
+    pub raft: RaftSettings,
+    /// How long a client waits for a proposal or read before giving up.
+    pub request_timeout: Duration,
+}
+
+struct Inner {
+    node_id: u64,
+    inbox: std::sync::Mutex<Sender<Msg>>,
+    engine: Arc<Engine>,
+    transport: Arc<Transport>,
+    timeout: Duration,
+}
+
+/// Handle to a running metadata service; cheap to clone.
+#[derive(Clone)]
+pub struct MetadataHandle {
+    inner: Arc<Inner>,
+}
+
+/// Logs raft-rs's slog records through `tracing`.
+struct TracingDrain;
+
+struct KvText(String);
+
+impl slog::Serializer for KvText {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        self.0.push_str(&format!(" {key}={val}"));
+        Ok(())
+    }
+}
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+    fn log(&self, record: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        use slog::KV;
+        let mut kv = KvText(String::new());
+        let _ = record.kv().serialize(record, &mut kv);
+        let _ = values.serialize(record, &mut kv);
+        let msg = format!("{}{}", record.msg(), kv.0);
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}"),
+            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}"),
+            slog::Level::Info => tracing::info!(target: "raft", "{msg}"),
+            _ => tracing::debug!(target: "raft", "{msg}"),
+        }
+        Ok(())
+    }
+}
+
+impl MetadataHandle {
+    /// Opens the node's RocksDB, starts the raft thread and the transport.
+    /// The returned thread ends with `Err` if the engine fails.
+    pub fn start(
+        cfg: MetaConfig,
+        identity: &NodeIdentity,
+        rt: tokio::runtime::Handle,
+    ) -> Result<(Self, std::thread::JoinHandle<Result<(), MetaError>>), MetaError> {
+        let engine = Engine::open(&cfg.db_path)?;
+        let log = RaftLog::load(engine.clone())?;
+        let applied = match engine.get(CF_STATE, KEY_APPLIED)? {
+            Some(b) => decode_pair(&b)?,
+            None => (log.truncated_index(), 0),
+        };
+        let conf_state = match engine.get(CF_STATE, KEY_CONF_STATE)? {
+            Some(b) => ConfState::parse_from_bytes(&b)?,
+            None => ConfState::default(),
+        };
+        let raft_cfg = raft::Config {
+            id: cfg.node_id,
+            election_tick: cfg.raft.election_tick,
+            heartbeat_tick: cfg.raft.heartbeat_tick,
+            applied: applied.0,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: raft::ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let logger = slog::Logger::root(TracingDrain, slog::o!());
+        let raw = RawNode::new(&raft_cfg, log, &logger)?;
+        let tls = cairn_rpc::tls::mtls_client_config(identity).map_err(|e| MetaError::Rpc(e.to_string()))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let transport = Arc::new(Transport::new(cfg.node_id, cfg.rpc_addr.clone(), tls, tx.clone(), rt));
+        let driver = Driver::new(cfg.node_id, raw, engine.clone(), rx, transport.clone(), cfg.raft, applied, conf_state);
+        let thread = std::thread::Builder::new()
+            .name("cairn-raft".into())
+            .spawn(move || driver.run())
+            .map_err(|e| MetaError::Storage(format!("cannot start raft thread: {e}")))?;
+        tracing::info!(node = cfg.node_id, db = %cfg.db_path.display(), applied = applied.0, "metadata service started");
+        Ok((
+            Self {
+                inner: Arc::new(Inner {
+                    node_id: cfg.node_id,
+                    inbox: std::sync::Mutex::new(tx),
+                    engine,
+                    transport,
+                    timeout: cfg.request_timeout,
+                }),
+            },
+            thread,
+        ))
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.inner.node_id
+    }
+
+    pub(crate) fn send(&self, msg: Msg) -> Result<(), MetaError> {
+        let tx = match self.inner.inbox.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        tx.send(msg).map_err(|_| MetaError::Stopped)
+    }
+
+    /// Learns a peer's return address from a message it sent (see RaftBatch.from_addr).
+    pub(crate) fn learn_peer(&self, id: u64, addr: &str) {
+        if id != self.inner.node_id && !addr.is_empty() && !self.inner.transport.knows(id) {
+            self.inner.transport.set_peer(id, addr);
+        }
+    }
+
+    async fn wait<T>(&self, rx: oneshot::Receiver<Result<T, MetaError>>) -> Result<T, MetaError> {
+        match tokio::time::timeout(self.inner.timeout, rx).await {
+            Err(_) => Err(MetaError::Timeout(self.inner.timeout)),
+            Ok(Err(_)) => Err(MetaError::Stopped),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    /// Stops the raft thread (it flushes RocksDB on the way out).
+    pub fn shutdown(&self) {
+        let _ = self.send(Msg::Shutdown);
+    }
+
+    /// Replicates `op` and returns its result once applied on this node.
+    pub async fn propose(&self, op: Op) -> Result<CommandResult, MetaError> {
+        let cmd = Command {
+            format_version: cairn_api::FORMAT_VERSION,
+            origin_node: self.inner.node_id,
+            request_id: rand::random(),
+            proposed_unix_ms: cairn_util::now_unix_ms(),
+            op: Some(op),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Propose { cmd, reply: tx })?;
+        let res = self.wait(rx).await?;
+        if res.error_code.is_empty() {
+            Ok(res)
+        } else {
+            Err(MetaError::Rejected {
+                code: codes::by_name(&res.error_code),
+                message: res.error_message,
+            })
+        }
+    }
+
+    /// Returns once this node's state reflects every write acknowledged
+    /// before the call (ReadIndex); reads after it are linearizable.
+    pub async fn read_barrier(&self) -> Result<(), MetaError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::ReadIndex { reply: tx })?;
+        self.wait(rx).await.map(|_| ())
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, MetaError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Status { reply: tx })?;
+        match tokio::time::timeout(self.inner.timeout, rx).await {
+            Err(_) => Err(MetaError::Timeout(self.inner.timeout)),
+            Ok(Err(_)) => Err(MetaError::Stopped),
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+
+    async fn conf_change(&self, change: ConfChangeType, node: NodeRecord) -> Result<(), MetaError> {
+        let request_id = rand::random();
+        let ctx = ConfChangeContext {
+            format_version: cairn_api::FORMAT_VERSION,
+            origin_node: self.inner.node_id,
+            request_id,
+            node: Some(node.clone()),
+        };
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change);
+        cc.node_id = node.id;
+        cc.context = ctx.encode_to_vec().into();
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::ConfChange { cc, request_id, reply: tx })?;
+        self.wait(rx).await.map(|_| ())
+    }
+
+    /// Adds a node: first as a learner, then, once it has caught up with the
+    /// log, as a voter, so that it never weakens the quorum while it syncs.
+    pub async fn add_member(&self, mut node: NodeRecord, catch_up_timeout: Duration) -> Result<(), MetaError> {
+        node.added_unix_ms = cairn_util::now_unix_ms();
+        let status = self.status().await?;
+        if status.voters.contains(&node.id) {
+            return Ok(());
+        }
+        if !status.learners.contains(&node.id) {
+            self.conf_change(ConfChangeType::AddLearnerNode, node.clone()).await?;
+        }
+        let deadline = Instant::now() + catch_up_timeout;
+        loop {
+            self.read_barrier().await?;
+            let target = self.status().await?.commit_index;
+            match self.inner.transport.peer_status(&node.rpc_addr).await {
+                Ok(peer) if peer.applied_index >= target => break,
+                Ok(peer) => tracing::info!(node = node.id, applied = peer.applied_index, target, "waiting for learner to catch up"),
+                Err(e) => tracing::info!(node = node.id, error = %e, "waiting for learner to answer"),
+            }
+            if Instant::now() > deadline {
+                return Err(MetaError::Timeout(catch_up_timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.conf_change(ConfChangeType::AddNode, node).await
+    }
+
+    /// Removes node `id` from the raft group.
+    pub async fn remove_member(&self, id: u64) -> Result<(), MetaError> {
+        let node = self.node(id)?.ok_or_else(|| MetaError::Rejected {
+            code: codes::NOT_FOUND,
+            message: format!("node {id} not found"),
+        })?;
+        self.conf_change(ConfChangeType::RemoveNode, node).await
+    }
+
+    /// Asks the node at `addr` for its raft status over mTLS.
+    pub async fn peer_status(&self, addr: &str) -> Result<cairn_api::rpc::v1::NodeStatusReply, MetaError> {
+        self.inner.transport.peer_status(addr).await
+    }
+
+    // ---- Queries of the local state (call read_barrier first for linearizability) ----
+
+    fn get<M: prost::Message + Default>(&self, key: &[u8]) -> Result<Option<M>, MetaError> {
+        match self.inner.engine.get(CF_STATE, key)? {
+            Some(b) => Ok(Some(M::decode(b.as_slice()).map_err(cairn_api::record::RecordError::from)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list<M: prost::Message + Default>(&self, prefix: &[u8]) -> Result<Vec<M>, MetaError> {
+        self.inner
+            .engine
+            .scan(CF_STATE, prefix)?
+            .into_iter()
+            .map(|(_, v)| M::decode(v.as_slice()).map_err(|e| MetaError::from(cairn_api::record::RecordError::from(e))))
+            .collect()
+    }
+
+    pub fn cluster(&self) -> Result<Option<ClusterRecord>, MetaError> {
+        self.get(KEY_CLUSTER)
+    }
+    pub fn node(&self, id: u64) -> Result<Option<NodeRecord>, MetaError> {
+        self.get(&state::node_key(id))
+    }
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, MetaError> {
+        self.list(PREFIX_NODE)
+    }
+    pub fn datastores(&self) -> Result<Vec<DatastoreRecord>, MetaError> {
+        self.list(PREFIX_DATASTORE)
+    }
+    pub fn datastore(&self, name: &str) -> Result<Option<DatastoreRecord>, MetaError> {
+        self.get(&state::datastore_key(name))
+    }
+    pub fn vdisks(&self, datastore: &str) -> Result<Vec<VdiskRecord>, MetaError> {
+        self.list(&state::vdisk_prefix(datastore))
+    }
+    pub fn vdisk(&self, datastore: &str, name: &str) -> Result<Option<VdiskRecord>, MetaError> {
+        self.get(&state::vdisk_key(datastore, name))
+    }
+    pub fn kv_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        self.inner.engine.get(CF_STATE, &state::kv_key(key))
+    }
+}

@@ -1,0 +1,471 @@
+//! The raft-rs driver: one OS thread owns the `RawNode`, its RocksDB log and
+//! the state machine. It receives peer messages and client requests on one
+//! channel, drains everything queued before handling a Ready, so concurrent
+//! proposals share one fsync (group commit) and concurrent linearizable reads
+//! share one ReadIndex round.
+//!
+//! Invariants enforced here:
+//! - Log entries and hard state are fsynced before the messages that depend
+//!   on them (votes, append acks) are sent (`persisted_messages`).
+//! - The applied index is written in the same RocksDB batch as the state the
+//!   entries produced, so a crash never applies an entry twice or skips one.
+//! - A linearizable read is answered only after a ReadIndex round confirmed
+//!   leadership and this node applied up to that index.
+//! - The log is only compacted below the applied index.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_api::metadata::v1::{Command, CommandResult, ConfChangeContext, NodeRecord, NodeRole};
+use cairn_util::error_code::codes;
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message as RaftMessage};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use tokio::sync::oneshot;
+
+use crate::engine::{Engine, StateCf, CF_STATE};
+use crate::handle::NodeStatus;
+use crate::log::{encode_pair, RaftLog};
+use crate::state::{self, Layered, Overlay, KEY_APPLIED, KEY_CONF_STATE, PREFIX_NODE};
+use crate::transport::Transport;
+use crate::MetaError;
+
+/// Tunables of the raft loop.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub tick: Duration,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Compact the log once it holds this many applied entries...
+    pub compact_threshold: u64,
+    /// ...keeping this many behind the applied index for slow followers.
+    pub compact_retain: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_millis(100),
+            election_tick: 10,
+            heartbeat_tick: 2,
+            compact_threshold: 8_000,
+            compact_retain: 2_000,
+        }
+    }
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, MetaError>>;
+
+/// Everything the driver thread is asked to do.
+pub(crate) enum Msg {
+    Raft(Box<RaftMessage>),
+    Propose { cmd: Command, reply: Reply<CommandResult> },
+    ConfChange { cc: ConfChange, request_id: u64, reply: Reply<CommandResult> },
+    ReadIndex { reply: Reply<u64> },
+    Status { reply: oneshot::Sender<NodeStatus> },
+    Unreachable(u64),
+    SnapshotDone { to: u64, ok: bool },
+    Shutdown,
+}
+
+pub(crate) struct Driver {
+    id: u64,
+    raw: RawNode<RaftLog>,
+    engine: Arc<Engine>,
+    inbox: Receiver<Msg>,
+    transport: Arc<Transport>,
+    settings: RaftSettings,
+    proposals: HashMap<u64, Reply<CommandResult>>,
+    read_queue: Vec<Reply<u64>>,
+    reads_inflight: HashMap<u64, Vec<Reply<u64>>>,
+    reads_waiting: Vec<(u64, Reply<u64>)>,
+    next_read_ctx: u64,
+    applied: u64,
+    applied_term: u64,
+    conf_state: ConfState,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        id: u64,
+        raw: RawNode<RaftLog>,
+        engine: Arc<Engine>,
+        inbox: Receiver<Msg>,
+        transport: Arc<Transport>,
+        settings: RaftSettings,
+        applied: (u64, u64),
+        conf_state: ConfState,
+    ) -> Self {
+        Self {
+            id,
+            raw,
+            engine,
+            inbox,
+            transport,
+            settings,
+            proposals: HashMap::new(),
+            read_queue: Vec::new(),
+            reads_inflight: HashMap::new(),
+            reads_waiting: Vec::new(),
+            next_read_ctx: 1,
+            applied: applied.0,
+            applied_term: applied.1,
+            conf_state,
+        }
+    }
+
+    /// Runs until shutdown. An engine error ends the loop with `Err`: the
+    /// node must stop rather than serve metadata it could not persist.
+    pub(crate) fn run(mut self) -> Result<(), MetaError> {
+        self.refresh_peers()?;
+        let mut next_tick = Instant::now() + self.settings.tick;
+        let mut next_sweep = Instant::now() + Duration::from_secs(1);
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(wait) {
+                Ok(msg) => {
+                    if !self.handle(msg) {
+                        break;
+                    }
+                    for _ in 0..4096 {
+                        match self.inbox.try_recv() {
+                            Ok(msg) => {
+                                if !self.handle(msg) {
+                                    return self.shutdown();
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                next_tick = now + self.settings.tick;
+            }
+            if now >= next_sweep {
+                self.sweep_abandoned();
+                next_sweep = now + Duration::from_secs(1);
+            }
+            self.start_reads();
+            self.on_ready()?;
+        }
+        self.shutdown()
+    }
+
+    fn shutdown(self) -> Result<(), MetaError> {
+        tracing::info!(node = self.id, "metadata service stopping; flushing RocksDB");
+        self.engine.flush()
+    }
+
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Raft(m) => {
+                if let Err(e) = self.raw.step(*m) {
+                    tracing::debug!(node = self.id, error = %e, "raft step ignored a message");
+                }
+            }
+            Msg::Propose { cmd, reply } => {
+                if self.raw.raft.leader_id == raft::INVALID_ID {
+                    let _ = reply.send(Err(MetaError::NoLeader));
+                    return true;
+                }
+                let rid = cmd.request_id;
+                match self.raw.propose(vec![], cmd.encode_to_vec()) {
+                    Ok(()) => {
+                        self.proposals.insert(rid, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Msg::ConfChange { cc, request_id, reply } => {
+                if self.raw.raft.leader_id == raft::INVALID_ID {
+                    let _ = reply.send(Err(MetaError::NoLeader));
+                    return true;
+                }
+                match self.raw.propose_conf_change(vec![], cc) {
+                    Ok(()) => {
+                        self.proposals.insert(request_id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Msg::ReadIndex { reply } => self.read_queue.push(reply),
+            Msg::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Msg::Unreachable(id) => self.raw.report_unreachable(id),
+            Msg::SnapshotDone { to, ok } => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.raw.report_snapshot(to, status);
+            }
+            Msg::Shutdown => return false,
+        }
+        true
+    }
+
+    fn status(&self) -> NodeStatus {
+        let raft = &self.raw.raft;
+        let role = match raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        };
+        let progress = if raft.state == StateRole::Leader {
+            let mut p: Vec<(u64, u64)> = raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect();
+            p.sort_unstable();
+            p
+        } else {
+            Vec::new()
+        };
+        let mut voters = self.conf_state.voters.clone();
+        voters.sort_unstable();
+        let mut learners = self.conf_state.learners.clone();
+        learners.sort_unstable();
+        NodeStatus {
+            node_id: self.id,
+            role: role.to_string(),
+            leader_id: raft.leader_id,
+            term: raft.term,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.applied,
+            first_index: self.raw.store().truncated_index() + 1,
+            last_index: self.raw.store().last_index_now(),
+            voters,
+            learners,
+            progress,
+        }
+    }
+
+    /// Drops waiters whose caller gave up (timed out), so maps do not grow.
+    fn sweep_abandoned(&mut self) {
+        self.proposals.retain(|_, r| !r.is_closed());
+        self.reads_inflight.retain(|_, rs| {
+            rs.retain(|r| !r.is_closed());
+            !rs.is_empty()
+        });
+        self.reads_waiting.retain(|(_, r)| !r.is_closed());
+    }
+
+    /// One ReadIndex round for every read queued since the last one.
+    fn start_reads(&mut self) {
+        if self.read_queue.is_empty() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.read_queue);
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            for w in waiters {
+                let _ = w.send(Err(MetaError::NoLeader));
+            }
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        self.reads_inflight.insert(ctx, waiters);
+    }
+
+    fn release_reads(&mut self) {
+        let applied = self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_waiting)
+            .into_iter()
+            .partition(|(idx, _)| *idx <= applied);
+        self.reads_waiting = waiting;
+        for (idx, w) in ready {
+            let _ = w.send(Ok(idx));
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), MetaError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        // A leader may send appends before its own disk write (raft thesis 10.2.1).
+        self.transport.send(ready.take_messages());
+
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            let mut batch = self.engine.batch();
+            let data = self.raw.mut_store().install_snapshot(&snap, &mut batch)?;
+            batch.commit(true)?;
+            let meta = snap.get_metadata();
+            self.applied = meta.index;
+            self.applied_term = meta.term;
+            self.conf_state = meta.get_conf_state().clone();
+            tracing::info!(node = self.id, index = meta.index, term = meta.term, keys = data.entries.len(),
+                "installed metadata snapshot from the leader");
+            self.refresh_peers()?;
+        }
+
+        self.apply_entries(ready.take_committed_entries())?;
+
+        let mut batch = self.engine.batch();
+        self.raw.mut_store().append(ready.entries(), &mut batch)?;
+        if let Some(hs) = ready.hs() {
+            self.raw.mut_store().set_hard_state(hs, &mut batch)?;
+        }
+        batch.commit(true)?;
+
+        self.transport.send(ready.take_persisted_messages());
+
+        for rs in ready.take_read_states() {
+            let mut ctx = [0u8; 8];
+            if rs.request_ctx.len() == 8 {
+                ctx.copy_from_slice(&rs.request_ctx);
+            }
+            if let Some(waiters) = self.reads_inflight.remove(&u64::from_be_bytes(ctx)) {
+                self.reads_waiting.extend(waiters.into_iter().map(|w| (rs.index, w)));
+            }
+        }
+
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut batch = self.engine.batch();
+            self.raw.mut_store().set_commit(commit, &mut batch)?;
+            batch.commit(false)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply_entries(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.release_reads();
+        self.maybe_compact()
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), MetaError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut overlay = Overlay::default();
+        let mut replies: Vec<(u64, Result<CommandResult, MetaError>)> = Vec::new();
+        let mut new_conf: Option<ConfState> = None;
+        for entry in &entries {
+            let mut step = Overlay::default();
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal => match Command::decode(entry.data.as_ref()) {
+                    Ok(cmd) => {
+                        let base = StateCf(&self.engine);
+                        let view = Layered { base: &base, overlay: &overlay };
+                        let res = state::apply(&view, &mut step, &cmd)?;
+                        if cmd.origin_node == self.id {
+                            replies.push((cmd.request_id, Ok(res)));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = self.id, index = entry.index, error = %e,
+                            "skipping a committed command this version cannot decode");
+                    }
+                },
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&entry.data)?;
+                    let ctx = ConfChangeContext::decode(cc.context.as_ref()).unwrap_or_default();
+                    let result = match self.raw.apply_conf_change(&cc) {
+                        Ok(cs) => {
+                            let base = StateCf(&self.engine);
+                            let view = Layered { base: &base, overlay: &overlay };
+                            let role = match cc.get_change_type() {
+                                ConfChangeType::AddNode => NodeRole::Voter,
+                                ConfChangeType::AddLearnerNode => NodeRole::Learner,
+                                ConfChangeType::RemoveNode => NodeRole::Removed,
+                            };
+                            let mut node = ctx.node.clone().unwrap_or_default();
+                            node.id = cc.node_id;
+                            state::apply_membership(&view, &mut step, &node, role, node.added_unix_ms)?;
+                            step.put(KEY_CONF_STATE.to_vec(), cs.write_to_bytes()?);
+                            tracing::info!(node = self.id, target = cc.node_id, change = ?cc.get_change_type(),
+                                voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                            if role == NodeRole::Removed && cc.node_id == self.id {
+                                tracing::warn!(node = self.id, "this node was removed from the cluster");
+                            }
+                            new_conf = Some(cs);
+                            Ok(CommandResult::default())
+                        }
+                        Err(e) => Err(MetaError::Rejected {
+                            code: codes::INVALID,
+                            message: format!("membership change refused: {e}"),
+                        }),
+                    };
+                    if ctx.origin_node == self.id {
+                        replies.push((ctx.request_id, result));
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    tracing::warn!(node = self.id, index = entry.index, "ignoring unsupported ConfChangeV2 entry");
+                }
+            }
+            overlay.writes.extend(step.writes);
+            self.applied = entry.index;
+            self.applied_term = entry.term;
+        }
+        overlay.put(KEY_APPLIED.to_vec(), encode_pair(self.applied, self.applied_term));
+
+        let mut batch = self.engine.batch();
+        for (k, v) in &overlay.writes {
+            match v {
+                Some(v) => batch.put(CF_STATE, k, v)?,
+                None => batch.delete(CF_STATE, k)?,
+            }
+        }
+        let applied = self.applied;
+        self.raw.mut_store().set_commit(applied, &mut batch)?;
+        if let Some(cs) = &new_conf {
+            self.raw.mut_store().set_conf_state(cs, &mut batch)?;
+        }
+        batch.commit(false)?;
+
+        if let Some(cs) = new_conf {
+            self.conf_state = cs;
+            self.refresh_peers()?;
+        }
+        for (rid, res) in replies {
+            if let Some(w) = self.proposals.remove(&rid) {
+                let _ = w.send(res);
+            }
+        }
+        self.release_reads();
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), MetaError> {
+        let first = self.raw.store().truncated_index() + 1;
+        if self.applied < first + self.settings.compact_threshold {
+            return Ok(());
+        }
+        let to = self.applied.saturating_sub(self.settings.compact_retain);
+        let mut batch = self.engine.batch();
+        self.raw.mut_store().compact(to, &mut batch)?;
+        batch.commit(false)?;
+        tracing::debug!(node = self.id, compacted_below = to, "raft log compacted");
+        Ok(())
+    }
+
+    /// Points the transport at every member's current address.
+    fn refresh_peers(&mut self) -> Result<(), MetaError> {
+        let mut members: Vec<u64> = self.conf_state.voters.clone();
+        members.extend(&self.conf_state.learners);
+        for (_, bytes) in self.engine.scan(CF_STATE, PREFIX_NODE)? {
+            let Ok(node) = NodeRecord::decode(bytes.as_slice()) else { continue };
+            if node.id == self.id || node.rpc_addr.is_empty() {
+                continue;
+            }
+            if members.contains(&node.id) {
+                self.transport.set_peer(node.id, &node.rpc_addr);
+            } else {
+                self.transport.remove_peer(node.id);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,144 @@
+//! The gRPC services a node serves to its peers (over mTLS): the raft
+//! transport, node status, and the key-value interface. Malformed requests
+//! are refused with a gRPC error and a log line; the connection and every
+//! other request carry on.
+
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use cairn_api::metadata::v1::{command::Op, PutKv};
+use cairn_api::rpc::v1::kv_server::{Kv, KvServer};
+use cairn_api::rpc::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
+use cairn_api::rpc::v1::{
+    KvGetReply, KvGetRequest, KvPutReply, KvPutRequest, NodeStatusReply, NodeStatusRequest, RaftAck, RaftBatch,
+};
+use cairn_util::error_code::HasErrorCode;
+use protobuf::Message as _;
+use raft::eraftpb::Message as RaftMessage;
+use tonic::{Request as TonicRequest, Response as TonicResponse, Status};
+
+use crate::node::Msg;
+use crate::transport::MAX_RPC_MESSAGE;
+use crate::{MetaError, MetadataHandle};
+
+/// Maps a metadata error to a gRPC status carrying its stable code.
+pub fn to_status(e: &MetaError) -> Status {
+    let code = e.error_code();
+    let msg = format!("{}: {e}", code.code);
+    match code.http_status {
+        404 => Status::not_found(msg),
+        409 => Status::already_exists(msg),
+        400 | 422 => Status::invalid_argument(msg),
+        503 => Status::unavailable(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+struct RaftService {
+    handle: MetadataHandle,
+    cluster_id: String,
+    version: String,
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn send(&self, request: TonicRequest<RaftBatch>) -> Result<TonicResponse<RaftAck>, Status> {
+        let batch = request.into_inner();
+        let me = self.handle.node_id();
+        let mut decoded = Vec::with_capacity(batch.messages.len());
+        for bytes in &batch.messages {
+            let m = RaftMessage::parse_from_bytes(bytes)
+                .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+            if m.to != me {
+                return Err(Status::invalid_argument(format!(
+                    "raft message addressed to node {} arrived at node {me}",
+                    m.to
+                )));
+            }
+            decoded.push(m);
+        }
+        self.handle.learn_peer(batch.from_node, &batch.from_addr);
+        for m in decoded {
+            self.handle.send(Msg::Raft(Box::new(m))).map_err(|e| to_status(&e))?;
+        }
+        Ok(TonicResponse::new(RaftAck {}))
+    }
+
+    async fn status(&self, _: TonicRequest<NodeStatusRequest>) -> Result<TonicResponse<NodeStatusReply>, Status> {
+        let s = self.handle.status().await.map_err(|e| to_status(&e))?;
+        Ok(TonicResponse::new(NodeStatusReply {
+            node_id: s.node_id,
+            leader_id: s.leader_id,
+            term: s.term,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            role: s.role,
+            version: self.version.clone(),
+            cluster_id: self.cluster_id.clone(),
+        }))
+    }
+}
+
+struct KvService {
+    handle: MetadataHandle,
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(&self, request: TonicRequest<KvPutRequest>) -> Result<TonicResponse<KvPutReply>, Status> {
+        let r = request.into_inner();
+        if r.key.is_empty() {
+            return Err(Status::invalid_argument("empty key"));
+        }
+        self.handle
+            .propose(Op::PutKv(PutKv { key: r.key, value: r.value }))
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(TonicResponse::new(KvPutReply { index: 0 }))
+    }
+
+    async fn get(&self, request: TonicRequest<KvGetRequest>) -> Result<TonicResponse<KvGetReply>, Status> {
+        let r = request.into_inner();
+        if r.linearizable {
+            self.handle.read_barrier().await.map_err(|e| to_status(&e))?;
+        }
+        let v = self.handle.kv_get(&r.key).map_err(|e| to_status(&e))?;
+        Ok(TonicResponse::new(KvGetReply {
+            found: v.is_some(),
+            value: v.unwrap_or_default(),
+        }))
+    }
+}
+
+/// Logs every RPC that ended in a gRPC error (malformed input included).
+async fn log_rpc_errors(req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    if let Some(code) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
+        if code != "0" {
+            let message = resp
+                .headers()
+                .get("grpc-message")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::warn!(rpc = %path, grpc_status = code, message, "RPC refused");
+        }
+    }
+    resp
+}
+
+/// The node's RPC router (serve it with `cairn_rpc::serve::serve_tls`, mTLS).
+pub fn rpc_router(handle: MetadataHandle, cluster_id: String, version: String) -> axum::Router {
+    let raft = RaftTransportServer::new(RaftService {
+        handle: handle.clone(),
+        cluster_id,
+        version,
+    })
+    .max_decoding_message_size(MAX_RPC_MESSAGE)
+    .max_encoding_message_size(MAX_RPC_MESSAGE);
+    let kv = KvServer::new(KvService { handle });
+    tonic::service::Routes::new(raft)
+        .add_service(kv)
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(log_rpc_errors))
+}

@@ -1,0 +1,474 @@
+//! Cairn's replicated state machine, free of I/O: `apply` turns one committed
+//! command into key writes and a result, reading through a [`StateView`].
+//! Every decision (name conflicts, validation, ids, timestamps) depends only on
+//! the command and the prior state, so every replica computes the same thing.
+//!
+//! Key layout (all values are versioned protobuf records):
+//! - `c/cluster`              ClusterRecord
+//! - `n/<id be64>`            NodeRecord
+//! - `d/<datastore name>`     DatastoreRecord
+//! - `v/<datastore>/<vdisk>`  VdiskRecord
+//! - `s/<disk id>`            DiskRecord
+//! - `g/<egroup id be64>`     ExtentGroupRecord
+//! - `b/<vdisk id>/<vblock be64>`  VblockMapping
+//! - `k/<key>`                raw value of the key-value interface
+//! - `m/...`                  bookkeeping of the apply loop (applied index, conf state)
+
+use std::collections::BTreeMap;
+
+use cairn_api::metadata::v1::{
+    command::Op, ClusterRecord, Command, CommandResult, DatastoreRecord, NodeRecord, NodeRole,
+    VdiskRecord,
+};
+use cairn_api::record::Record;
+use cairn_util::error_code::{codes, ErrorCode};
+use prost::Message;
+
+use crate::MetaError;
+
+pub const KEY_CLUSTER: &[u8] = b"c/cluster";
+pub const PREFIX_NODE: &[u8] = b"n/";
+pub const PREFIX_DATASTORE: &[u8] = b"d/";
+pub const PREFIX_VDISK: &[u8] = b"v/";
+pub const PREFIX_KV: &[u8] = b"k/";
+pub const KEY_APPLIED: &[u8] = b"m/applied";
+pub const KEY_CONF_STATE: &[u8] = b"m/conf_state";
+
+/// Largest vdisk: 64 TiB.
+pub const MAX_VDISK_BYTES: u64 = 64 << 40;
+
+pub fn node_key(id: u64) -> Vec<u8> {
+    [PREFIX_NODE, &id.to_be_bytes()[..]].concat()
+}
+pub fn datastore_key(name: &str) -> Vec<u8> {
+    [PREFIX_DATASTORE, name.as_bytes()].concat()
+}
+pub fn vdisk_prefix(datastore: &str) -> Vec<u8> {
+    [PREFIX_VDISK, datastore.as_bytes(), b"/"].concat()
+}
+pub fn vdisk_key(datastore: &str, name: &str) -> Vec<u8> {
+    [vdisk_prefix(datastore).as_slice(), name.as_bytes()].concat()
+}
+pub fn kv_key(key: &[u8]) -> Vec<u8> {
+    [PREFIX_KV, key].concat()
+}
+
+/// Read access to the state the next command applies on.
+pub trait StateView {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError>;
+    /// All pairs whose key starts with `prefix`, in key order.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError>;
+}
+
+/// Writes produced by applying commands, visible to later commands of the
+/// same batch before they reach the engine.
+#[derive(Default, Debug)]
+pub struct Overlay {
+    pub writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Overlay {
+    pub fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.writes.insert(k, Some(v));
+    }
+    pub fn delete(&mut self, k: Vec<u8>) {
+        self.writes.insert(k, None);
+    }
+}
+
+/// `base` with `overlay` on top.
+pub struct Layered<'a, V: StateView + ?Sized> {
+    pub base: &'a V,
+    pub overlay: &'a Overlay,
+}
+
+impl<V: StateView + ?Sized> StateView for Layered<'_, V> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        match self.overlay.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.base.get(key),
+        }
+    }
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.base.scan(prefix)?.into_iter().collect();
+        for (k, v) in self.overlay.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+}
+
+/// An in-memory view, for tests and simulation.
+impl StateView for BTreeMap<Vec<u8>, Vec<u8>> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        Ok(BTreeMap::get(self, key).cloned())
+    }
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError> {
+        Ok(self
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+fn fail(code: ErrorCode, message: impl Into<String>) -> CommandResult {
+    CommandResult {
+        error_code: code.code.to_string(),
+        error_message: message.into(),
+        ..Default::default()
+    }
+}
+
+fn ok_record(bytes: Vec<u8>) -> CommandResult {
+    CommandResult {
+        record: bytes,
+        ..Default::default()
+    }
+}
+
+/// Checks a datastore or vdisk name: 1-63 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if name.is_empty() || name.len() > 63 || !ok_chars || name.starts_with(['.', '-']) {
+        return Err(format!(
+            "invalid {kind} name {name:?}: use 1-63 characters from A-Z a-z 0-9 . _ - (not starting with . or -)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a vdisk size: positive, a multiple of 4 KiB, at most 64 TiB.
+pub fn validate_size(size: u64) -> Result<(), String> {
+    if size == 0 || size % 4096 != 0 || size > MAX_VDISK_BYTES {
+        return Err(format!(
+            "invalid vdisk size {size}: must be a positive multiple of 4096 bytes, at most 64 TiB"
+        ));
+    }
+    Ok(())
+}
+
+/// Applies one normal command. Errors in the result are deterministic outcomes
+/// (conflict, not found); `Err` means the engine failed and the node must stop.
+pub fn apply(
+    view: &dyn StateView,
+    out: &mut Overlay,
+    cmd: &Command,
+) -> Result<CommandResult, MetaError> {
+    let now = cmd.proposed_unix_ms;
+    let Some(op) = &cmd.op else {
+        // A command from a newer version with an operation we do not know:
+        // apply nothing and say so, identically on every node of this version.
+        return Ok(fail(codes::INVALID, "unknown operation (newer version?)"));
+    };
+    Ok(match op {
+        Op::PutKv(p) => {
+            out.put(kv_key(&p.key), p.value.clone());
+            CommandResult::default()
+        }
+        Op::DeleteKv(d) => {
+            out.delete(kv_key(&d.key));
+            CommandResult::default()
+        }
+        Op::InitCluster(init) => {
+            if view.get(KEY_CLUSTER)?.is_some() {
+                return Ok(fail(codes::CONFLICT, "cluster already initialised"));
+            }
+            let mut cluster = init.cluster.clone().unwrap_or_default();
+            cluster.created_unix_ms = now;
+            if let Some(node) = &init.first_node {
+                cluster.next_node_id = cluster.next_node_id.max(node.id + 1);
+                out.put(node_key(node.id), node.encode_to_vec());
+            }
+            out.put(KEY_CLUSTER.to_vec(), cluster.encode_to_vec());
+            CommandResult::default()
+        }
+        Op::AllocateNodeId(_) => {
+            let Some(bytes) = view.get(KEY_CLUSTER)? else {
+                return Ok(fail(codes::INVALID, "cluster not initialised"));
+            };
+            let mut cluster = Record::<ClusterRecord>::decode(&bytes)?;
+            let id = cluster.msg.next_node_id.max(1);
+            cluster.msg.next_node_id = id + 1;
+            out.put(KEY_CLUSTER.to_vec(), cluster.encode());
+            CommandResult {
+                allocated_id: id,
+                ..Default::default()
+            }
+        }
+        Op::CreateDatastore(c) => {
+            if let Err(e) = validate_name("datastore", &c.name) {
+                return Ok(fail(codes::INVALID, e));
+            }
+            if !(1..=3).contains(&c.replication_factor) {
+                return Ok(fail(
+                    codes::INVALID,
+                    format!("replication factor {} not supported: use 1, 2 or 3", c.replication_factor),
+                ));
+            }
+            let key = datastore_key(&c.name);
+            if view.get(&key)?.is_some() {
+                return Ok(fail(codes::CONFLICT, format!("datastore {:?} already exists", c.name)));
+            }
+            let rec = DatastoreRecord {
+                format_version: cairn_api::FORMAT_VERSION,
+                id: c.id.clone(),
+                name: c.name.clone(),
+                replication_factor: c.replication_factor,
+                compression: c.compression,
+                tiering: c.tiering.clone(),
+                created_unix_ms: now,
+            };
+            let bytes = rec.encode_to_vec();
+            out.put(key, bytes.clone());
+            ok_record(bytes)
+        }
+        Op::DeleteDatastore(d) => {
+            let key = datastore_key(&d.name);
+            if view.get(&key)?.is_none() {
+                return Ok(fail(codes::NOT_FOUND, format!("datastore {:?} not found", d.name)));
+            }
+            let vdisks = view.scan(&vdisk_prefix(&d.name))?;
+            if !vdisks.is_empty() {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!("datastore {:?} still holds {} vdisk(s); delete them first", d.name, vdisks.len()),
+                ));
+            }
+            out.delete(key);
+            CommandResult::default()
+        }
+        Op::CreateVdisk(c) => {
+            if let Err(e) = validate_name("vdisk", &c.name).and(validate_size(c.size_bytes)) {
+                return Ok(fail(codes::INVALID, e));
+            }
+            if view.get(&datastore_key(&c.datastore))?.is_none() {
+                return Ok(fail(codes::NOT_FOUND, format!("datastore {:?} not found", c.datastore)));
+            }
+            let key = vdisk_key(&c.datastore, &c.name);
+            if view.get(&key)?.is_some() {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!("vdisk {:?} already exists in datastore {:?}", c.name, c.datastore),
+                ));
+            }
+            let owner = if c.owner_node_id == 0 { cmd.origin_node } else { c.owner_node_id };
+            if view.get(&node_key(owner))?.is_none() {
+                return Ok(fail(codes::INVALID, format!("owner node {owner} is not a cluster member")));
+            }
+            let rec = VdiskRecord {
+                format_version: cairn_api::FORMAT_VERSION,
+                id: c.id.clone(),
+                name: c.name.clone(),
+                datastore_id: c.datastore.clone(),
+                size_bytes: c.size_bytes,
+                owner_node_id: owner,
+                created_unix_ms: now,
+                owner_epoch: 1,
+            };
+            let bytes = rec.encode_to_vec();
+            out.put(key, bytes.clone());
+            ok_record(bytes)
+        }
+        Op::DeleteVdisk(d) => {
+            let key = vdisk_key(&d.datastore, &d.name);
+            if view.get(&key)?.is_none() {
+                return Ok(fail(codes::NOT_FOUND, format!("vdisk {:?} not found in datastore {:?}", d.name, d.datastore)));
+            }
+            out.delete(key);
+            CommandResult::default()
+        }
+        Op::ResizeVdisk(r) => {
+            let key = vdisk_key(&r.datastore, &r.name);
+            let Some(bytes) = view.get(&key)? else {
+                return Ok(fail(codes::NOT_FOUND, format!("vdisk {:?} not found in datastore {:?}", r.name, r.datastore)));
+            };
+            if let Err(e) = validate_size(r.size_bytes) {
+                return Ok(fail(codes::INVALID, e));
+            }
+            let mut rec = Record::<VdiskRecord>::decode(&bytes)?;
+            if r.size_bytes < rec.msg.size_bytes {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!(
+                        "shrinking vdisk {:?} from {} to {} bytes would discard data; only growing is allowed",
+                        r.name, rec.msg.size_bytes, r.size_bytes
+                    ),
+                ));
+            }
+            rec.msg.size_bytes = r.size_bytes;
+            let bytes = rec.encode();
+            out.put(key, bytes.clone());
+            ok_record(bytes)
+        }
+        Op::PutDisk(p) => {
+            let disk = p.disk.clone().unwrap_or_default();
+            out.put([b"s/", disk.id.as_bytes()].concat(), disk.encode_to_vec());
+            CommandResult::default()
+        }
+        Op::AllocateExtentGroup(a) => {
+            let g = a.group.clone().unwrap_or_default();
+            let key = [&b"g/"[..], &g.id.to_be_bytes()[..]].concat();
+            if view.get(&key)?.is_some() {
+                return Ok(fail(codes::CONFLICT, format!("extent group {} exists", g.id)));
+            }
+            out.put(key, g.encode_to_vec());
+            CommandResult::default()
+        }
+        Op::SetVblockMapping(s) => {
+            let m = s.mapping.clone().unwrap_or_default();
+            let key = [b"b/", m.vdisk_id.as_bytes(), b"/", &m.vblock.to_be_bytes()[..]].concat();
+            out.put(key, m.encode_to_vec());
+            CommandResult::default()
+        }
+        Op::SetNodeVersion(s) => {
+            let key = node_key(s.node_id);
+            let Some(bytes) = view.get(&key)? else {
+                return Ok(fail(codes::NOT_FOUND, format!("node {} not found", s.node_id)));
+            };
+            let mut rec = Record::<NodeRecord>::decode(&bytes)?;
+            rec.msg.version = s.version.clone();
+            out.put(key, rec.encode());
+            CommandResult::default()
+        }
+    })
+}
+
+/// Records a membership change in the nodes table.
+pub fn apply_membership(
+    view: &dyn StateView,
+    out: &mut Overlay,
+    node: &NodeRecord,
+    role: NodeRole,
+    now: u64,
+) -> Result<(), MetaError> {
+    let key = node_key(node.id);
+    let mut rec = match view.get(&key)? {
+        Some(bytes) => Record::<NodeRecord>::decode(&bytes)?,
+        None => Record::new(NodeRecord {
+            format_version: cairn_api::FORMAT_VERSION,
+            id: node.id,
+            added_unix_ms: now,
+            ..Default::default()
+        }),
+    };
+    if !node.rpc_addr.is_empty() {
+        rec.msg.rpc_addr = node.rpc_addr.clone();
+    }
+    if !node.api_addr.is_empty() {
+        rec.msg.api_addr = node.api_addr.clone();
+    }
+    if !node.version.is_empty() {
+        rec.msg.version = node.version.clone();
+    }
+    rec.msg.role = role as i32;
+    out.put(key, rec.encode());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_api::metadata::v1::{CreateDatastore, CreateVdisk, InitCluster, ResizeVdisk};
+
+    fn run(state: &mut BTreeMap<Vec<u8>, Vec<u8>>, op: Op) -> CommandResult {
+        let cmd = Command {
+            origin_node: 1,
+            proposed_unix_ms: 42,
+            op: Some(op),
+            ..Default::default()
+        };
+        let mut ov = Overlay::default();
+        let res = match apply(state, &mut ov, &cmd) {
+            Ok(r) => r,
+            Err(e) => panic!("engine error {e}"),
+        };
+        for (k, v) in ov.writes {
+            match v {
+                Some(v) => state.insert(k, v),
+                None => state.remove(&k),
+            };
+        }
+        res
+    }
+
+    fn init() -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let mut s = BTreeMap::new();
+        let r = run(
+            &mut s,
+            Op::InitCluster(InitCluster {
+                cluster: Some(ClusterRecord { cluster_id: "c".into(), ..Default::default() }),
+                first_node: Some(NodeRecord { id: 1, ..Default::default() }),
+            }),
+        );
+        assert_eq!(r.error_code, "");
+        s
+    }
+
+    #[test]
+    fn duplicate_datastore_is_a_conflict_and_changes_nothing() {
+        let mut s = init();
+        let create = |id: &str| Op::CreateDatastore(CreateDatastore {
+            name: "gold".into(),
+            replication_factor: 2,
+            id: id.into(),
+            ..Default::default()
+        });
+        assert_eq!(run(&mut s, create("a")).error_code, "");
+        let before = s.clone();
+        let r = run(&mut s, create("b"));
+        assert_eq!(r.error_code, codes::CONFLICT.code);
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn vdisk_rules() {
+        let mut s = init();
+        run(&mut s, Op::CreateDatastore(CreateDatastore { name: "ds".into(), replication_factor: 1, ..Default::default() }));
+        let mk = |size| Op::CreateVdisk(CreateVdisk { datastore: "ds".into(), name: "v".into(), size_bytes: size, ..Default::default() });
+        assert_eq!(run(&mut s, mk(1000)).error_code, codes::INVALID.code);
+        assert_eq!(run(&mut s, mk(1 << 30)).error_code, "");
+        assert_eq!(run(&mut s, mk(1 << 30)).error_code, codes::CONFLICT.code);
+        let shrink = Op::ResizeVdisk(ResizeVdisk { datastore: "ds".into(), name: "v".into(), size_bytes: 1 << 20 });
+        assert_eq!(run(&mut s, shrink).error_code, codes::CONFLICT.code);
+        let grow = Op::ResizeVdisk(ResizeVdisk { datastore: "ds".into(), name: "v".into(), size_bytes: 2 << 30 });
+        assert_eq!(run(&mut s, grow).error_code, "");
+        let del = Op::DeleteDatastore(cairn_api::metadata::v1::DeleteDatastore { name: "ds".into() });
+        assert_eq!(run(&mut s, del).error_code, codes::CONFLICT.code, "non-empty datastore");
+    }
+
+    #[test]
+    fn unknown_op_from_newer_version_applies_nothing() {
+        let mut s = init();
+        let before = s.clone();
+        let cmd = Command { origin_node: 1, op: None, ..Default::default() };
+        let mut ov = Overlay::default();
+        let r = apply(&s, &mut ov, &cmd).map_err(|e| e.to_string());
+        assert!(matches!(r, Ok(ref r) if r.error_code == codes::INVALID.code));
+        assert!(ov.writes.is_empty());
+        s.retain(|_, _| true);
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn layered_scan_sees_batch_writes() -> Result<(), MetaError> {
+        let mut base = BTreeMap::new();
+        base.insert(b"k/a".to_vec(), b"1".to_vec());
+        base.insert(b"k/b".to_vec(), b"2".to_vec());
+        let mut ov = Overlay::default();
+        ov.delete(b"k/a".to_vec());
+        ov.put(b"k/c".to_vec(), b"3".to_vec());
+        let l = Layered { base: &base, overlay: &ov };
+        let keys: Vec<_> = l.scan(b"k/")?.into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![b"k/b".to_vec(), b"k/c".to_vec()]);
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! Raft messages to peers: one task and one bounded queue per peer, batching
+//! whatever is queued into a single mTLS gRPC call. A slow or partitioned peer
+//! only fills its own queue; when it is full, messages are dropped and raft
+//! retransmits (raft tolerates loss, not unbounded memory).
+
+use std::collections::HashMap;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_api::rpc::v1::raft_transport_client::RaftTransportClient;
+use cairn_api::rpc::v1::{NodeStatusReply, NodeStatusRequest, RaftBatch};
+use protobuf::Message as _;
+use raft::eraftpb::{Message as RaftMessage, MessageType};
+use rustls::ClientConfig;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::node::Msg;
+use crate::MetaError;
+
+const PEER_QUEUE: usize = 4096;
+const MAX_BATCH: usize = 512;
+/// Largest RPC message: snapshots of the whole state machine travel in one.
+pub const MAX_RPC_MESSAGE: usize = 512 << 20;
+
+struct Peer {
+    addr: String,
+    tx: mpsc::Sender<RaftMessage>,
+}
+
+/// Outbound raft transport of one node.
+pub struct Transport {
+    self_id: u64,
+    self_addr: String,
+    tls: Arc<ClientConfig>,
+    peers: Mutex<HashMap<u64, Peer>>,
+    inbox: Mutex<Sender<Msg>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Transport {
+    pub(crate) fn new(
+        self_id: u64,
+        self_addr: String,
+        tls: Arc<ClientConfig>,
+        inbox: Sender<Msg>,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            self_id,
+            self_addr,
+            tls,
+            peers: Mutex::new(HashMap::new()),
+            inbox: Mutex::new(inbox),
+            rt,
+        }
+    }
+
+    fn inbox(&self) -> Sender<Msg> {
+        match self.inbox.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
+        match self.peers.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// A gRPC channel to `addr` with this node's client certificate.
+    pub fn channel(&self, addr: &str, timeout: Duration) -> Result<Channel, MetaError> {
+        cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), timeout).map_err(|e| MetaError::Rpc(e.to_string()))
+    }
+
+    /// Queues messages to their peers; never blocks.
+    pub(crate) fn send(&self, msgs: Vec<RaftMessage>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let peers = self.peers();
+        for m in msgs {
+            let to = m.to;
+            match peers.get(&to) {
+                Some(p) => {
+                    if p.tx.try_send(m).is_err() {
+                        tracing::debug!(peer = to, "raft queue to peer full; dropping a message");
+                        let _ = self.inbox().send(Msg::Unreachable(to));
+                    }
+                }
+                None => tracing::debug!(peer = to, "no address for raft peer; dropping a message"),
+            }
+        }
+    }
+
+    /// Whether `id` has a known address.
+    pub(crate) fn knows(&self, id: u64) -> bool {
+        self.peers().contains_key(&id)
+    }
+
+    /// Sets (or changes) the address of peer `id`.
+    pub(crate) fn set_peer(&self, id: u64, addr: &str) {
+        if id == self.self_id {
+            return;
+        }
+        let mut peers = self.peers();
+        if peers.get(&id).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        let channel = match self.channel(addr, Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer = id, addr, error = %e, "cannot dial raft peer");
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let client = RaftTransportClient::new(channel)
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE);
+        self.rt.spawn(peer_loop(
+            id,
+            addr.to_string(),
+            rx,
+            client,
+            self.inbox(),
+            self.self_id,
+            self.self_addr.clone(),
+        ));
+        tracing::info!(peer = id, addr, "raft peer address set");
+        peers.insert(id, Peer { addr: addr.to_string(), tx });
+    }
+
+    pub(crate) fn remove_peer(&self, id: u64) {
+        if self.peers().remove(&id).is_some() {
+            tracing::info!(peer = id, "raft peer removed");
+        }
+    }
+
+    /// Asks the node at `addr` for its raft status.
+    pub async fn peer_status(&self, addr: &str) -> Result<NodeStatusReply, MetaError> {
+        let mut client = RaftTransportClient::new(self.channel(addr, Duration::from_secs(3))?);
+        client
+            .status(NodeStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| MetaError::Rpc(format!("{addr}: {}", s.message())))
+    }
+}
+
+async fn peer_loop(
+    id: u64,
+    addr: String,
+    mut rx: mpsc::Receiver<RaftMessage>,
+    mut client: RaftTransportClient<Channel>,
+    inbox: Sender<Msg>,
+    from_node: u64,
+    from_addr: String,
+) {
+    let mut last_warn: Option<Instant> = None;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let snapshots: Vec<u64> = batch
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        let mut messages = Vec::with_capacity(batch.len());
+        for m in &batch {
+            match m.write_to_bytes() {
+                Ok(b) => messages.push(b),
+                Err(e) => tracing::error!(peer = id, error = %e, "cannot encode raft message"),
+            }
+        }
+        let req = RaftBatch {
+            format_version: cairn_api::FORMAT_VERSION,
+            from_node,
+            messages,
+            from_addr: from_addr.clone(),
+        };
+        match client.send(req).await {
+            Ok(_) => {
+                for to in snapshots {
+                    let _ = inbox.send(Msg::SnapshotDone { to, ok: true });
+                }
+            }
+            Err(status) => {
+                if last_warn.map_or(true, |t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!(peer = id, addr = %addr, error = %status.message(),
+                        "raft messages to peer dropped (peer unreachable?)");
+                    last_warn = Some(Instant::now());
+                }
+                let _ = inbox.send(Msg::Unreachable(id));
+                for to in snapshots {
+                    let _ = inbox.send(Msg::SnapshotDone { to, ok: false });
+                }
+                // Drop what queued up meanwhile: raft resends what still matters.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+    }
+}

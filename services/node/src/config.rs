@@ -1,0 +1,100 @@
+//! The node configuration file (`<data>/cairn.toml`) and the data folder layout.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG_FILE: &str = "cairn.toml";
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// One node's configuration. Unknown keys are an error, so typos are caught.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    pub cluster_id: String,
+    /// Folder holding this node's state (defaults to the config file's folder).
+    #[serde(default)]
+    pub data_dir: PathBuf,
+    pub rpc_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    /// Hex SHA-256 of the admin bearer token.
+    pub admin_token_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinConfig>,
+    #[serde(default)]
+    pub raft: RaftConfig,
+}
+
+/// Present on nodes created by `cairn cluster join` until they are members.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinConfig {
+    /// REST address of the node that admitted us.
+    pub seed_api: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub tick_ms: u64,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub compact_threshold: u64,
+    pub compact_retain: u64,
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let d = cairn_metadata::node::RaftSettings::default();
+        Self {
+            tick_ms: u64::try_from(d.tick.as_millis()).unwrap_or(100),
+            election_tick: d.election_tick,
+            heartbeat_tick: d.heartbeat_tick,
+            compact_threshold: d.compact_threshold,
+            compact_retain: d.compact_retain,
+            request_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg: NodeConfig =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        if cfg.data_dir.as_os_str().is_empty() {
+            cfg.data_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        }
+        if cfg.node_id == 0 {
+            bail!("invalid config {}: node_id must be positive", path.display());
+        }
+        if cfg.raft.tick_ms == 0 || cfg.raft.heartbeat_tick == 0 || cfg.raft.election_tick <= cfg.raft.heartbeat_tick {
+            bail!("invalid config {}: need tick_ms > 0 and election_tick > heartbeat_tick > 0", path.display());
+        }
+        Ok(cfg)
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        let text = toml::to_string_pretty(self)?;
+        let path = self.data_dir.join(CONFIG_FILE);
+        cairn_util::durable::write_file_durable(&path, text.as_bytes(), 0o644)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("metadata")
+    }
+}
+
+/// Reads the admin token stored in a data folder.
+pub fn read_token(data_dir: &Path) -> anyhow::Result<String> {
+    let p = data_dir.join(TOKEN_FILE);
+    Ok(std::fs::read_to_string(&p)
+        .with_context(|| format!("cannot read token file {}", p.display()))?
+        .trim()
+        .to_string())
+}

@@ -1,0 +1,403 @@
+//! `cairn`: the node binary and command line. It composes the services
+//! (metadata, management, and later data, iSCSI, NFS) into one process with
+//! `cairn node run`, and drives a cluster's REST API for everything else.
+
+mod client;
+mod config;
+mod demo;
+mod run;
+mod setup;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::client::Api;
+use crate::config::{read_token, NodeConfig, CONFIG_FILE};
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "Cairn hyper-converged storage: node and command line")]
+struct Cli {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Conn {
+    /// REST endpoint of any node (host:port).
+    #[arg(long, global = true, env = "CAIRN_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Admin bearer token.
+    #[arg(long, global = true, env = "CAIRN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Cluster CA certificate (PEM) to verify the API's TLS certificate.
+    #[arg(long, global = true, env = "CAIRN_CA")]
+    ca: Option<PathBuf>,
+    /// A node's data folder: its endpoint, token and CA are used by default.
+    #[arg(long = "data-dir", global = true, env = "CAIRN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run or list nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Create, join and inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Manage datastores (namespaces with replication and compression policies).
+    #[command(subcommand)]
+    Datastore(DatastoreCmd),
+    /// Manage vdisks (thin virtual block devices).
+    #[command(subcommand)]
+    Vdisk(VdiskCmd),
+    /// Start a local 3-node demo cluster on 127.0.0.1-3 (Ctrl-C stops it).
+    Demo {
+        /// Folder holding the demo nodes' data and logs.
+        #[arg(long, default_value = "cairn-demo")]
+        root: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Run a node from its config file (foreground).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List the cluster's nodes.
+    List,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create a new cluster whose first node lives in --data-dir.
+    Init {
+        #[arg(long, default_value = "cairn")]
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        rpc_addr: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        api_addr: SocketAddr,
+    },
+    /// Prepare --data-dir as a new node of an existing cluster (needs --seed, --ca, --token).
+    Join {
+        /// REST endpoint of a member node.
+        #[arg(long)]
+        seed: String,
+        #[arg(long)]
+        rpc_addr: SocketAddr,
+        #[arg(long)]
+        api_addr: SocketAddr,
+    },
+    /// Show the cluster, its leader and its members.
+    Status,
+    /// Remove a node from the cluster's metadata group.
+    RemoveNode { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum DatastoreCmd {
+    Create {
+        name: String,
+        /// Replication factor: 1, 2 or 3.
+        #[arg(long, default_value_t = 2)]
+        rf: u32,
+        #[arg(long)]
+        compression: bool,
+    },
+    List,
+    Get { name: String },
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum VdiskCmd {
+    Create {
+        #[arg(long)]
+        datastore: String,
+        name: String,
+        /// Size, e.g. 10G, 512M, 1T or bytes.
+        #[arg(long)]
+        size: String,
+        /// Owner node (default: the node that serves the request).
+        #[arg(long)]
+        owner: Option<u64>,
+    },
+    List {
+        #[arg(long)]
+        datastore: String,
+    },
+    Get {
+        #[arg(long)]
+        datastore: String,
+        name: String,
+    },
+    Delete {
+        #[arg(long)]
+        datastore: String,
+        name: String,
+    },
+    Resize {
+        #[arg(long)]
+        datastore: String,
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+}
+
+/// Parses 10G / 512M / 1T / 4096 (binary units).
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("invalid size {s:?}: use e.g. 10G, 512M or a byte count"))?;
+    n.checked_mul(1u64 << shift)
+        .with_context(|| format!("size {s:?} is too large"))
+}
+
+impl Conn {
+    fn api(&self, timeout: Duration) -> anyhow::Result<Api> {
+        let cfg = match &self.data_dir {
+            Some(d) => Some(NodeConfig::load(&d.join(CONFIG_FILE))?),
+            None => None,
+        };
+        let endpoint = match (&self.endpoint, &cfg) {
+            (Some(e), _) => e.clone(),
+            (None, Some(c)) => c.api_addr.to_string(),
+            (None, None) => bail!("no cluster endpoint: pass --endpoint or --data-dir, or set CAIRN_ENDPOINT"),
+        };
+        let token = match (&self.token, &self.data_dir) {
+            (Some(t), _) => t.clone(),
+            (None, Some(d)) => read_token(d)?,
+            (None, None) => bail!("no token: pass --token or --data-dir, or set CAIRN_TOKEN"),
+        };
+        let ca_path = match (&self.ca, &self.data_dir) {
+            (Some(c), _) => c.clone(),
+            (None, Some(d)) => d.join("tls/ca.pem"),
+            (None, None) => bail!("no CA certificate: pass --ca or --data-dir, or set CAIRN_CA"),
+        };
+        let ca = std::fs::read_to_string(&ca_path).with_context(|| format!("cannot read CA {}", ca_path.display()))?;
+        Api::new(&endpoint, &ca, token, timeout)
+    }
+}
+
+fn print(out: Output, v: &Value, columns: &[&str]) {
+    if out == Output::Json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<&Value> = match v {
+        Value::Array(a) => a.iter().collect(),
+        Value::Null => return,
+        other => vec![other],
+    };
+    let cell = |r: &Value, c: &str| match &r[c] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| rows.iter().map(|r| cell(r, c).len()).max().unwrap_or(0).max(c.len()))
+        .collect();
+    let line = |vals: Vec<String>| {
+        vals.iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(columns.iter().map(|c| c.to_uppercase()).collect()));
+    for r in rows {
+        println!("{}", line(columns.iter().map(|c| cell(r, c)).collect()));
+    }
+}
+
+const DS_COLS: &[&str] = &["name", "replication_factor", "compression", "id"];
+const VD_COLS: &[&str] = &["name", "datastore", "size_bytes", "owner_node_id", "id"];
+const NODE_COLS: &[&str] = &["id", "role", "rpc_addr", "api_addr", "version"];
+
+fn seg(s: &str) -> String {
+    // Names are validated server-side to [A-Za-z0-9._-]; percent-encode anything else.
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let out = cli.conn.output;
+    let api = || cli.conn.api(Duration::from_secs(30));
+    match cli.cmd {
+        Cmd::Node(NodeCmd::Run { config }) => {
+            init_tracing();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("cairn")
+                .build()?;
+            rt.block_on(run::run(&config))?;
+        }
+        Cmd::Node(NodeCmd::List) => print(out, &api()?.get("/v1/nodes")?, NODE_COLS),
+        Cmd::Cluster(ClusterCmd::Init { name, rpc_addr, api_addr }) => {
+            let dir = cli.conn.data_dir.as_deref().context("cluster init needs --data-dir")?;
+            let cfg = setup::init(dir, &name, rpc_addr, api_addr)?;
+            let v = json!({ "cluster_id": cfg.cluster_id, "node_id": cfg.node_id,
+                "config": dir.join(CONFIG_FILE), "token_file": dir.join(config::TOKEN_FILE),
+                "ca": dir.join("tls/ca.pem") });
+            if out == Output::Json {
+                println!("{v:#}");
+            } else {
+                println!("initialised cluster {} (node 1) in {}", cfg.cluster_id, dir.display());
+                println!("start it with: cairn node run --config {}", dir.join(CONFIG_FILE).display());
+            }
+        }
+        Cmd::Cluster(ClusterCmd::Join { seed, rpc_addr, api_addr }) => {
+            let dir = cli.conn.data_dir.as_deref().context("cluster join needs --data-dir for the new node")?;
+            let token = cli.conn.token.clone().context("cluster join needs --token")?;
+            let ca_path = cli.conn.ca.clone().context("cluster join needs --ca (the cluster CA certificate)")?;
+            let ca = std::fs::read_to_string(&ca_path).with_context(|| format!("cannot read CA {}", ca_path.display()))?;
+            let cfg = setup::join(dir, &seed, &ca, &token, rpc_addr, api_addr)?;
+            if out == Output::Json {
+                println!("{}", json!({ "node_id": cfg.node_id, "cluster_id": cfg.cluster_id, "config": dir.join(CONFIG_FILE) }));
+            } else {
+                println!("node {} of cluster {} prepared in {}", cfg.node_id, cfg.cluster_id, dir.display());
+                println!("start it with: cairn node run --config {} (it joins as learner, then voter)", dir.join(CONFIG_FILE).display());
+            }
+        }
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let v = api()?.get("/v1/cluster")?;
+            if out == Output::Json {
+                println!("{v:#}");
+            } else {
+                println!("cluster {} ({})", v["cluster_id"].as_str().unwrap_or(""), v["name"].as_str().unwrap_or(""));
+                println!("leader {}  term {}  commit {}  applied {}", v["leader_id"], v["term"], v["commit_index"], v["applied_index"]);
+                print(out, &v["nodes"], NODE_COLS);
+            }
+        }
+        Cmd::Cluster(ClusterCmd::RemoveNode { id }) => {
+            cli.conn.api(Duration::from_secs(60))?.delete(&format!("/v1/cluster/members/{id}"))?;
+            println!("node {id} removed");
+        }
+        Cmd::Datastore(c) => {
+            let api = api()?;
+            match c {
+                DatastoreCmd::Create { name, rf, compression } => {
+                    let v = api.post("/v1/datastores", &json!({ "name": name, "replication_factor": rf, "compression": compression }))?;
+                    print(out, &v, DS_COLS);
+                }
+                DatastoreCmd::List => print(out, &api.get("/v1/datastores")?, DS_COLS),
+                DatastoreCmd::Get { name } => print(out, &api.get(&format!("/v1/datastores/{}", seg(&name)))?, DS_COLS),
+                DatastoreCmd::Delete { name } => {
+                    api.delete(&format!("/v1/datastores/{}", seg(&name)))?;
+                    if out == Output::Table {
+                        println!("datastore {name} deleted");
+                    }
+                }
+            }
+        }
+        Cmd::Vdisk(c) => {
+            let api = api()?;
+            match c {
+                VdiskCmd::Create { datastore, name, size, owner } => {
+                    let body = json!({ "name": name, "size_bytes": parse_size(&size)?, "owner_node_id": owner.unwrap_or(0) });
+                    print(out, &api.post(&format!("/v1/datastores/{}/vdisks", seg(&datastore)), &body)?, VD_COLS);
+                }
+                VdiskCmd::List { datastore } => {
+                    print(out, &api.get(&format!("/v1/datastores/{}/vdisks", seg(&datastore)))?, VD_COLS)
+                }
+                VdiskCmd::Get { datastore, name } => print(
+                    out,
+                    &api.get(&format!("/v1/datastores/{}/vdisks/{}", seg(&datastore), seg(&name)))?,
+                    VD_COLS,
+                ),
+                VdiskCmd::Delete { datastore, name } => {
+                    api.delete(&format!("/v1/datastores/{}/vdisks/{}", seg(&datastore), seg(&name)))?;
+                    if out == Output::Table {
+                        println!("vdisk {name} deleted");
+                    }
+                }
+                VdiskCmd::Resize { datastore, name, size } => {
+                    let body = json!({ "size_bytes": parse_size(&size)? });
+                    print(
+                        out,
+                        &api.post(&format!("/v1/datastores/{}/vdisks/{}/resize", seg(&datastore), seg(&name)), &body)?,
+                        VD_COLS,
+                    );
+                }
+            }
+        }
+        Cmd::Demo { root, nodes } => {
+            demo::run(Path::new(&root), nodes)?;
+        }
+    }
+    Ok(())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).init();
+}
+
+/// Entry point of the `cairn` binary (and of the test suite's node binary).
+pub fn cli_main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G").ok(), Some(10 << 30));
+        assert_eq!(parse_size("512MiB").ok(), Some(512 << 20));
+        assert_eq!(parse_size("4096").ok(), Some(4096));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

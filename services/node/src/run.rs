@@ -1,0 +1,145 @@
+//! `cairn node run`: composes the services of one node and runs them until
+//! SIGINT/SIGTERM (clean stop, RocksDB flushed) or until the metadata engine
+//! fails (the process exits non-zero rather than serve stale metadata).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_management::ApiState;
+use cairn_metadata::handle::MetaConfig;
+use cairn_metadata::node::RaftSettings;
+use cairn_metadata::MetadataHandle;
+use cairn_rpc::pki::TlsPaths;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::client::{Api, ApiError};
+use crate::config::{read_token, NodeConfig};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let cfg = NodeConfig::load(config_path)?;
+    let tls_paths = TlsPaths::new(&cfg.data_dir);
+    let identity = tls_paths
+        .load_identity()
+        .with_context(|| format!("node {} has no usable TLS identity", cfg.node_id))?;
+    let meta_cfg = MetaConfig {
+        node_id: cfg.node_id,
+        db_path: cfg.db_path(),
+        rpc_addr: cfg.rpc_addr.to_string(),
+        raft: RaftSettings {
+            tick: Duration::from_millis(cfg.raft.tick_ms),
+            election_tick: cfg.raft.election_tick,
+            heartbeat_tick: cfg.raft.heartbeat_tick,
+            compact_threshold: cfg.raft.compact_threshold,
+            compact_retain: cfg.raft.compact_retain,
+        },
+        request_timeout: Duration::from_millis(cfg.raft.request_timeout_ms),
+    };
+    let (meta, raft_thread) = MetadataHandle::start(meta_cfg, &identity, tokio::runtime::Handle::current())
+        .context("cannot start the metadata service")?;
+
+    let rpc_listener = TcpListener::bind(cfg.rpc_addr)
+        .await
+        .with_context(|| format!("cannot listen for RPC on {}", cfg.rpc_addr))?;
+    let api_listener = TcpListener::bind(cfg.api_addr)
+        .await
+        .with_context(|| format!("cannot listen for the REST API on {}", cfg.api_addr))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let rpc_router = cairn_metadata::service::rpc_router(meta.clone(), cfg.cluster_id.clone(), VERSION.to_string());
+    tokio::spawn(cairn_rpc::serve::serve_tls(
+        rpc_listener,
+        cairn_rpc::tls::server_config(&identity, true)?,
+        rpc_router,
+        "rpc",
+        stop_rx.clone(),
+    ));
+    let api_router = cairn_management::router(ApiState {
+        meta: meta.clone(),
+        token_sha256: Arc::from(cfg.admin_token_sha256.as_str()),
+        tls: tls_paths,
+        version: Arc::from(VERSION),
+    });
+    tokio::spawn(cairn_rpc::serve::serve_tls(
+        api_listener,
+        cairn_rpc::tls::server_config(&identity, false)?,
+        api_router,
+        "api",
+        stop_rx,
+    ));
+    tracing::info!(node = cfg.node_id, rpc = %cfg.rpc_addr, api = %cfg.api_addr, version = VERSION,
+        "cairn node serving");
+
+    if cfg.join.is_some() {
+        let status = meta.status().await?;
+        if !status.voters.contains(&cfg.node_id) {
+            tokio::spawn(auto_join(cfg.clone(), identity.ca_pem.clone()));
+        }
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let raft_done = tokio::task::spawn_blocking(move || raft_thread.join());
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
+        r = raft_done => {
+            let _ = stop_tx.send(true);
+            return match r {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(e))) => Err(anyhow::anyhow!("metadata engine failed, stopping the node: {e}")),
+                _ => Err(anyhow::anyhow!("metadata thread panicked")),
+            };
+        }
+    }
+    let _ = stop_tx.send(true);
+    meta.shutdown();
+    // Give the raft thread a moment to flush RocksDB.
+    for _ in 0..50 {
+        if meta.status().await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// Asks the seed to make this node a member, until it succeeds.
+async fn auto_join(cfg: NodeConfig, ca_pem: String) {
+    let Some(join) = cfg.join.clone() else { return };
+    let token = match read_token(&cfg.data_dir) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot join: no token");
+            return;
+        }
+    };
+    let body = json!({
+        "node_id": cfg.node_id,
+        "rpc_addr": cfg.rpc_addr.to_string(),
+        "api_addr": cfg.api_addr.to_string(),
+        "version": VERSION,
+    });
+    loop {
+        let (seed, ca, tok, b) = (join.seed_api.clone(), ca_pem.clone(), token.clone(), body.clone());
+        let res = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let api = Api::new(&seed, &ca, tok, Duration::from_secs(180)).map_err(|e| e.to_string())?;
+            api.post("/v1/cluster/members", &b).map(|_| ()).map_err(|e: ApiError| e.to_string())
+        })
+        .await;
+        match res {
+            Ok(Ok(())) => {
+                tracing::info!(node = cfg.node_id, seed = %join.seed_api, "joined the cluster as a voter");
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(node = cfg.node_id, seed = %join.seed_api, error = %e, "join attempt failed; retrying"),
+            Err(e) => tracing::warn!(error = %e, "join task failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

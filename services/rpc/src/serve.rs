@@ -1,0 +1,66 @@
+//! One accept loop for every TLS listener (node RPC and REST API): TLS
+//! handshake with a deadline, then HTTP/1.1 or HTTP/2 on the same socket.
+//! A client that fails the handshake (plaintext, wrong CA, garbage) is logged
+//! and dropped; nothing else is disturbed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` over TLS until `shutdown` turns true.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    router: axum::Router,
+    listener_name: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(listener = listener_name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(listener = listener_name, %peer, error = %e,
+                        "dropping connection: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(listener = listener_name, %peer,
+                        "dropping connection: TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = TowerToHyperService::new(router);
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http2().max_concurrent_streams(1024);
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+                tracing::debug!(listener = listener_name, %peer, error = %e, "connection ended with error");
+            }
+        });
+    }
+}
