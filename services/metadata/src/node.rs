@@ -86,6 +86,7 @@ pub(crate) struct Driver {
     applied: u64,
     applied_term: u64,
     conf_state: ConfState,
+    last_leader: u64,
 }
 
 impl Driver {
@@ -114,6 +115,7 @@ impl Driver {
             applied: applied.0,
             applied_term: applied.1,
             conf_state,
+            last_leader: raft::INVALID_ID,
         }
     }
 
@@ -292,6 +294,16 @@ impl Driver {
             return Ok(());
         }
         let mut ready = self.raw.ready();
+        if let Some(ss) = ready.ss() {
+            if ss.leader_id != self.last_leader {
+                self.last_leader = ss.leader_id;
+                // ReadIndex requests sent to the old leader are lost with it:
+                // ask again (reads are idempotent; proposals are not retried).
+                for (_, waiters) in self.reads_inflight.drain() {
+                    self.read_queue.extend(waiters);
+                }
+            }
+        }
         // A leader may send appends before its own disk write (raft thesis 10.2.1).
         self.transport.send(ready.take_messages());
 

@@ -73,6 +73,8 @@ impl Transport {
 
     /// A gRPC channel to `addr` with this node's client certificate.
     pub fn channel(&self, addr: &str, timeout: Duration) -> Result<Channel, MetaError> {
+        // Called from the raft thread too: tonic needs the runtime to build a channel.
+        let _rt = self.rt.enter();
         cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), timeout).map_err(|e| MetaError::Rpc(e.to_string()))
     }
 

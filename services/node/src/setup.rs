@@ -11,7 +11,7 @@ use cairn_rpc::pki::{ClusterCa, TlsPaths};
 use cairn_util::durable::write_file_durable;
 use serde_json::json;
 
-use crate::client::Api;
+use crate::client::{Api, ApiError};
 use crate::config::{JoinConfig, NodeConfig, RaftConfig, CONFIG_FILE, TOKEN_FILE};
 
 fn prepare_dir(data_dir: &Path) -> anyhow::Result<()> {
@@ -91,10 +91,20 @@ pub fn join(
 ) -> anyhow::Result<NodeConfig> {
     prepare_dir(data_dir)?;
     let api = Api::new(seed, ca_pem, token.to_string(), Duration::from_secs(30))?;
-    let resp = api.post(
-        "/v1/nodes",
-        &json!({ "rpc_addr": rpc_addr.to_string(), "api_addr": api_addr.to_string() }),
-    )?;
+    let body = json!({ "rpc_addr": rpc_addr.to_string(), "api_addr": api_addr.to_string() });
+    // A seed that just started may not have elected a leader yet: retry what is transient.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let resp = loop {
+        match api.post("/v1/nodes", &body) {
+            Ok(v) => break v,
+            Err(ApiError::Problem { status: 503, .. } | ApiError::Unreachable { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let field = |k: &str| -> anyhow::Result<String> {
         resp[k]
             .as_str()
