@@ -87,7 +87,8 @@ fn fields(buf: &[u8]) -> Result<Vec<(u32, Range<usize>)>, RecordError> {
     while pos < buf.len() {
         let start = pos;
         let key = read_varint(buf, &mut pos)?;
-        let number = u32::try_from(key >> 3).map_err(|_| RecordError::Wire("field number too large"))?;
+        let number =
+            u32::try_from(key >> 3).map_err(|_| RecordError::Wire("field number too large"))?;
         let skip = match key & 7 {
             0 => {
                 read_varint(buf, &mut pos)?;
@@ -180,7 +181,12 @@ mod tests {
 
     #[test]
     fn malformed_bytes_are_errors_not_panics() {
-        for bad in [&[0x0a, 0xff][..], &[0xff; 12][..], &[0x0b][..], &[0x12, 0x05, 0x01][..]] {
+        for bad in [
+            &[0x0a, 0xff][..],
+            &[0xff; 12][..],
+            &[0x0b][..],
+            &[0x12, 0x05, 0x01][..],
+        ] {
             assert!(Record::<DatastoreRecord>::decode(bad).is_err(), "{bad:?}");
         }
     }

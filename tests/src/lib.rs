@@ -32,18 +32,27 @@ pub fn node_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/<test> -> target/debug/cairn-testnode
-    exe.parent().and_then(Path::parent).expect("target dir").join("cairn-testnode")
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("cairn-testnode")
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> Result<Output> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     Ok(out)
 }
 
 fn sh_ok(cmd: &str, args: &[&str]) -> Result<()> {
     let out = sh(cmd, args)?;
     if !out.status.success() {
-        bail!("{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -145,7 +154,10 @@ impl Cluster {
         let prefix = format!("10.{}.{}", 200 + (std::process::id() % 50), block % 250 + 1);
         let br = format!("{tag}br");
         sh_ok("ip", &["link", "add", &br, "type", "bridge"])?;
-        sh_ok("ip", &["addr", "add", &format!("{prefix}.254/24"), "dev", &br])?;
+        sh_ok(
+            "ip",
+            &["addr", "add", &format!("{prefix}.254/24"), "dev", &br],
+        )?;
         sh_ok("ip", &["link", "set", &br, "up"])?;
         Self::start_on(n, Net::Netns { tag, prefix })
     }
@@ -173,7 +185,9 @@ impl Cluster {
             "--api-addr",
             &first.api_addr(),
         ])?;
-        c.token = std::fs::read_to_string(first.dir.join("admin.token"))?.trim().to_string();
+        c.token = std::fs::read_to_string(first.dir.join("admin.token"))?
+            .trim()
+            .to_string();
         c.ca_pem = std::fs::read_to_string(first.dir.join("tls/ca.pem"))?;
         let tls = cairn_rpc::tls::api_client_config(&c.ca_pem)?;
         c.agent = ureq::AgentBuilder::new()
@@ -201,28 +215,59 @@ impl Cluster {
                 let host_if = format!("{tag}h{id}");
                 let node_if = format!("{tag}v{id}");
                 sh_ok("ip", &["netns", "add", &ns])?;
-                sh_ok("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &node_if])?;
+                sh_ok(
+                    "ip",
+                    &[
+                        "link", "add", &host_if, "type", "veth", "peer", "name", &node_if,
+                    ],
+                )?;
                 sh_ok("ip", &["link", "set", &node_if, "netns", &ns])?;
-                sh_ok("ip", &["link", "set", &host_if, "master", &format!("{tag}br")])?;
+                sh_ok(
+                    "ip",
+                    &["link", "set", &host_if, "master", &format!("{tag}br")],
+                )?;
                 sh_ok("ip", &["link", "set", &host_if, "up"])?;
-                sh_ok("ip", &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", &node_if])?;
+                sh_ok(
+                    "ip",
+                    &[
+                        "-n",
+                        &ns,
+                        "addr",
+                        "add",
+                        &format!("{ip}/24"),
+                        "dev",
+                        &node_if,
+                    ],
+                )?;
                 sh_ok("ip", &["-n", &ns, "link", "set", &node_if, "up"])?;
                 sh_ok("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
                 (ip, Some(ns))
             }
         };
-        Ok(NodeProc { id, ip, dir, child: None, ns })
+        Ok(NodeProc {
+            id,
+            ip,
+            dir,
+            child: None,
+            ns,
+        })
     }
 
     /// Runs the CLI (in the root namespace).
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(node_bin()).args(args).stdin(Stdio::null()).output()?)
+        Ok(Command::new(node_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.cli(args)?;
         if !out.status.success() {
-            bail!("cairn {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "cairn {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -242,7 +287,10 @@ impl Cluster {
     /// Starts node index `i`'s process.
     pub fn spawn(&mut self, i: usize) -> Result<()> {
         let node = &mut self.nodes[i];
-        let log = File::options().create(true).append(true).open(node.log_path())?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(node.log_path())?;
         let config = node.dir.join("cairn.toml");
         let mut cmd = match &node.ns {
             Some(ns) => {
@@ -266,7 +314,12 @@ impl Cluster {
     pub fn add_node(&mut self) -> Result<usize> {
         let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
         let slot = self.new_node_slot(id)?;
-        let seed = self.nodes.iter().find(|n| n.child.is_some()).map(NodeProc::api_addr).ok_or_else(|| anyhow!("no running node"))?;
+        let seed = self
+            .nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .map(NodeProc::api_addr)
+            .ok_or_else(|| anyhow!("no running node"))?;
         let ca = self.nodes[0].dir.join("tls/ca.pem");
         self.cli_ok(&[
             "--data-dir",
@@ -346,7 +399,11 @@ impl Cluster {
         let content_type = resp.header("content-type").unwrap_or("").to_string();
         let text = resp.into_string().unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Ok(Reply { status, body, content_type })
+        Ok(Reply {
+            status,
+            body,
+            content_type,
+        })
     }
 
     /// A client for node `i`'s REST API with the admin token.
@@ -359,12 +416,25 @@ impl Cluster {
     }
 
     /// Authenticated request to node `i`.
-    pub fn request(&self, i: usize, method: &str, path: &str, body: Option<&Value>) -> Result<Reply> {
+    pub fn request(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Reply> {
         self.client(i).request(method, path, body)
     }
 
     /// Request with arbitrary headers and raw body (no token unless given).
-    pub fn raw(&self, i: usize, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Reply> {
+    pub fn raw(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Reply> {
         let mut req = self.agent.request(method, &self.url(i, path));
         for (k, v) in headers {
             req = req.set(k, v);
@@ -427,7 +497,10 @@ impl Cluster {
                     continue;
                 }
                 if let Ok(s) = self.status(i) {
-                    let voters: Vec<u64> = s["voters"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+                    let voters: Vec<u64> = s["voters"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                        .unwrap_or_default();
                     if voters.len() == n && s["learners"].as_array().is_some_and(Vec::is_empty) {
                         return Ok(voters);
                     }
@@ -435,7 +508,10 @@ impl Cluster {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("cluster did not reach {n} voters within {timeout:?}\n{}", self.logs_tail());
+                bail!(
+                    "cluster did not reach {n} voters within {timeout:?}\n{}",
+                    self.logs_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -444,20 +520,83 @@ impl Cluster {
     /// Cuts node index `i` off from every other node (both ways); the test
     /// host (.254) still reaches it.
     pub fn partition(&self, i: usize) -> Result<()> {
-        let ns = self.nodes[i].ns.as_deref().ok_or_else(|| anyhow!("partition needs a netns cluster"))?;
-        let others: Vec<String> = self.nodes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, n)| n.ip.clone()).collect();
+        let ns = self.nodes[i]
+            .ns
+            .as_deref()
+            .ok_or_else(|| anyhow!("partition needs a netns cluster"))?;
+        let others: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| n.ip.clone())
+            .collect();
         let set = others.join(", ");
-        sh_ok("ip", &["netns", "exec", ns, "nft", "add", "table", "inet", "cairnpart"])?;
-        sh_ok("ip", &["netns", "exec", ns, "nft", "add chain inet cairnpart in { type filter hook input priority 0; policy accept; }"])?;
+        sh_ok(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add",
+                "table",
+                "inet",
+                "cairnpart",
+            ],
+        )?;
+        sh_ok(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add chain inet cairnpart in { type filter hook input priority 0; policy accept; }",
+            ],
+        )?;
         sh_ok("ip", &["netns", "exec", ns, "nft", "add chain inet cairnpart out { type filter hook output priority 0; policy accept; }"])?;
-        sh_ok("ip", &["netns", "exec", ns, "nft", &format!("add rule inet cairnpart in ip saddr {{ {set} }} drop")])?;
-        sh_ok("ip", &["netns", "exec", ns, "nft", &format!("add rule inet cairnpart out ip daddr {{ {set} }} drop")])?;
+        sh_ok(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                &format!("add rule inet cairnpart in ip saddr {{ {set} }} drop"),
+            ],
+        )?;
+        sh_ok(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                &format!("add rule inet cairnpart out ip daddr {{ {set} }} drop"),
+            ],
+        )?;
         Ok(())
     }
 
     pub fn heal(&self, i: usize) -> Result<()> {
-        let ns = self.nodes[i].ns.as_deref().ok_or_else(|| anyhow!("heal needs a netns cluster"))?;
-        sh_ok("ip", &["netns", "exec", ns, "nft", "delete", "table", "inet", "cairnpart"])
+        let ns = self.nodes[i]
+            .ns
+            .as_deref()
+            .ok_or_else(|| anyhow!("heal needs a netns cluster"))?;
+        sh_ok(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "cairnpart",
+            ],
+        )
     }
 
     /// The last lines of every node's log, for failure messages.
@@ -467,7 +606,12 @@ impl Cluster {
             let log = n.log();
             let lines: Vec<&str> = log.lines().collect();
             let from = lines.len().saturating_sub(25);
-            s.push_str(&format!("---- node {} ({}) ----\n{}\n", n.id, n.log_path().display(), lines[from..].join("\n")));
+            s.push_str(&format!(
+                "---- node {} ({}) ----\n{}\n",
+                n.id,
+                n.log_path().display(),
+                lines[from..].join("\n")
+            ));
         }
         s
     }
@@ -489,13 +633,20 @@ impl Drop for Cluster {
         if std::env::var_os("CAIRN_KEEP_TEST_DIRS").is_some() {
             let p = self.root.path().to_path_buf();
             eprintln!("keeping test data in {}", p.display());
-            std::mem::forget(std::mem::replace(&mut self.root, tempfile::tempdir().expect("tempdir")));
+            std::mem::forget(std::mem::replace(
+                &mut self.root,
+                tempfile::tempdir().expect("tempdir"),
+            ));
         }
     }
 }
 
 /// Runs `f(k)` for k in 0..n on `threads` threads; returns the results in order.
-pub fn parallel<T: Send + 'static>(n: usize, threads: usize, f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
+pub fn parallel<T: Send + 'static>(
+    n: usize,
+    threads: usize,
+    f: impl Fn(usize) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let f = Arc::new(f);
     let next = Arc::new(AtomicU32::new(0));
     let out: Arc<Mutex<Vec<Option<T>>>> = Arc::new(Mutex::new((0..n).map(|_| None).collect()));

@@ -23,9 +23,17 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(code: ErrorCode, status: u16, detail: impl Into<String>) -> Self {
-        let title = code.code.rsplit(':').next().unwrap_or(code.code).to_string();
+        let title = code
+            .code
+            .rsplit(':')
+            .next()
+            .unwrap_or(code.code)
+            .to_string();
         Self {
-            kind: format!("urn:cairn:problem:{}", code.code.trim_start_matches("CAIRN:")),
+            kind: format!(
+                "urn:cairn:problem:{}",
+                code.code.trim_start_matches("CAIRN:")
+            ),
             title,
             status,
             detail: detail.into(),
@@ -52,10 +60,17 @@ impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
-        let mut resp = (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response();
+        let mut resp = (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body,
+        )
+            .into_response();
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"cairn\""));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"cairn\""),
+            );
         }
         resp
     }
@@ -74,8 +89,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             Err(rej) => {
                 let status = rej.status().as_u16();
                 let detail = match &rej {
-                    JsonRejection::JsonSyntaxError(_) => format!("malformed JSON: {}", rej.body_text()),
-                    JsonRejection::JsonDataError(_) => format!("invalid request body: {}", rej.body_text()),
+                    JsonRejection::JsonSyntaxError(_) => {
+                        format!("malformed JSON: {}", rej.body_text())
+                    }
+                    JsonRejection::JsonDataError(_) => {
+                        format!("invalid request body: {}", rej.body_text())
+                    }
                     JsonRejection::MissingJsonContentType(_) => {
                         "expected a JSON body with Content-Type: application/json".to_string()
                     }

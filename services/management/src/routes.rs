@@ -13,8 +13,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cairn_api::metadata::v1::command::Op;
 use cairn_api::metadata::v1::{
-    AllocateNodeId, CreateDatastore, CreateVdisk, DatastoreRecord, DeleteDatastore, DeleteVdisk, NodeRecord,
-    NodeRole, ResizeVdisk, TieringPolicy, VdiskRecord,
+    AllocateNodeId, CreateDatastore, CreateVdisk, DatastoreRecord, DeleteDatastore, DeleteVdisk,
+    NodeRecord, NodeRole, ResizeVdisk, TieringPolicy, VdiskRecord,
 };
 use cairn_metadata::MetadataHandle;
 use cairn_rpc::pki::TlsPaths;
@@ -41,14 +41,32 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/openapi.yaml", get(openapi))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/members", post(add_member))
-        .route("/v1/cluster/members/:id", axum::routing::delete(remove_member))
+        .route(
+            "/v1/cluster/members/:id",
+            axum::routing::delete(remove_member),
+        )
         .route("/v1/nodes", get(list_nodes).post(prepare_node))
-        .route("/v1/datastores", get(list_datastores).post(create_datastore))
-        .route("/v1/datastores/:ds", get(get_datastore).delete(delete_datastore))
-        .route("/v1/datastores/:ds/vdisks", get(list_vdisks).post(create_vdisk))
-        .route("/v1/datastores/:ds/vdisks/:name", get(get_vdisk).delete(delete_vdisk))
+        .route(
+            "/v1/datastores",
+            get(list_datastores).post(create_datastore),
+        )
+        .route(
+            "/v1/datastores/:ds",
+            get(get_datastore).delete(delete_datastore),
+        )
+        .route(
+            "/v1/datastores/:ds/vdisks",
+            get(list_vdisks).post(create_vdisk),
+        )
+        .route(
+            "/v1/datastores/:ds/vdisks/:name",
+            get(get_vdisk).delete(delete_vdisk),
+        )
         .route("/v1/datastores/:ds/vdisks/:name/resize", post(resize_vdisk))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
     Router::new()
         .route("/v1/health", get(health))
         .merge(authed)
@@ -64,26 +82,40 @@ async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> 
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let ok = presented.is_some_and(|t| {
-        cairn_util::constant_time_eq(cairn_util::sha256_hex(t.as_bytes()).as_bytes(), st.token_sha256.as_bytes())
+        cairn_util::constant_time_eq(
+            cairn_util::sha256_hex(t.as_bytes()).as_bytes(),
+            st.token_sha256.as_bytes(),
+        )
     });
     if !ok {
         tracing::info!(path = %req.uri().path(), "refused request without a valid bearer token");
-        return Problem::from_code(codes::UNAUTHORIZED, "a valid bearer token is required (Authorization: Bearer <token>)")
-            .into_response();
+        return Problem::from_code(
+            codes::UNAUTHORIZED,
+            "a valid bearer token is required (Authorization: Bearer <token>)",
+        )
+        .into_response();
     }
     next.run(req).await
 }
 
 async fn not_found(req: Request) -> Problem {
-    Problem::from_code(codes::NOT_FOUND, format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+    Problem::from_code(
+        codes::NOT_FOUND,
+        format!("no such endpoint: {} {}", req.method(), req.uri().path()),
+    )
 }
 
 async fn health(State(st): State<ApiState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "node_id": st.meta.node_id(), "version": &*st.version }))
+    Json(
+        serde_json::json!({ "status": "ok", "node_id": st.meta.node_id(), "version": &*st.version }),
+    )
 }
 
 async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/yaml")], cairn_api::OPENAPI_YAML)
+    (
+        [(header::CONTENT_TYPE, "application/yaml")],
+        cairn_api::OPENAPI_YAML,
+    )
 }
 
 // ---- JSON shapes ----
@@ -183,7 +215,8 @@ impl From<VdiskRecord> for VdiskJson {
 }
 
 fn decode<M: prost::Message + Default>(bytes: &[u8]) -> ApiResult<M> {
-    M::decode(bytes).map_err(|e| Problem::from_code(codes::INTERNAL, format!("undecodable record: {e}")))
+    M::decode(bytes)
+        .map_err(|e| Problem::from_code(codes::INTERNAL, format!("undecodable record: {e}")))
 }
 
 fn missing(what: &str) -> Problem {
@@ -229,24 +262,36 @@ struct PrepareNode {
 }
 
 fn parse_addr(what: &str, a: &str) -> ApiResult<SocketAddr> {
-    a.parse::<SocketAddr>()
-        .map_err(|_| Problem::from_code(codes::INVALID, format!("{what} {a:?} is not an IP:port address")))
+    a.parse::<SocketAddr>().map_err(|_| {
+        Problem::from_code(
+            codes::INVALID,
+            format!("{what} {a:?} is not an IP:port address"),
+        )
+    })
 }
 
 /// Allocates a node id and issues the new node's certificate.
-async fn prepare_node(State(st): State<ApiState>, ApiJson(body): ApiJson<PrepareNode>) -> ApiResult<Response> {
+async fn prepare_node(
+    State(st): State<ApiState>,
+    ApiJson(body): ApiJson<PrepareNode>,
+) -> ApiResult<Response> {
     let rpc = parse_addr("rpc_addr", &body.rpc_addr)?;
     let api = parse_addr("api_addr", &body.api_addr)?;
-    let res = st.meta.propose(Op::AllocateNodeId(AllocateNodeId {})).await?;
-    let ca = st
-        .tls
-        .load_ca()
-        .map_err(|e| Problem::from_code(codes::INTERNAL, format!("this node cannot issue certificates: {e}")))?;
+    let res = st
+        .meta
+        .propose(Op::AllocateNodeId(AllocateNodeId {}))
+        .await?;
+    let ca = st.tls.load_ca().map_err(|e| {
+        Problem::from_code(
+            codes::INTERNAL,
+            format!("this node cannot issue certificates: {e}"),
+        )
+    })?;
     let mut ips: Vec<IpAddr> = vec![rpc.ip(), api.ip()];
     ips.dedup();
-    let id = ca
-        .issue_node(res.allocated_id, &ips)
-        .map_err(|e| Problem::from_code(codes::INTERNAL, format!("certificate issue failed: {e}")))?;
+    let id = ca.issue_node(res.allocated_id, &ips).map_err(|e| {
+        Problem::from_code(codes::INTERNAL, format!("certificate issue failed: {e}"))
+    })?;
     let cluster = st.meta.cluster()?.unwrap_or_default();
     tracing::info!(node = res.allocated_id, rpc_addr = %rpc, "issued identity for a joining node");
     Ok((
@@ -273,11 +318,17 @@ struct AddMember {
     version: String,
 }
 
-async fn add_member(State(st): State<ApiState>, ApiJson(body): ApiJson<AddMember>) -> ApiResult<Json<serde_json::Value>> {
+async fn add_member(
+    State(st): State<ApiState>,
+    ApiJson(body): ApiJson<AddMember>,
+) -> ApiResult<Json<serde_json::Value>> {
     parse_addr("rpc_addr", &body.rpc_addr)?;
     parse_addr("api_addr", &body.api_addr)?;
     if body.node_id == 0 {
-        return Err(Problem::from_code(codes::INVALID, "node_id must be positive"));
+        return Err(Problem::from_code(
+            codes::INVALID,
+            "node_id must be positive",
+        ));
     }
     let node = NodeRecord {
         format_version: cairn_api::FORMAT_VERSION,
@@ -289,7 +340,9 @@ async fn add_member(State(st): State<ApiState>, ApiJson(body): ApiJson<AddMember
     };
     st.meta.add_member(node, Duration::from_secs(120)).await?;
     let status = st.meta.status().await?;
-    Ok(Json(serde_json::json!({ "node_id": body.node_id, "voters": status.voters, "learners": status.learners })))
+    Ok(Json(
+        serde_json::json!({ "node_id": body.node_id, "voters": status.voters, "learners": status.learners }),
+    ))
 }
 
 async fn remove_member(State(st): State<ApiState>, Path(id): Path<u64>) -> ApiResult<StatusCode> {
@@ -318,16 +371,27 @@ fn default_rf() -> u32 {
 
 async fn list_datastores(State(st): State<ApiState>) -> ApiResult<Json<Vec<DatastoreJson>>> {
     st.meta.read_barrier().await?;
-    Ok(Json(st.meta.datastores()?.into_iter().map(Into::into).collect()))
+    Ok(Json(
+        st.meta.datastores()?.into_iter().map(Into::into).collect(),
+    ))
 }
 
-async fn get_datastore(State(st): State<ApiState>, Path(ds): Path<String>) -> ApiResult<Json<DatastoreJson>> {
+async fn get_datastore(
+    State(st): State<ApiState>,
+    Path(ds): Path<String>,
+) -> ApiResult<Json<DatastoreJson>> {
     st.meta.read_barrier().await?;
-    let d = st.meta.datastore(&ds)?.ok_or_else(|| missing(&format!("datastore {ds:?}")))?;
+    let d = st
+        .meta
+        .datastore(&ds)?
+        .ok_or_else(|| missing(&format!("datastore {ds:?}")))?;
     Ok(Json(d.into()))
 }
 
-async fn create_datastore(State(st): State<ApiState>, ApiJson(b): ApiJson<NewDatastore>) -> ApiResult<Response> {
+async fn create_datastore(
+    State(st): State<ApiState>,
+    ApiJson(b): ApiJson<NewDatastore>,
+) -> ApiResult<Response> {
     let res = st
         .meta
         .propose(Op::CreateDatastore(CreateDatastore {
@@ -346,8 +410,13 @@ async fn create_datastore(State(st): State<ApiState>, ApiJson(b): ApiJson<NewDat
     Ok((StatusCode::CREATED, Json(DatastoreJson::from(d))).into_response())
 }
 
-async fn delete_datastore(State(st): State<ApiState>, Path(ds): Path<String>) -> ApiResult<StatusCode> {
-    st.meta.propose(Op::DeleteDatastore(DeleteDatastore { name: ds })).await?;
+async fn delete_datastore(
+    State(st): State<ApiState>,
+    Path(ds): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.meta
+        .propose(Op::DeleteDatastore(DeleteDatastore { name: ds }))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -368,15 +437,23 @@ struct Resize {
     size_bytes: u64,
 }
 
-async fn list_vdisks(State(st): State<ApiState>, Path(ds): Path<String>) -> ApiResult<Json<Vec<VdiskJson>>> {
+async fn list_vdisks(
+    State(st): State<ApiState>,
+    Path(ds): Path<String>,
+) -> ApiResult<Json<Vec<VdiskJson>>> {
     st.meta.read_barrier().await?;
     if st.meta.datastore(&ds)?.is_none() {
         return Err(missing(&format!("datastore {ds:?}")));
     }
-    Ok(Json(st.meta.vdisks(&ds)?.into_iter().map(Into::into).collect()))
+    Ok(Json(
+        st.meta.vdisks(&ds)?.into_iter().map(Into::into).collect(),
+    ))
 }
 
-async fn get_vdisk(State(st): State<ApiState>, Path((ds, name)): Path<(String, String)>) -> ApiResult<Json<VdiskJson>> {
+async fn get_vdisk(
+    State(st): State<ApiState>,
+    Path((ds, name)): Path<(String, String)>,
+) -> ApiResult<Json<VdiskJson>> {
     st.meta.read_barrier().await?;
     let v = st
         .meta
@@ -404,8 +481,16 @@ async fn create_vdisk(
     Ok((StatusCode::CREATED, Json(VdiskJson::from(v))).into_response())
 }
 
-async fn delete_vdisk(State(st): State<ApiState>, Path((ds, name)): Path<(String, String)>) -> ApiResult<StatusCode> {
-    st.meta.propose(Op::DeleteVdisk(DeleteVdisk { datastore: ds, name })).await?;
+async fn delete_vdisk(
+    State(st): State<ApiState>,
+    Path((ds, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    st.meta
+        .propose(Op::DeleteVdisk(DeleteVdisk {
+            datastore: ds,
+            name,
+        }))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -416,7 +501,11 @@ async fn resize_vdisk(
 ) -> ApiResult<Json<VdiskJson>> {
     let res = st
         .meta
-        .propose(Op::ResizeVdisk(ResizeVdisk { datastore: ds, name, size_bytes: b.size_bytes }))
+        .propose(Op::ResizeVdisk(ResizeVdisk {
+            datastore: ds,
+            name,
+            size_bytes: b.size_bytes,
+        }))
         .await?;
     let v: VdiskRecord = decode(&res.record)?;
     Ok(Json(v.into()))

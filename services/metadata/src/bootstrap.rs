@@ -14,13 +14,20 @@ use crate::state::{node_key, KEY_CLUSTER};
 use crate::MetaError;
 
 /// Initialises an empty metadata store at `db_path` as a one-voter cluster.
-pub fn bootstrap_first_node(db_path: &Path, mut cluster: ClusterRecord, mut node: NodeRecord) -> Result<(), MetaError> {
+pub fn bootstrap_first_node(
+    db_path: &Path,
+    mut cluster: ClusterRecord,
+    mut node: NodeRecord,
+) -> Result<(), MetaError> {
     let engine = Engine::open(db_path)?;
     let mut log = RaftLog::load(engine.clone())?;
     if log.is_initialized() {
         return Err(MetaError::Rejected {
             code: cairn_util::error_code::codes::CONFLICT,
-            message: format!("metadata store {} already belongs to a cluster", db_path.display()),
+            message: format!(
+                "metadata store {} already belongs to a cluster",
+                db_path.display()
+            ),
         });
     }
     node.role = NodeRole::Voter as i32;
@@ -30,18 +37,27 @@ pub fn bootstrap_first_node(db_path: &Path, mut cluster: ClusterRecord, mut node
         applied_index: 1,
         applied_term: 1,
         entries: vec![
-            KeyValue { key: KEY_CLUSTER.to_vec(), value: cluster.encode_to_vec() },
-            KeyValue { key: node_key(node.id), value: node.encode_to_vec() },
+            KeyValue {
+                key: KEY_CLUSTER.to_vec(),
+                value: cluster.encode_to_vec(),
+            },
+            KeyValue {
+                key: node_key(node.id),
+                value: node.encode_to_vec(),
+            },
         ],
     };
-    let mut snap = Snapshot::default();
-    snap.data = data.encode_to_vec().into();
+    let mut snap = Snapshot {
+        data: data.encode_to_vec().into(),
+        ..Default::default()
+    };
     let meta = snap.mut_metadata();
     meta.index = 1;
     meta.term = 1;
-    let mut cs = ConfState::default();
-    cs.voters = vec![node.id];
-    meta.set_conf_state(cs);
+    meta.set_conf_state(ConfState {
+        voters: vec![node.id],
+        ..Default::default()
+    });
     let mut batch = engine.batch();
     log.install_snapshot(&snap, &mut batch)?;
     batch.commit(true)?;

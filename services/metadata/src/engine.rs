@@ -7,9 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
+};
 
-use crate::state::StateView;
+use crate::state::{Pairs, StateView};
 use crate::MetaError;
 
 pub const CF_RAFT: &str = "raft";
@@ -80,11 +83,12 @@ impl Engine {
         Ok(self.db.get_cf(self.cf(cf)?, key)?)
     }
 
-    pub fn scan(&self, cf: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError> {
+    pub fn scan(&self, cf: &str, prefix: &[u8]) -> Result<Pairs, MetaError> {
         let mut out = Vec::new();
-        let it = self
-            .db
-            .iterator_cf(self.cf(cf)?, IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        let it = self.db.iterator_cf(
+            self.cf(cf)?,
+            IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        );
         for item in it {
             let (k, v) = item?;
             if !k.starts_with(prefix) {
@@ -96,11 +100,12 @@ impl Engine {
     }
 
     /// Range `[from, to)` of one column family.
-    pub fn range(&self, cf: &str, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError> {
+    pub fn range(&self, cf: &str, from: &[u8], to: &[u8]) -> Result<Pairs, MetaError> {
         let mut out = Vec::new();
-        let it = self
-            .db
-            .iterator_cf(self.cf(cf)?, IteratorMode::From(from, rocksdb::Direction::Forward));
+        let it = self.db.iterator_cf(
+            self.cf(cf)?,
+            IteratorMode::From(from, rocksdb::Direction::Forward),
+        );
         for item in it {
             let (k, v) = item?;
             if &*k >= to {
@@ -172,7 +177,7 @@ impl StateView for StateCf<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
         self.0.get(CF_STATE, key)
     }
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Pairs, MetaError> {
         self.0.scan(CF_STATE, prefix)
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_api::metadata::v1::{
-    command::Op, ClusterRecord, Command, CommandResult, ConfChangeContext, DatastoreRecord, NodeRecord,
-    VdiskRecord,
+    command::Op, ClusterRecord, Command, CommandResult, ConfChangeContext, DatastoreRecord,
+    NodeRecord, VdiskRecord,
 };
 use cairn_rpc::pki::NodeIdentity;
 use cairn_util::error_code::codes;
@@ -85,7 +85,11 @@ impl slog::Serializer for KvText {
 impl slog::Drain for TracingDrain {
     type Ok = ();
     type Err = slog::Never;
-    fn log(&self, record: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+    fn log(
+        &self,
+        record: &slog::Record<'_>,
+        values: &slog::OwnedKVList,
+    ) -> Result<(), slog::Never> {
         use slog::KV;
         let mut kv = KvText(String::new());
         let _ = record.kv().serialize(record, &mut kv);
@@ -134,10 +138,26 @@ impl MetadataHandle {
         raft_cfg.validate()?;
         let logger = slog::Logger::root(TracingDrain, slog::o!());
         let raw = RawNode::new(&raft_cfg, log, &logger)?;
-        let tls = cairn_rpc::tls::mtls_client_config(identity).map_err(|e| MetaError::Rpc(e.to_string()))?;
+        let tls = cairn_rpc::tls::mtls_client_config(identity)
+            .map_err(|e| MetaError::Rpc(e.to_string()))?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let transport = Arc::new(Transport::new(cfg.node_id, cfg.rpc_addr.clone(), tls, tx.clone(), rt));
-        let driver = Driver::new(cfg.node_id, raw, engine.clone(), rx, transport.clone(), cfg.raft, applied, conf_state);
+        let transport = Arc::new(Transport::new(
+            cfg.node_id,
+            cfg.rpc_addr.clone(),
+            tls,
+            tx.clone(),
+            rt,
+        ));
+        let driver = Driver::new(
+            cfg.node_id,
+            raw,
+            engine.clone(),
+            rx,
+            transport.clone(),
+            cfg.raft,
+            applied,
+            conf_state,
+        );
         let thread = std::thread::Builder::new()
             .name("cairn-raft".into())
             .spawn(move || driver.run())
@@ -242,20 +262,29 @@ impl MetadataHandle {
         cc.node_id = node.id;
         cc.context = ctx.encode_to_vec().into();
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::ConfChange { cc, request_id, reply: tx })?;
+        self.send(Msg::ConfChange {
+            cc,
+            request_id,
+            reply: tx,
+        })?;
         self.wait(rx).await.map(|_| ())
     }
 
     /// Adds a node: first as a learner, then, once it has caught up with the
     /// log, as a voter, so that it never weakens the quorum while it syncs.
-    pub async fn add_member(&self, mut node: NodeRecord, catch_up_timeout: Duration) -> Result<(), MetaError> {
+    pub async fn add_member(
+        &self,
+        mut node: NodeRecord,
+        catch_up_timeout: Duration,
+    ) -> Result<(), MetaError> {
         node.added_unix_ms = cairn_util::now_unix_ms();
         let status = self.status().await?;
         if status.voters.contains(&node.id) {
             return Ok(());
         }
         if !status.learners.contains(&node.id) {
-            self.conf_change(ConfChangeType::AddLearnerNode, node.clone()).await?;
+            self.conf_change(ConfChangeType::AddLearnerNode, node.clone())
+                .await?;
         }
         let deadline = Instant::now() + catch_up_timeout;
         loop {
@@ -263,8 +292,15 @@ impl MetadataHandle {
             let target = self.status().await?.commit_index;
             match self.inner.transport.peer_status(&node.rpc_addr).await {
                 Ok(peer) if peer.applied_index >= target => break,
-                Ok(peer) => tracing::info!(node = node.id, applied = peer.applied_index, target, "waiting for learner to catch up"),
-                Err(e) => tracing::info!(node = node.id, error = %e, "waiting for learner to answer"),
+                Ok(peer) => tracing::info!(
+                    node = node.id,
+                    applied = peer.applied_index,
+                    target,
+                    "waiting for learner to catch up"
+                ),
+                Err(e) => {
+                    tracing::info!(node = node.id, error = %e, "waiting for learner to answer")
+                }
             }
             if Instant::now() > deadline {
                 return Err(MetaError::Timeout(catch_up_timeout));
@@ -284,7 +320,10 @@ impl MetadataHandle {
     }
 
     /// Asks the node at `addr` for its raft status over mTLS.
-    pub async fn peer_status(&self, addr: &str) -> Result<cairn_api::rpc::v1::NodeStatusReply, MetaError> {
+    pub async fn peer_status(
+        &self,
+        addr: &str,
+    ) -> Result<cairn_api::rpc::v1::NodeStatusReply, MetaError> {
         self.inner.transport.peer_status(addr).await
     }
 
@@ -292,7 +331,9 @@ impl MetadataHandle {
 
     fn get<M: prost::Message + Default>(&self, key: &[u8]) -> Result<Option<M>, MetaError> {
         match self.inner.engine.get(CF_STATE, key)? {
-            Some(b) => Ok(Some(M::decode(b.as_slice()).map_err(cairn_api::record::RecordError::from)?)),
+            Some(b) => Ok(Some(
+                M::decode(b.as_slice()).map_err(cairn_api::record::RecordError::from)?,
+            )),
             None => Ok(None),
         }
     }
@@ -302,7 +343,10 @@ impl MetadataHandle {
             .engine
             .scan(CF_STATE, prefix)?
             .into_iter()
-            .map(|(_, v)| M::decode(v.as_slice()).map_err(|e| MetaError::from(cairn_api::record::RecordError::from(e))))
+            .map(|(_, v)| {
+                M::decode(v.as_slice())
+                    .map_err(|e| MetaError::from(cairn_api::record::RecordError::from(e)))
+            })
             .collect()
     }
 

@@ -110,7 +110,11 @@ impl RaftLog {
             return Ok(());
         };
         if first.index <= self.last_index {
-            batch.delete_range(CF_RAFT, &entry_key(first.index), &entry_key(self.last_index + 1))?;
+            batch.delete_range(
+                CF_RAFT,
+                &entry_key(first.index),
+                &entry_key(self.last_index + 1),
+            )?;
         }
         for e in ents {
             batch.put(CF_RAFT, &entry_key(e.index), &e.write_to_bytes()?)?;
@@ -119,7 +123,11 @@ impl RaftLog {
         Ok(())
     }
 
-    pub fn set_hard_state(&mut self, hs: &HardState, batch: &mut Batch<'_>) -> Result<(), MetaError> {
+    pub fn set_hard_state(
+        &mut self,
+        hs: &HardState,
+        batch: &mut Batch<'_>,
+    ) -> Result<(), MetaError> {
         self.hard_state = hs.clone();
         batch.put(CF_RAFT, KEY_HS, &hs.write_to_bytes()?)
     }
@@ -134,7 +142,11 @@ impl RaftLog {
         Ok(())
     }
 
-    pub fn set_conf_state(&mut self, cs: &ConfState, batch: &mut Batch<'_>) -> Result<(), MetaError> {
+    pub fn set_conf_state(
+        &mut self,
+        cs: &ConfState,
+        batch: &mut Batch<'_>,
+    ) -> Result<(), MetaError> {
         self.conf_state = cs.clone();
         batch.put(CF_RAFT, KEY_CS, &cs.write_to_bytes()?)
     }
@@ -144,14 +156,24 @@ impl RaftLog {
         if compact_index <= self.truncated.0 + 1 || compact_index > self.last_index + 1 {
             return Ok(());
         }
-        let term = self.term(compact_index - 1).map_err(|e| MetaError::Storage(e.to_string()))?;
+        let term = self
+            .term(compact_index - 1)
+            .map_err(|e| MetaError::Storage(e.to_string()))?;
         batch.delete_range(CF_RAFT, &entry_key(0), &entry_key(compact_index))?;
         self.truncated = (compact_index - 1, term);
-        batch.put(CF_RAFT, KEY_TRUNCATED, &encode_pair(compact_index - 1, term))
+        batch.put(
+            CF_RAFT,
+            KEY_TRUNCATED,
+            &encode_pair(compact_index - 1, term),
+        )
     }
 
     /// Replaces log and state machine with a received snapshot, in `batch`.
-    pub fn install_snapshot(&mut self, snap: &Snapshot, batch: &mut Batch<'_>) -> Result<SnapshotData, MetaError> {
+    pub fn install_snapshot(
+        &mut self,
+        snap: &Snapshot,
+        batch: &mut Batch<'_>,
+    ) -> Result<SnapshotData, MetaError> {
         let meta = snap.get_metadata();
         let data = SnapshotData::decode(snap.data.as_ref())
             .map_err(|e| MetaError::Storage(format!("received snapshot is malformed: {e}")))?;
@@ -170,7 +192,11 @@ impl RaftLog {
             batch.put(CF_STATE, &kv.key, &kv.value)?;
         }
         batch.put(CF_STATE, KEY_APPLIED, &encode_pair(meta.index, meta.term))?;
-        batch.put(CF_STATE, KEY_CONF_STATE, &meta.get_conf_state().write_to_bytes()?)?;
+        batch.put(
+            CF_STATE,
+            KEY_CONF_STATE,
+            &meta.get_conf_state().write_to_bytes()?,
+        )?;
         Ok(data)
     }
 
@@ -196,8 +222,10 @@ impl RaftLog {
             applied_term: term,
             entries,
         };
-        let mut snap = Snapshot::default();
-        snap.data = data.encode_to_vec().into();
+        let mut snap = Snapshot {
+            data: data.encode_to_vec().into(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = index;
         meta.term = term;
@@ -208,7 +236,10 @@ impl RaftLog {
 
 impl Storage for RaftLog {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -274,7 +305,9 @@ impl Storage for RaftLog {
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let snap = self.build_snapshot().map_err(other)?;
         if snap.get_metadata().index < request_index {
-            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
         }
         Ok(snap)
     }

@@ -22,7 +22,9 @@ use cairn_api::metadata::v1::{Command, CommandResult, ConfChangeContext, NodeRec
 use cairn_util::error_code::codes;
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message as RaftMessage};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message as RaftMessage,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
 
@@ -62,12 +64,26 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, MetaError>>;
 /// Everything the driver thread is asked to do.
 pub(crate) enum Msg {
     Raft(Box<RaftMessage>),
-    Propose { cmd: Command, reply: Reply<CommandResult> },
-    ConfChange { cc: ConfChange, request_id: u64, reply: Reply<CommandResult> },
-    ReadIndex { reply: Reply<u64> },
-    Status { reply: oneshot::Sender<NodeStatus> },
+    Propose {
+        cmd: Command,
+        reply: Reply<CommandResult>,
+    },
+    ConfChange {
+        cc: ConfChange,
+        request_id: u64,
+        reply: Reply<CommandResult>,
+    },
+    ReadIndex {
+        reply: Reply<u64>,
+    },
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
     Unreachable(u64),
-    SnapshotDone { to: u64, ok: bool },
+    SnapshotDone {
+        to: u64,
+        ok: bool,
+    },
     Shutdown,
 }
 
@@ -90,6 +106,9 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
+    // Everything the driver owns comes from `MetadataHandle::start`; a builder
+    // would only move the same list elsewhere.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: u64,
         raw: RawNode<RaftLog>,
@@ -162,7 +181,10 @@ impl Driver {
     }
 
     fn shutdown(self) -> Result<(), MetaError> {
-        tracing::info!(node = self.id, "metadata service stopping; flushing RocksDB");
+        tracing::info!(
+            node = self.id,
+            "metadata service stopping; flushing RocksDB"
+        );
         self.engine.flush()
     }
 
@@ -188,7 +210,11 @@ impl Driver {
                     }
                 }
             }
-            Msg::ConfChange { cc, request_id, reply } => {
+            Msg::ConfChange {
+                cc,
+                request_id,
+                reply,
+            } => {
                 if self.raw.raft.leader_id == raft::INVALID_ID {
                     let _ = reply.send(Err(MetaError::NoLeader));
                     return true;
@@ -208,7 +234,11 @@ impl Driver {
             }
             Msg::Unreachable(id) => self.raw.report_unreachable(id),
             Msg::SnapshotDone { to, ok } => {
-                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
                 self.raw.report_snapshot(to, status);
             }
             Msg::Shutdown => return false,
@@ -225,7 +255,11 @@ impl Driver {
             StateRole::PreCandidate => "pre-candidate",
         };
         let progress = if raft.state == StateRole::Leader {
-            let mut p: Vec<(u64, u64)> = raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect();
+            let mut p: Vec<(u64, u64)> = raft
+                .prs()
+                .iter()
+                .map(|(id, pr)| (*id, pr.matched))
+                .collect();
             p.sort_unstable();
             p
         } else {
@@ -316,8 +350,13 @@ impl Driver {
             self.applied = meta.index;
             self.applied_term = meta.term;
             self.conf_state = meta.get_conf_state().clone();
-            tracing::info!(node = self.id, index = meta.index, term = meta.term, keys = data.entries.len(),
-                "installed metadata snapshot from the leader");
+            tracing::info!(
+                node = self.id,
+                index = meta.index,
+                term = meta.term,
+                keys = data.entries.len(),
+                "installed metadata snapshot from the leader"
+            );
             self.refresh_peers()?;
         }
 
@@ -338,7 +377,8 @@ impl Driver {
                 ctx.copy_from_slice(&rs.request_ctx);
             }
             if let Some(waiters) = self.reads_inflight.remove(&u64::from_be_bytes(ctx)) {
-                self.reads_waiting.extend(waiters.into_iter().map(|w| (rs.index, w)));
+                self.reads_waiting
+                    .extend(waiters.into_iter().map(|w| (rs.index, w)));
             }
         }
 
@@ -369,7 +409,10 @@ impl Driver {
                 EntryType::EntryNormal => match Command::decode(entry.data.as_ref()) {
                     Ok(cmd) => {
                         let base = StateCf(&self.engine);
-                        let view = Layered { base: &base, overlay: &overlay };
+                        let view = Layered {
+                            base: &base,
+                            overlay: &overlay,
+                        };
                         let res = state::apply(&view, &mut step, &cmd)?;
                         if cmd.origin_node == self.id {
                             replies.push((cmd.request_id, Ok(res)));
@@ -386,7 +429,10 @@ impl Driver {
                     let result = match self.raw.apply_conf_change(&cc) {
                         Ok(cs) => {
                             let base = StateCf(&self.engine);
-                            let view = Layered { base: &base, overlay: &overlay };
+                            let view = Layered {
+                                base: &base,
+                                overlay: &overlay,
+                            };
                             let role = match cc.get_change_type() {
                                 ConfChangeType::AddNode => NodeRole::Voter,
                                 ConfChangeType::AddLearnerNode => NodeRole::Learner,
@@ -394,12 +440,21 @@ impl Driver {
                             };
                             let mut node = ctx.node.clone().unwrap_or_default();
                             node.id = cc.node_id;
-                            state::apply_membership(&view, &mut step, &node, role, node.added_unix_ms)?;
+                            state::apply_membership(
+                                &view,
+                                &mut step,
+                                &node,
+                                role,
+                                node.added_unix_ms,
+                            )?;
                             step.put(KEY_CONF_STATE.to_vec(), cs.write_to_bytes()?);
                             tracing::info!(node = self.id, target = cc.node_id, change = ?cc.get_change_type(),
                                 voters = ?cs.voters, learners = ?cs.learners, "membership changed");
                             if role == NodeRole::Removed && cc.node_id == self.id {
-                                tracing::warn!(node = self.id, "this node was removed from the cluster");
+                                tracing::warn!(
+                                    node = self.id,
+                                    "this node was removed from the cluster"
+                                );
                             }
                             new_conf = Some(cs);
                             Ok(CommandResult::default())
@@ -414,14 +469,21 @@ impl Driver {
                     }
                 }
                 EntryType::EntryConfChangeV2 => {
-                    tracing::warn!(node = self.id, index = entry.index, "ignoring unsupported ConfChangeV2 entry");
+                    tracing::warn!(
+                        node = self.id,
+                        index = entry.index,
+                        "ignoring unsupported ConfChangeV2 entry"
+                    );
                 }
             }
             overlay.writes.extend(step.writes);
             self.applied = entry.index;
             self.applied_term = entry.term;
         }
-        overlay.put(KEY_APPLIED.to_vec(), encode_pair(self.applied, self.applied_term));
+        overlay.put(
+            KEY_APPLIED.to_vec(),
+            encode_pair(self.applied, self.applied_term),
+        );
 
         let mut batch = self.engine.batch();
         for (k, v) in &overlay.writes {
@@ -468,7 +530,9 @@ impl Driver {
         let mut members: Vec<u64> = self.conf_state.voters.clone();
         members.extend(&self.conf_state.learners);
         for (_, bytes) in self.engine.scan(CF_STATE, PREFIX_NODE)? {
-            let Ok(node) = NodeRecord::decode(bytes.as_slice()) else { continue };
+            let Ok(node) = NodeRecord::decode(bytes.as_slice()) else {
+                continue;
+            };
             if node.id == self.id || node.rpc_addr.is_empty() {
                 continue;
             }

@@ -10,7 +10,8 @@ use cairn_api::metadata::v1::{command::Op, PutKv};
 use cairn_api::rpc::v1::kv_server::{Kv, KvServer};
 use cairn_api::rpc::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
 use cairn_api::rpc::v1::{
-    KvGetReply, KvGetRequest, KvPutReply, KvPutRequest, NodeStatusReply, NodeStatusRequest, RaftAck, RaftBatch,
+    KvGetReply, KvGetRequest, KvPutReply, KvPutRequest, NodeStatusReply, NodeStatusRequest,
+    RaftAck, RaftBatch,
 };
 use cairn_util::error_code::HasErrorCode;
 use protobuf::Message as _;
@@ -42,7 +43,10 @@ struct RaftService {
 
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
-    async fn send(&self, request: TonicRequest<RaftBatch>) -> Result<TonicResponse<RaftAck>, Status> {
+    async fn send(
+        &self,
+        request: TonicRequest<RaftBatch>,
+    ) -> Result<TonicResponse<RaftAck>, Status> {
         let batch = request.into_inner();
         let me = self.handle.node_id();
         let mut decoded = Vec::with_capacity(batch.messages.len());
@@ -59,12 +63,17 @@ impl RaftTransport for RaftService {
         }
         self.handle.learn_peer(batch.from_node, &batch.from_addr);
         for m in decoded {
-            self.handle.send(Msg::Raft(Box::new(m))).map_err(|e| to_status(&e))?;
+            self.handle
+                .send(Msg::Raft(Box::new(m)))
+                .map_err(|e| to_status(&e))?;
         }
         Ok(TonicResponse::new(RaftAck {}))
     }
 
-    async fn status(&self, _: TonicRequest<NodeStatusRequest>) -> Result<TonicResponse<NodeStatusReply>, Status> {
+    async fn status(
+        &self,
+        _: TonicRequest<NodeStatusRequest>,
+    ) -> Result<TonicResponse<NodeStatusReply>, Status> {
         let s = self.handle.status().await.map_err(|e| to_status(&e))?;
         Ok(TonicResponse::new(NodeStatusReply {
             node_id: s.node_id,
@@ -85,22 +94,34 @@ struct KvService {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn put(&self, request: TonicRequest<KvPutRequest>) -> Result<TonicResponse<KvPutReply>, Status> {
+    async fn put(
+        &self,
+        request: TonicRequest<KvPutRequest>,
+    ) -> Result<TonicResponse<KvPutReply>, Status> {
         let r = request.into_inner();
         if r.key.is_empty() {
             return Err(Status::invalid_argument("empty key"));
         }
         self.handle
-            .propose(Op::PutKv(PutKv { key: r.key, value: r.value }))
+            .propose(Op::PutKv(PutKv {
+                key: r.key,
+                value: r.value,
+            }))
             .await
             .map_err(|e| to_status(&e))?;
         Ok(TonicResponse::new(KvPutReply { index: 0 }))
     }
 
-    async fn get(&self, request: TonicRequest<KvGetRequest>) -> Result<TonicResponse<KvGetReply>, Status> {
+    async fn get(
+        &self,
+        request: TonicRequest<KvGetRequest>,
+    ) -> Result<TonicResponse<KvGetReply>, Status> {
         let r = request.into_inner();
         if r.linearizable {
-            self.handle.read_barrier().await.map_err(|e| to_status(&e))?;
+            self.handle
+                .read_barrier()
+                .await
+                .map_err(|e| to_status(&e))?;
         }
         let v = self.handle.kv_get(&r.key).map_err(|e| to_status(&e))?;
         Ok(TonicResponse::new(KvGetReply {
@@ -114,7 +135,11 @@ impl Kv for KvService {
 async fn log_rpc_errors(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let resp = next.run(req).await;
-    if let Some(code) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
+    if let Some(code) = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+    {
         if code != "0" {
             let message = resp
                 .headers()

@@ -53,11 +53,14 @@ pub fn kv_key(key: &[u8]) -> Vec<u8> {
     [PREFIX_KV, key].concat()
 }
 
+/// Key-value pairs in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Read access to the state the next command applies on.
 pub trait StateView {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError>;
     /// All pairs whose key starts with `prefix`, in key order.
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError>;
+    fn scan(&self, prefix: &[u8]) -> Result<Pairs, MetaError>;
 }
 
 /// Writes produced by applying commands, visible to later commands of the
@@ -89,7 +92,7 @@ impl<V: StateView + ?Sized> StateView for Layered<'_, V> {
             None => self.base.get(key),
         }
     }
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Pairs, MetaError> {
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.base.scan(prefix)?.into_iter().collect();
         for (k, v) in self.overlay.writes.range(prefix.to_vec()..) {
             if !k.starts_with(prefix) {
@@ -109,7 +112,7 @@ impl StateView for BTreeMap<Vec<u8>, Vec<u8>> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
         Ok(BTreeMap::get(self, key).cloned())
     }
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MetaError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Pairs, MetaError> {
         Ok(self
             .range(prefix.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
@@ -148,7 +151,7 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
 
 /// Checks a vdisk size: positive, a multiple of 4 KiB, at most 64 TiB.
 pub fn validate_size(size: u64) -> Result<(), String> {
-    if size == 0 || size % 4096 != 0 || size > MAX_VDISK_BYTES {
+    if size == 0 || !size.is_multiple_of(4096) || size > MAX_VDISK_BYTES {
         return Err(format!(
             "invalid vdisk size {size}: must be a positive multiple of 4096 bytes, at most 64 TiB"
         ));
@@ -211,12 +214,18 @@ pub fn apply(
             if !(1..=3).contains(&c.replication_factor) {
                 return Ok(fail(
                     codes::INVALID,
-                    format!("replication factor {} not supported: use 1, 2 or 3", c.replication_factor),
+                    format!(
+                        "replication factor {} not supported: use 1, 2 or 3",
+                        c.replication_factor
+                    ),
                 ));
             }
             let key = datastore_key(&c.name);
             if view.get(&key)?.is_some() {
-                return Ok(fail(codes::CONFLICT, format!("datastore {:?} already exists", c.name)));
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!("datastore {:?} already exists", c.name),
+                ));
             }
             let rec = DatastoreRecord {
                 format_version: cairn_api::FORMAT_VERSION,
@@ -234,13 +243,20 @@ pub fn apply(
         Op::DeleteDatastore(d) => {
             let key = datastore_key(&d.name);
             if view.get(&key)?.is_none() {
-                return Ok(fail(codes::NOT_FOUND, format!("datastore {:?} not found", d.name)));
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("datastore {:?} not found", d.name),
+                ));
             }
             let vdisks = view.scan(&vdisk_prefix(&d.name))?;
             if !vdisks.is_empty() {
                 return Ok(fail(
                     codes::CONFLICT,
-                    format!("datastore {:?} still holds {} vdisk(s); delete them first", d.name, vdisks.len()),
+                    format!(
+                        "datastore {:?} still holds {} vdisk(s); delete them first",
+                        d.name,
+                        vdisks.len()
+                    ),
                 ));
             }
             out.delete(key);
@@ -251,18 +267,31 @@ pub fn apply(
                 return Ok(fail(codes::INVALID, e));
             }
             if view.get(&datastore_key(&c.datastore))?.is_none() {
-                return Ok(fail(codes::NOT_FOUND, format!("datastore {:?} not found", c.datastore)));
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("datastore {:?} not found", c.datastore),
+                ));
             }
             let key = vdisk_key(&c.datastore, &c.name);
             if view.get(&key)?.is_some() {
                 return Ok(fail(
                     codes::CONFLICT,
-                    format!("vdisk {:?} already exists in datastore {:?}", c.name, c.datastore),
+                    format!(
+                        "vdisk {:?} already exists in datastore {:?}",
+                        c.name, c.datastore
+                    ),
                 ));
             }
-            let owner = if c.owner_node_id == 0 { cmd.origin_node } else { c.owner_node_id };
+            let owner = if c.owner_node_id == 0 {
+                cmd.origin_node
+            } else {
+                c.owner_node_id
+            };
             if view.get(&node_key(owner))?.is_none() {
-                return Ok(fail(codes::INVALID, format!("owner node {owner} is not a cluster member")));
+                return Ok(fail(
+                    codes::INVALID,
+                    format!("owner node {owner} is not a cluster member"),
+                ));
             }
             let rec = VdiskRecord {
                 format_version: cairn_api::FORMAT_VERSION,
@@ -281,7 +310,13 @@ pub fn apply(
         Op::DeleteVdisk(d) => {
             let key = vdisk_key(&d.datastore, &d.name);
             if view.get(&key)?.is_none() {
-                return Ok(fail(codes::NOT_FOUND, format!("vdisk {:?} not found in datastore {:?}", d.name, d.datastore)));
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!(
+                        "vdisk {:?} not found in datastore {:?}",
+                        d.name, d.datastore
+                    ),
+                ));
             }
             out.delete(key);
             CommandResult::default()
@@ -289,7 +324,13 @@ pub fn apply(
         Op::ResizeVdisk(r) => {
             let key = vdisk_key(&r.datastore, &r.name);
             let Some(bytes) = view.get(&key)? else {
-                return Ok(fail(codes::NOT_FOUND, format!("vdisk {:?} not found in datastore {:?}", r.name, r.datastore)));
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!(
+                        "vdisk {:?} not found in datastore {:?}",
+                        r.name, r.datastore
+                    ),
+                ));
             };
             if let Err(e) = validate_size(r.size_bytes) {
                 return Ok(fail(codes::INVALID, e));
@@ -318,21 +359,33 @@ pub fn apply(
             let g = a.group.clone().unwrap_or_default();
             let key = [&b"g/"[..], &g.id.to_be_bytes()[..]].concat();
             if view.get(&key)?.is_some() {
-                return Ok(fail(codes::CONFLICT, format!("extent group {} exists", g.id)));
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!("extent group {} exists", g.id),
+                ));
             }
             out.put(key, g.encode_to_vec());
             CommandResult::default()
         }
         Op::SetVblockMapping(s) => {
             let m = s.mapping.clone().unwrap_or_default();
-            let key = [b"b/", m.vdisk_id.as_bytes(), b"/", &m.vblock.to_be_bytes()[..]].concat();
+            let key = [
+                b"b/",
+                m.vdisk_id.as_bytes(),
+                b"/",
+                &m.vblock.to_be_bytes()[..],
+            ]
+            .concat();
             out.put(key, m.encode_to_vec());
             CommandResult::default()
         }
         Op::SetNodeVersion(s) => {
             let key = node_key(s.node_id);
             let Some(bytes) = view.get(&key)? else {
-                return Ok(fail(codes::NOT_FOUND, format!("node {} not found", s.node_id)));
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("node {} not found", s.node_id),
+                ));
             };
             let mut rec = Record::<NodeRecord>::decode(&bytes)?;
             rec.msg.version = s.version.clone();
@@ -405,8 +458,14 @@ mod tests {
         let r = run(
             &mut s,
             Op::InitCluster(InitCluster {
-                cluster: Some(ClusterRecord { cluster_id: "c".into(), ..Default::default() }),
-                first_node: Some(NodeRecord { id: 1, ..Default::default() }),
+                cluster: Some(ClusterRecord {
+                    cluster_id: "c".into(),
+                    ..Default::default()
+                }),
+                first_node: Some(NodeRecord {
+                    id: 1,
+                    ..Default::default()
+                }),
             }),
         );
         assert_eq!(r.error_code, "");
@@ -416,12 +475,14 @@ mod tests {
     #[test]
     fn duplicate_datastore_is_a_conflict_and_changes_nothing() {
         let mut s = init();
-        let create = |id: &str| Op::CreateDatastore(CreateDatastore {
-            name: "gold".into(),
-            replication_factor: 2,
-            id: id.into(),
-            ..Default::default()
-        });
+        let create = |id: &str| {
+            Op::CreateDatastore(CreateDatastore {
+                name: "gold".into(),
+                replication_factor: 2,
+                id: id.into(),
+                ..Default::default()
+            })
+        };
         assert_eq!(run(&mut s, create("a")).error_code, "");
         let before = s.clone();
         let r = run(&mut s, create("b"));
@@ -432,24 +493,55 @@ mod tests {
     #[test]
     fn vdisk_rules() {
         let mut s = init();
-        run(&mut s, Op::CreateDatastore(CreateDatastore { name: "ds".into(), replication_factor: 1, ..Default::default() }));
-        let mk = |size| Op::CreateVdisk(CreateVdisk { datastore: "ds".into(), name: "v".into(), size_bytes: size, ..Default::default() });
+        run(
+            &mut s,
+            Op::CreateDatastore(CreateDatastore {
+                name: "ds".into(),
+                replication_factor: 1,
+                ..Default::default()
+            }),
+        );
+        let mk = |size| {
+            Op::CreateVdisk(CreateVdisk {
+                datastore: "ds".into(),
+                name: "v".into(),
+                size_bytes: size,
+                ..Default::default()
+            })
+        };
         assert_eq!(run(&mut s, mk(1000)).error_code, codes::INVALID.code);
         assert_eq!(run(&mut s, mk(1 << 30)).error_code, "");
         assert_eq!(run(&mut s, mk(1 << 30)).error_code, codes::CONFLICT.code);
-        let shrink = Op::ResizeVdisk(ResizeVdisk { datastore: "ds".into(), name: "v".into(), size_bytes: 1 << 20 });
+        let shrink = Op::ResizeVdisk(ResizeVdisk {
+            datastore: "ds".into(),
+            name: "v".into(),
+            size_bytes: 1 << 20,
+        });
         assert_eq!(run(&mut s, shrink).error_code, codes::CONFLICT.code);
-        let grow = Op::ResizeVdisk(ResizeVdisk { datastore: "ds".into(), name: "v".into(), size_bytes: 2 << 30 });
+        let grow = Op::ResizeVdisk(ResizeVdisk {
+            datastore: "ds".into(),
+            name: "v".into(),
+            size_bytes: 2 << 30,
+        });
         assert_eq!(run(&mut s, grow).error_code, "");
-        let del = Op::DeleteDatastore(cairn_api::metadata::v1::DeleteDatastore { name: "ds".into() });
-        assert_eq!(run(&mut s, del).error_code, codes::CONFLICT.code, "non-empty datastore");
+        let del =
+            Op::DeleteDatastore(cairn_api::metadata::v1::DeleteDatastore { name: "ds".into() });
+        assert_eq!(
+            run(&mut s, del).error_code,
+            codes::CONFLICT.code,
+            "non-empty datastore"
+        );
     }
 
     #[test]
     fn unknown_op_from_newer_version_applies_nothing() {
         let mut s = init();
         let before = s.clone();
-        let cmd = Command { origin_node: 1, op: None, ..Default::default() };
+        let cmd = Command {
+            origin_node: 1,
+            op: None,
+            ..Default::default()
+        };
         let mut ov = Overlay::default();
         let r = apply(&s, &mut ov, &cmd).map_err(|e| e.to_string());
         assert!(matches!(r, Ok(ref r) if r.error_code == codes::INVALID.code));
@@ -466,7 +558,10 @@ mod tests {
         let mut ov = Overlay::default();
         ov.delete(b"k/a".to_vec());
         ov.put(b"k/c".to_vec(), b"3".to_vec());
-        let l = Layered { base: &base, overlay: &ov };
+        let l = Layered {
+            base: &base,
+            overlay: &ov,
+        };
         let keys: Vec<_> = l.scan(b"k/")?.into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![b"k/b".to_vec(), b"k/c".to_vec()]);
         Ok(())

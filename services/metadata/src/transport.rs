@@ -75,7 +75,8 @@ impl Transport {
     pub fn channel(&self, addr: &str, timeout: Duration) -> Result<Channel, MetaError> {
         // Called from the raft thread too: tonic needs the runtime to build a channel.
         let _rt = self.rt.enter();
-        cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), timeout).map_err(|e| MetaError::Rpc(e.to_string()))
+        cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), timeout)
+            .map_err(|e| MetaError::Rpc(e.to_string()))
     }
 
     /// Queues messages to their peers; never blocks.
@@ -133,7 +134,13 @@ impl Transport {
             self.self_addr.clone(),
         ));
         tracing::info!(peer = id, addr, "raft peer address set");
-        peers.insert(id, Peer { addr: addr.to_string(), tx });
+        peers.insert(
+            id,
+            Peer {
+                addr: addr.to_string(),
+                tx,
+            },
+        );
     }
 
     pub(crate) fn remove_peer(&self, id: u64) {
@@ -196,7 +203,7 @@ async fn peer_loop(
                 }
             }
             Err(status) => {
-                if last_warn.map_or(true, |t| t.elapsed() > Duration::from_secs(5)) {
+                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                     tracing::warn!(peer = id, addr = %addr, error = %status.message(),
                         "raft messages to peer dropped (peer unreachable?)");
                     last_warn = Some(Instant::now());

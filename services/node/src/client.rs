@@ -9,7 +9,11 @@ use serde_json::Value;
 #[derive(Debug)]
 pub enum ApiError {
     /// The server answered with a problem document.
-    Problem { status: u16, code: String, detail: String },
+    Problem {
+        status: u16,
+        code: String,
+        detail: String,
+    },
     /// The server could not be reached (or TLS failed).
     Unreachable { url: String, detail: String },
 }
@@ -17,8 +21,14 @@ pub enum ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ApiError::Problem { status, code, detail } => write!(f, "{detail} ({code}, HTTP {status})"),
-            ApiError::Unreachable { url, detail } => write!(f, "cannot reach the cluster at {url}: {detail}"),
+            ApiError::Problem {
+                status,
+                code,
+                detail,
+            } => write!(f, "{detail} ({code}, HTTP {status})"),
+            ApiError::Unreachable { url, detail } => {
+                write!(f, "cannot reach the cluster at {url}: {detail}")
+            }
         }
     }
 }
@@ -32,7 +42,12 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(endpoint: &str, ca_pem: &str, token: String, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        endpoint: &str,
+        ca_pem: &str,
+        token: String,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let tls = cairn_rpc::tls::api_client_config(ca_pem)?;
         let agent = ureq::AgentBuilder::new()
             .tls_config(tls)
@@ -53,17 +68,21 @@ impl Api {
                 if resp.status() == 204 {
                     return Ok(Value::Null);
                 }
-                resp.into_json::<Value>().map_err(|e| ApiError::Unreachable {
-                    url: url.to_string(),
-                    detail: format!("unreadable response: {e}"),
-                })
+                resp.into_json::<Value>()
+                    .map_err(|e| ApiError::Unreachable {
+                        url: url.to_string(),
+                        detail: format!("unreadable response: {e}"),
+                    })
             }
             Err(ureq::Error::Status(status, resp)) => {
                 let body: Value = resp.into_json().unwrap_or(Value::Null);
                 Err(ApiError::Problem {
                     status,
                     code: body["code"].as_str().unwrap_or("unknown").to_string(),
-                    detail: body["detail"].as_str().unwrap_or("request failed").to_string(),
+                    detail: body["detail"]
+                        .as_str()
+                        .unwrap_or("request failed")
+                        .to_string(),
                 })
             }
             Err(ureq::Error::Transport(t)) => Err(ApiError::Unreachable {

@@ -63,17 +63,30 @@ impl Default for RaftConfig {
 
 impl NodeConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
         let mut cfg: NodeConfig =
             toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
         if cfg.data_dir.as_os_str().is_empty() {
-            cfg.data_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+            cfg.data_dir = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
         }
         if cfg.node_id == 0 {
-            bail!("invalid config {}: node_id must be positive", path.display());
+            bail!(
+                "invalid config {}: node_id must be positive",
+                path.display()
+            );
         }
-        if cfg.raft.tick_ms == 0 || cfg.raft.heartbeat_tick == 0 || cfg.raft.election_tick <= cfg.raft.heartbeat_tick {
-            bail!("invalid config {}: need tick_ms > 0 and election_tick > heartbeat_tick > 0", path.display());
+        if cfg.raft.tick_ms == 0
+            || cfg.raft.heartbeat_tick == 0
+            || cfg.raft.election_tick <= cfg.raft.heartbeat_tick
+        {
+            bail!(
+                "invalid config {}: need tick_ms > 0 and election_tick > heartbeat_tick > 0",
+                path.display()
+            );
         }
         Ok(cfg)
     }

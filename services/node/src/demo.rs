@@ -34,7 +34,11 @@ fn spawn(exe: &Path, dir: &Path, id: usize) -> anyhow::Result<Node> {
         .stderr(out)
         .spawn()
         .with_context(|| format!("cannot start node {id}"))?;
-    Ok(Node { id, dir: dir.to_path_buf(), child })
+    Ok(Node {
+        id,
+        dir: dir.to_path_buf(),
+        child,
+    })
 }
 
 fn wait_healthy(api: &Api, node: &mut Node, timeout: Duration) -> anyhow::Result<()> {
@@ -44,10 +48,18 @@ fn wait_healthy(api: &Api, node: &mut Node, timeout: Duration) -> anyhow::Result
             return Ok(());
         }
         if let Some(status) = node.child.try_wait()? {
-            bail!("node {} exited ({status}); see {}", node.id, node.dir.join("node.log").display());
+            bail!(
+                "node {} exited ({status}); see {}",
+                node.id,
+                node.dir.join("node.log").display()
+            );
         }
         if Instant::now() > deadline {
-            bail!("node {} did not become healthy; see {}", node.id, node.dir.join("node.log").display());
+            bail!(
+                "node {} did not become healthy; see {}",
+                node.id,
+                node.dir.join("node.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -89,7 +101,10 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
     };
 
     if !dirs[0].join(CONFIG_FILE).exists() {
-        println!("creating a new {count}-node cluster under {}", root.display());
+        println!(
+            "creating a new {count}-node cluster under {}",
+            root.display()
+        );
         setup::init(&dirs[0], "demo", addr(1, RPC_PORT)?, addr(1, API_PORT)?)?;
     } else {
         println!("restarting the cluster under {}", root.display());
@@ -106,7 +121,14 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
         for (i, dir) in dirs.iter().enumerate().skip(1) {
             let n = i + 1;
             if !dir.join(CONFIG_FILE).exists() {
-                setup::join(dir, &seed, &ca_pem, &token, addr(n, RPC_PORT)?, addr(n, API_PORT)?)?;
+                setup::join(
+                    dir,
+                    &seed,
+                    &ca_pem,
+                    &token,
+                    addr(n, RPC_PORT)?,
+                    addr(n, API_PORT)?,
+                )?;
             }
             nodes.push(spawn(&exe, dir, n)?);
         }
@@ -119,11 +141,18 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
             }
             for n in nodes.iter_mut() {
                 if let Some(status) = n.child.try_wait()? {
-                    bail!("node {} exited ({status}); see {}", n.id, n.dir.join("node.log").display());
+                    bail!(
+                        "node {} exited ({status}); see {}",
+                        n.id,
+                        n.dir.join("node.log").display()
+                    );
                 }
             }
             if Instant::now() > deadline {
-                bail!("the cluster did not reach {count} voters in time; see the node logs under {}", root.display());
+                bail!(
+                    "the cluster did not reach {count} voters in time; see the node logs under {}",
+                    root.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -144,11 +173,22 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
         println!("  log        {}", dir.join("node.log").display());
     }
     println!("\nCA certificate: {}", dirs[0].join("tls/ca.pem").display());
-    println!("Admin token:    {} (mode 0600)", dirs[0].join("admin.token").display());
-    println!("Try:            cairn --data-dir {} cluster status", dirs[0].display());
-    println!("                cairn --data-dir {} datastore create gold --rf 2\n", dirs[0].display());
+    println!(
+        "Admin token:    {} (mode 0600)",
+        dirs[0].join("admin.token").display()
+    );
+    println!(
+        "Try:            cairn --data-dir {} cluster status",
+        dirs[0].display()
+    );
+    println!(
+        "                cairn --data-dir {} datastore create gold --rf 2\n",
+        dirs[0].display()
+    );
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

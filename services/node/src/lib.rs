@@ -21,7 +21,11 @@ use crate::client::Api;
 use crate::config::{read_token, NodeConfig, CONFIG_FILE};
 
 #[derive(Parser)]
-#[command(name = "cairn", version, about = "Cairn hyper-converged storage: node and command line")]
+#[command(
+    name = "cairn",
+    version,
+    about = "Cairn hyper-converged storage: node and command line"
+)]
 struct Cli {
     #[command(flatten)]
     conn: Conn,
@@ -127,8 +131,12 @@ enum DatastoreCmd {
         compression: bool,
     },
     List,
-    Get { name: String },
-    Delete { name: String },
+    Get {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,7 +202,9 @@ impl Conn {
         let endpoint = match (&self.endpoint, &cfg) {
             (Some(e), _) => e.clone(),
             (None, Some(c)) => c.api_addr.to_string(),
-            (None, None) => bail!("no cluster endpoint: pass --endpoint or --data-dir, or set CAIRN_ENDPOINT"),
+            (None, None) => {
+                bail!("no cluster endpoint: pass --endpoint or --data-dir, or set CAIRN_ENDPOINT")
+            }
         };
         let token = match (&self.token, &self.data_dir) {
             (Some(t), _) => t.clone(),
@@ -206,7 +216,8 @@ impl Conn {
             (None, Some(d)) => d.join("tls/ca.pem"),
             (None, None) => bail!("no CA certificate: pass --ca or --data-dir, or set CAIRN_CA"),
         };
-        let ca = std::fs::read_to_string(&ca_path).with_context(|| format!("cannot read CA {}", ca_path.display()))?;
+        let ca = std::fs::read_to_string(&ca_path)
+            .with_context(|| format!("cannot read CA {}", ca_path.display()))?;
         Api::new(&endpoint, &ca, token, timeout)
     }
 }
@@ -228,7 +239,13 @@ fn print(out: Output, v: &Value, columns: &[&str]) {
     };
     let widths: Vec<usize> = columns
         .iter()
-        .map(|c| rows.iter().map(|r| cell(r, c).len()).max().unwrap_or(0).max(c.len()))
+        .map(|c| {
+            rows.iter()
+                .map(|r| cell(r, c).len())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
         .collect();
     let line = |vals: Vec<String>| {
         vals.iter()
@@ -239,7 +256,10 @@ fn print(out: Output, v: &Value, columns: &[&str]) {
             .trim_end()
             .to_string()
     };
-    println!("{}", line(columns.iter().map(|c| c.to_uppercase()).collect()));
+    println!(
+        "{}",
+        line(columns.iter().map(|c| c.to_uppercase()).collect())
+    );
     for r in rows {
         println!("{}", line(columns.iter().map(|c| cell(r, c)).collect()));
     }
@@ -275,8 +295,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(run::run(&config))?;
         }
         Cmd::Node(NodeCmd::List) => print(out, &api()?.get("/v1/nodes")?, NODE_COLS),
-        Cmd::Cluster(ClusterCmd::Init { name, rpc_addr, api_addr }) => {
-            let dir = cli.conn.data_dir.as_deref().context("cluster init needs --data-dir")?;
+        Cmd::Cluster(ClusterCmd::Init {
+            name,
+            rpc_addr,
+            api_addr,
+        }) => {
+            let dir = cli
+                .conn
+                .data_dir
+                .as_deref()
+                .context("cluster init needs --data-dir")?;
             let cfg = setup::init(dir, &name, rpc_addr, api_addr)?;
             let v = json!({ "cluster_id": cfg.cluster_id, "node_id": cfg.node_id,
                 "config": dir.join(CONFIG_FILE), "token_file": dir.join(config::TOKEN_FILE),
@@ -284,21 +312,56 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if out == Output::Json {
                 println!("{v:#}");
             } else {
-                println!("initialised cluster {} (node 1) in {}", cfg.cluster_id, dir.display());
-                println!("start it with: cairn node run --config {}", dir.join(CONFIG_FILE).display());
+                println!(
+                    "initialised cluster {} (node 1) in {}",
+                    cfg.cluster_id,
+                    dir.display()
+                );
+                println!(
+                    "start it with: cairn node run --config {}",
+                    dir.join(CONFIG_FILE).display()
+                );
             }
         }
-        Cmd::Cluster(ClusterCmd::Join { seed, rpc_addr, api_addr }) => {
-            let dir = cli.conn.data_dir.as_deref().context("cluster join needs --data-dir for the new node")?;
-            let token = cli.conn.token.clone().context("cluster join needs --token")?;
-            let ca_path = cli.conn.ca.clone().context("cluster join needs --ca (the cluster CA certificate)")?;
-            let ca = std::fs::read_to_string(&ca_path).with_context(|| format!("cannot read CA {}", ca_path.display()))?;
+        Cmd::Cluster(ClusterCmd::Join {
+            seed,
+            rpc_addr,
+            api_addr,
+        }) => {
+            let dir = cli
+                .conn
+                .data_dir
+                .as_deref()
+                .context("cluster join needs --data-dir for the new node")?;
+            let token = cli
+                .conn
+                .token
+                .clone()
+                .context("cluster join needs --token")?;
+            let ca_path = cli
+                .conn
+                .ca
+                .clone()
+                .context("cluster join needs --ca (the cluster CA certificate)")?;
+            let ca = std::fs::read_to_string(&ca_path)
+                .with_context(|| format!("cannot read CA {}", ca_path.display()))?;
             let cfg = setup::join(dir, &seed, &ca, &token, rpc_addr, api_addr)?;
             if out == Output::Json {
-                println!("{}", json!({ "node_id": cfg.node_id, "cluster_id": cfg.cluster_id, "config": dir.join(CONFIG_FILE) }));
+                println!(
+                    "{}",
+                    json!({ "node_id": cfg.node_id, "cluster_id": cfg.cluster_id, "config": dir.join(CONFIG_FILE) })
+                );
             } else {
-                println!("node {} of cluster {} prepared in {}", cfg.node_id, cfg.cluster_id, dir.display());
-                println!("start it with: cairn node run --config {} (it joins as learner, then voter)", dir.join(CONFIG_FILE).display());
+                println!(
+                    "node {} of cluster {} prepared in {}",
+                    cfg.node_id,
+                    cfg.cluster_id,
+                    dir.display()
+                );
+                println!(
+                    "start it with: cairn node run --config {} (it joins as learner, then voter)",
+                    dir.join(CONFIG_FILE).display()
+                );
             }
         }
         Cmd::Cluster(ClusterCmd::Status) => {
@@ -306,24 +369,41 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if out == Output::Json {
                 println!("{v:#}");
             } else {
-                println!("cluster {} ({})", v["cluster_id"].as_str().unwrap_or(""), v["name"].as_str().unwrap_or(""));
-                println!("leader {}  term {}  commit {}  applied {}", v["leader_id"], v["term"], v["commit_index"], v["applied_index"]);
+                println!(
+                    "cluster {} ({})",
+                    v["cluster_id"].as_str().unwrap_or(""),
+                    v["name"].as_str().unwrap_or("")
+                );
+                println!(
+                    "leader {}  term {}  commit {}  applied {}",
+                    v["leader_id"], v["term"], v["commit_index"], v["applied_index"]
+                );
                 print(out, &v["nodes"], NODE_COLS);
             }
         }
         Cmd::Cluster(ClusterCmd::RemoveNode { id }) => {
-            cli.conn.api(Duration::from_secs(60))?.delete(&format!("/v1/cluster/members/{id}"))?;
+            cli.conn
+                .api(Duration::from_secs(60))?
+                .delete(&format!("/v1/cluster/members/{id}"))?;
             println!("node {id} removed");
         }
         Cmd::Datastore(c) => {
             let api = api()?;
             match c {
-                DatastoreCmd::Create { name, rf, compression } => {
+                DatastoreCmd::Create {
+                    name,
+                    rf,
+                    compression,
+                } => {
                     let v = api.post("/v1/datastores", &json!({ "name": name, "replication_factor": rf, "compression": compression }))?;
                     print(out, &v, DS_COLS);
                 }
                 DatastoreCmd::List => print(out, &api.get("/v1/datastores")?, DS_COLS),
-                DatastoreCmd::Get { name } => print(out, &api.get(&format!("/v1/datastores/{}", seg(&name)))?, DS_COLS),
+                DatastoreCmd::Get { name } => print(
+                    out,
+                    &api.get(&format!("/v1/datastores/{}", seg(&name)))?,
+                    DS_COLS,
+                ),
                 DatastoreCmd::Delete { name } => {
                     api.delete(&format!("/v1/datastores/{}", seg(&name)))?;
                     if out == Output::Table {
@@ -335,29 +415,59 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vdisk(c) => {
             let api = api()?;
             match c {
-                VdiskCmd::Create { datastore, name, size, owner } => {
+                VdiskCmd::Create {
+                    datastore,
+                    name,
+                    size,
+                    owner,
+                } => {
                     let body = json!({ "name": name, "size_bytes": parse_size(&size)?, "owner_node_id": owner.unwrap_or(0) });
-                    print(out, &api.post(&format!("/v1/datastores/{}/vdisks", seg(&datastore)), &body)?, VD_COLS);
+                    print(
+                        out,
+                        &api.post(&format!("/v1/datastores/{}/vdisks", seg(&datastore)), &body)?,
+                        VD_COLS,
+                    );
                 }
-                VdiskCmd::List { datastore } => {
-                    print(out, &api.get(&format!("/v1/datastores/{}/vdisks", seg(&datastore)))?, VD_COLS)
-                }
+                VdiskCmd::List { datastore } => print(
+                    out,
+                    &api.get(&format!("/v1/datastores/{}/vdisks", seg(&datastore)))?,
+                    VD_COLS,
+                ),
                 VdiskCmd::Get { datastore, name } => print(
                     out,
-                    &api.get(&format!("/v1/datastores/{}/vdisks/{}", seg(&datastore), seg(&name)))?,
+                    &api.get(&format!(
+                        "/v1/datastores/{}/vdisks/{}",
+                        seg(&datastore),
+                        seg(&name)
+                    ))?,
                     VD_COLS,
                 ),
                 VdiskCmd::Delete { datastore, name } => {
-                    api.delete(&format!("/v1/datastores/{}/vdisks/{}", seg(&datastore), seg(&name)))?;
+                    api.delete(&format!(
+                        "/v1/datastores/{}/vdisks/{}",
+                        seg(&datastore),
+                        seg(&name)
+                    ))?;
                     if out == Output::Table {
                         println!("vdisk {name} deleted");
                     }
                 }
-                VdiskCmd::Resize { datastore, name, size } => {
+                VdiskCmd::Resize {
+                    datastore,
+                    name,
+                    size,
+                } => {
                     let body = json!({ "size_bytes": parse_size(&size)? });
                     print(
                         out,
-                        &api.post(&format!("/v1/datastores/{}/vdisks/{}/resize", seg(&datastore), seg(&name)), &body)?,
+                        &api.post(
+                            &format!(
+                                "/v1/datastores/{}/vdisks/{}/resize",
+                                seg(&datastore),
+                                seg(&name)
+                            ),
+                            &body,
+                        )?,
                         VD_COLS,
                     );
                 }
@@ -373,7 +483,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .init();
 }
 
 /// Entry point of the `cairn` binary (and of the test suite's node binary).

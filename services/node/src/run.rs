@@ -40,8 +40,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         },
         request_timeout: Duration::from_millis(cfg.raft.request_timeout_ms),
     };
-    let (meta, raft_thread) = MetadataHandle::start(meta_cfg, &identity, tokio::runtime::Handle::current())
-        .context("cannot start the metadata service")?;
+    let (meta, raft_thread) =
+        MetadataHandle::start(meta_cfg, &identity, tokio::runtime::Handle::current())
+            .context("cannot start the metadata service")?;
 
     let rpc_listener = TcpListener::bind(cfg.rpc_addr)
         .await
@@ -51,7 +52,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for the REST API on {}", cfg.api_addr))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    let rpc_router = cairn_metadata::service::rpc_router(meta.clone(), cfg.cluster_id.clone(), VERSION.to_string());
+    let rpc_router = cairn_metadata::service::rpc_router(
+        meta.clone(),
+        cfg.cluster_id.clone(),
+        VERSION.to_string(),
+    );
     tokio::spawn(cairn_rpc::serve::serve_tls(
         rpc_listener,
         cairn_rpc::tls::server_config(&identity, true)?,
@@ -126,10 +131,18 @@ async fn auto_join(cfg: NodeConfig, ca_pem: String) {
         "version": VERSION,
     });
     loop {
-        let (seed, ca, tok, b) = (join.seed_api.clone(), ca_pem.clone(), token.clone(), body.clone());
+        let (seed, ca, tok, b) = (
+            join.seed_api.clone(),
+            ca_pem.clone(),
+            token.clone(),
+            body.clone(),
+        );
         let res = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let api = Api::new(&seed, &ca, tok, Duration::from_secs(180)).map_err(|e| e.to_string())?;
-            api.post("/v1/cluster/members", &b).map(|_| ()).map_err(|e: ApiError| e.to_string())
+            let api =
+                Api::new(&seed, &ca, tok, Duration::from_secs(180)).map_err(|e| e.to_string())?;
+            api.post("/v1/cluster/members", &b)
+                .map(|_| ())
+                .map_err(|e: ApiError| e.to_string())
         })
         .await;
         match res {
@@ -137,7 +150,9 @@ async fn auto_join(cfg: NodeConfig, ca_pem: String) {
                 tracing::info!(node = cfg.node_id, seed = %join.seed_api, "joined the cluster as a voter");
                 return;
             }
-            Ok(Err(e)) => tracing::warn!(node = cfg.node_id, seed = %join.seed_api, error = %e, "join attempt failed; retrying"),
+            Ok(Err(e)) => {
+                tracing::warn!(node = cfg.node_id, seed = %join.seed_api, error = %e, "join attempt failed; retrying")
+            }
             Err(e) => tracing::warn!(error = %e, "join task failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;

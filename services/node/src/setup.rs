@@ -22,11 +22,18 @@ fn prepare_dir(data_dir: &Path) -> anyhow::Result<()> {
             CONFIG_FILE
         );
     }
-    std::fs::create_dir_all(data_dir.join("tls")).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir.join("tls"))
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
     Ok(())
 }
 
-fn write_tls(data_dir: &Path, ca_pem: &str, ca_key: &str, cert: &str, key: &str) -> anyhow::Result<()> {
+fn write_tls(
+    data_dir: &Path,
+    ca_pem: &str,
+    ca_key: &str,
+    cert: &str,
+    key: &str,
+) -> anyhow::Result<()> {
     let p = TlsPaths::new(data_dir);
     write_file_durable(&p.ca_cert(), ca_pem.as_bytes(), 0o644)?;
     write_file_durable(&p.ca_key(), ca_key.as_bytes(), 0o600)?;
@@ -36,16 +43,31 @@ fn write_tls(data_dir: &Path, ca_pem: &str, ca_key: &str, cert: &str, key: &str)
 }
 
 /// `cairn cluster init`: a new cluster whose first node lives in `data_dir`.
-pub fn init(data_dir: &Path, name: &str, rpc_addr: SocketAddr, api_addr: SocketAddr) -> anyhow::Result<NodeConfig> {
+pub fn init(
+    data_dir: &Path,
+    name: &str,
+    rpc_addr: SocketAddr,
+    api_addr: SocketAddr,
+) -> anyhow::Result<NodeConfig> {
     prepare_dir(data_dir)?;
     let cluster_id = uuid_like();
     let ca = ClusterCa::generate(&cluster_id)?;
     let node_id = 1;
     let ips = dedup_ips(&[rpc_addr, api_addr]);
     let ident = ca.issue_node(node_id, &ips)?;
-    write_tls(data_dir, &ca.cert_pem, &ca.key_pem, &ident.cert_pem, &ident.key_pem)?;
+    write_tls(
+        data_dir,
+        &ca.cert_pem,
+        &ca.key_pem,
+        &ident.cert_pem,
+        &ident.key_pem,
+    )?;
     let token = cairn_util::random_token();
-    write_file_durable(&data_dir.join(TOKEN_FILE), format!("{token}\n").as_bytes(), 0o600)?;
+    write_file_durable(
+        &data_dir.join(TOKEN_FILE),
+        format!("{token}\n").as_bytes(),
+        0o600,
+    )?;
     let cfg = NodeConfig {
         node_id,
         cluster_id: cluster_id.clone(),
@@ -111,9 +133,21 @@ pub fn join(
             .map(str::to_string)
             .with_context(|| format!("seed answered without {k}"))
     };
-    let node_id = resp["node_id"].as_u64().context("seed answered without node_id")?;
-    write_tls(data_dir, &field("ca_pem")?, &field("ca_key_pem")?, &field("cert_pem")?, &field("key_pem")?)?;
-    write_file_durable(&data_dir.join(TOKEN_FILE), format!("{token}\n").as_bytes(), 0o600)?;
+    let node_id = resp["node_id"]
+        .as_u64()
+        .context("seed answered without node_id")?;
+    write_tls(
+        data_dir,
+        &field("ca_pem")?,
+        &field("ca_key_pem")?,
+        &field("cert_pem")?,
+        &field("key_pem")?,
+    )?;
+    write_file_durable(
+        &data_dir.join(TOKEN_FILE),
+        format!("{token}\n").as_bytes(),
+        0o600,
+    )?;
     let cfg = NodeConfig {
         node_id,
         cluster_id: field("cluster_id")?,
@@ -121,7 +155,9 @@ pub fn join(
         rpc_addr,
         api_addr,
         admin_token_sha256: cairn_util::sha256_hex(token.as_bytes()),
-        join: Some(JoinConfig { seed_api: seed.to_string() }),
+        join: Some(JoinConfig {
+            seed_api: seed.to_string(),
+        }),
         raft: RaftConfig::default(),
     };
     cfg.save()?;
@@ -138,5 +174,12 @@ fn dedup_ips(addrs: &[SocketAddr]) -> Vec<std::net::IpAddr> {
 fn uuid_like() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

@@ -114,10 +114,8 @@ impl ClusterCa {
         let ca_params = CertificateParams::from_ca_cert_pem(&self.cert_pem)?;
         let ca_cert = ca_params.self_signed(&ca_key)?;
 
-        let mut params = CertificateParams::new(vec![
-            NODE_SERVER_NAME.to_string(),
-            "localhost".to_string(),
-        ])?;
+        let mut params =
+            CertificateParams::new(vec![NODE_SERVER_NAME.to_string(), "localhost".to_string()])?;
         for ip in ips {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
         }

@@ -71,7 +71,8 @@ pub fn server_config(
     } else {
         builder.with_no_client_auth()
     };
-    let mut cfg = builder.with_single_cert(certs(&id.cert_pem, "node certificate")?, key(&id.key_pem)?)?;
+    let mut cfg =
+        builder.with_single_cert(certs(&id.cert_pem, "node certificate")?, key(&id.key_pem)?)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

@@ -45,7 +45,11 @@ mod tests {
         write_file_durable(&p, b"two", 0o600)?;
         assert_eq!(fs::read(&p)?, b"two");
         assert_eq!(fs::metadata(&p)?.permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::read_dir(dir.path())?.count(), 1, "no temp file left behind");
+        assert_eq!(
+            fs::read_dir(dir.path())?.count(),
+            1,
+            "no temp file left behind"
+        );
         Ok(())
     }
 }
