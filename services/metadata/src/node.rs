@@ -362,12 +362,16 @@ impl Driver {
 
         self.apply_entries(ready.take_committed_entries())?;
 
+        // Entries, term and vote must be on disk before anyone hears of them;
+        // a commit-index-only change need not be (it is recomputed from a
+        // quorum after a crash), so it rides along without its own fsync.
+        let must_sync = ready.must_sync();
         let mut batch = self.engine.batch();
         self.raw.mut_store().append(ready.entries(), &mut batch)?;
         if let Some(hs) = ready.hs() {
             self.raw.mut_store().set_hard_state(hs, &mut batch)?;
         }
-        batch.commit(true)?;
+        batch.commit(must_sync)?;
 
         self.transport.send(ready.take_persisted_messages());
 
