@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cairn-target}"
-exec cargo run -p cairn -- demo --root "${CAIRN_DEMO_ROOT:-cairn-demo}" "$@"
+# Same package selection as scripts/test.sh, so both share one build of every
+# dependency (a subset would resolve features differently and rebuild RocksDB).
+cargo build --workspace --all-targets
+exec "$CARGO_TARGET_DIR/debug/cairn" demo --root "${CAIRN_DEMO_ROOT:-cairn-demo}" "$@"

@@ -57,10 +57,11 @@ cleanup() {
         # Keep the server logs next to the results: they explain any error.
         mkdir -p "$OUT/logs"
         local f
-        for f in "$WORK"/cairn/n*/node.log "$WORK"/etcd/e*/etcd.log "$WORK"/driver.log; do
+        for f in "$WORK"/cairn/n*/node.log "$WORK"/etcd/e*/etcd.log; do
             [[ -f $f ]] || continue
             cp "$f" "$OUT/logs/$(basename "$(dirname "$f")")-$(basename "$f")"
         done
+        [[ -f $WORK/driver.log ]] && cp "$WORK/driver.log" "$OUT/logs/driver.log"
         if [[ ${KEEP:-0} == 1 ]]; then
             log "kept $WORK"
         else
@@ -77,7 +78,9 @@ trap 'exit 143' TERM
 command -v "$ETCD" >/dev/null || die "etcd not found (Debian package etcd-server)"
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     log "building cairn and cairn-metabench (debug) into $CARGO_TARGET_DIR"
-    (cd "$REPO" && cargo build -p cairn -p cairn-metabench)
+    # The same package selection as scripts/test.sh: a subset (-p) resolves
+    # features differently and would rebuild RocksDB's C++ for nothing.
+    (cd "$REPO" && cargo build --workspace --all-targets)
 fi
 CAIRN=$CARGO_TARGET_DIR/debug/cairn
 DRIVER=$CARGO_TARGET_DIR/debug/cairn-metabench
@@ -305,6 +308,6 @@ done
 } | tee "$OUT/latest.txt"
 log "results in $OUT/latest.txt, server logs in $OUT/logs"
 if [[ $FAILED == 1 ]]; then
-    log "some runs had errors or failed: see $OUT/logs (driver-driver.log has the driver's messages)"
+    log "some runs had errors or failed: see $OUT/logs (driver.log has the driver's messages)"
     exit 1
 fi

@@ -86,6 +86,21 @@ fn three_nodes_form_survive_leader_kill_and_catch_up() -> Result<()> {
         "all 1,000 writes must be acknowledged on a healthy cluster"
     );
 
+    // Concurrent linearizable reads on every node, followers included: each
+    // must answer (ReadIndex contexts must not collide across nodes).
+    let readers = running_clients(&c);
+    let reads = parallel(300, 12, move |k| {
+        readers[k % readers.len()]
+            .get("/v1/datastores/ds")
+            .map(|r| r.status)
+            .unwrap_or(0)
+    });
+    let failed = reads.iter().filter(|s| **s != 200).count();
+    assert_eq!(
+        failed, 0,
+        "{failed} of 300 concurrent linearizable reads failed"
+    );
+
     let old = c.wait_leader(Duration::from_secs(10))?;
     let li = c.index_of(old);
     let killed_at = Instant::now();

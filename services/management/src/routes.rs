@@ -193,19 +193,22 @@ impl From<DatastoreRecord> for DatastoreJson {
 struct VdiskJson {
     id: String,
     name: String,
+    /// Datastore name (the record holds the datastore's id).
     datastore: String,
+    datastore_id: String,
     size_bytes: u64,
     owner_node_id: u64,
     owner_epoch: u64,
     created_unix_ms: u64,
 }
 
-impl From<VdiskRecord> for VdiskJson {
-    fn from(v: VdiskRecord) -> Self {
+impl VdiskJson {
+    fn new(v: VdiskRecord, datastore: &str) -> Self {
         Self {
             id: v.id,
             name: v.name,
-            datastore: v.datastore_id,
+            datastore: datastore.to_string(),
+            datastore_id: v.datastore_id,
             size_bytes: v.size_bytes,
             owner_node_id: v.owner_node_id,
             owner_epoch: v.owner_epoch,
@@ -446,7 +449,11 @@ async fn list_vdisks(
         return Err(missing(&format!("datastore {ds:?}")));
     }
     Ok(Json(
-        st.meta.vdisks(&ds)?.into_iter().map(Into::into).collect(),
+        st.meta
+            .vdisks(&ds)?
+            .into_iter()
+            .map(|v| VdiskJson::new(v, &ds))
+            .collect(),
     ))
 }
 
@@ -459,7 +466,7 @@ async fn get_vdisk(
         .meta
         .vdisk(&ds, &name)?
         .ok_or_else(|| missing(&format!("vdisk {name:?} in datastore {ds:?}")))?;
-    Ok(Json(v.into()))
+    Ok(Json(VdiskJson::new(v, &ds)))
 }
 
 async fn create_vdisk(
@@ -470,7 +477,7 @@ async fn create_vdisk(
     let res = st
         .meta
         .propose(Op::CreateVdisk(CreateVdisk {
-            datastore: ds,
+            datastore: ds.clone(),
             name: b.name,
             size_bytes: b.size_bytes,
             owner_node_id: b.owner_node_id,
@@ -478,7 +485,7 @@ async fn create_vdisk(
         }))
         .await?;
     let v: VdiskRecord = decode(&res.record)?;
-    Ok((StatusCode::CREATED, Json(VdiskJson::from(v))).into_response())
+    Ok((StatusCode::CREATED, Json(VdiskJson::new(v, &ds))).into_response())
 }
 
 async fn delete_vdisk(
@@ -502,13 +509,13 @@ async fn resize_vdisk(
     let res = st
         .meta
         .propose(Op::ResizeVdisk(ResizeVdisk {
-            datastore: ds,
+            datastore: ds.clone(),
             name,
             size_bytes: b.size_bytes,
         }))
         .await?;
     let v: VdiskRecord = decode(&res.record)?;
-    Ok(Json(v.into()))
+    Ok(Json(VdiskJson::new(v, &ds)))
 }
 
 fn uuid_v4() -> String {

@@ -96,7 +96,10 @@ pub(crate) struct Driver {
     settings: RaftSettings,
     proposals: HashMap<u64, Reply<CommandResult>>,
     read_queue: Vec<Reply<u64>>,
-    reads_inflight: HashMap<u64, Vec<Reply<u64>>>,
+    /// Keyed by ReadIndex context: node id + counter, unique cluster-wide,
+    /// because raft-rs silently drops a request whose context is already
+    /// pending at the leader (another node's identical counter would collide).
+    reads_inflight: HashMap<Vec<u8>, Vec<Reply<u64>>>,
     reads_waiting: Vec<(u64, Reply<u64>)>,
     next_read_ctx: u64,
     applied: u64,
@@ -306,9 +309,9 @@ impl Driver {
             }
             return;
         }
-        let ctx = self.next_read_ctx;
+        let ctx = [self.id.to_be_bytes(), self.next_read_ctx.to_be_bytes()].concat();
         self.next_read_ctx += 1;
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        self.raw.read_index(ctx.clone());
         self.reads_inflight.insert(ctx, waiters);
     }
 
@@ -376,11 +379,7 @@ impl Driver {
         self.transport.send(ready.take_persisted_messages());
 
         for rs in ready.take_read_states() {
-            let mut ctx = [0u8; 8];
-            if rs.request_ctx.len() == 8 {
-                ctx.copy_from_slice(&rs.request_ctx);
-            }
-            if let Some(waiters) = self.reads_inflight.remove(&u64::from_be_bytes(ctx)) {
+            if let Some(waiters) = self.reads_inflight.remove(&rs.request_ctx) {
                 self.reads_waiting
                     .extend(waiters.into_iter().map(|w| (rs.index, w)));
             }

@@ -266,12 +266,13 @@ pub fn apply(
             if let Err(e) = validate_name("vdisk", &c.name).and(validate_size(c.size_bytes)) {
                 return Ok(fail(codes::INVALID, e));
             }
-            if view.get(&datastore_key(&c.datastore))?.is_none() {
+            let Some(ds_bytes) = view.get(&datastore_key(&c.datastore))? else {
                 return Ok(fail(
                     codes::NOT_FOUND,
                     format!("datastore {:?} not found", c.datastore),
                 ));
-            }
+            };
+            let datastore = Record::<DatastoreRecord>::decode(&ds_bytes)?;
             let key = vdisk_key(&c.datastore, &c.name);
             if view.get(&key)?.is_some() {
                 return Ok(fail(
@@ -297,7 +298,7 @@ pub fn apply(
                 format_version: cairn_api::FORMAT_VERSION,
                 id: c.id.clone(),
                 name: c.name.clone(),
-                datastore_id: c.datastore.clone(),
+                datastore_id: datastore.msg.id.clone(),
                 size_bytes: c.size_bytes,
                 owner_node_id: owner,
                 created_unix_ms: now,
