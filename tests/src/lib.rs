@@ -57,6 +57,11 @@ fn sh_ok(cmd: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs one nft command (a single argument; nft joins its words) inside `ns`.
+fn nft(ns: &str, cmd: &str) -> Result<()> {
+    sh_ok("ip", &["netns", "exec", ns, "nft", cmd])
+}
+
 /// Where a cluster's nodes live on the network.
 #[derive(Debug, Clone)]
 pub enum Net {
@@ -532,50 +537,17 @@ impl Cluster {
             .map(|(_, n)| n.ip.clone())
             .collect();
         let set = others.join(", ");
-        sh_ok(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "add",
-                "table",
-                "inet",
-                "cairnpart",
-            ],
-        )?;
-        sh_ok(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "add chain inet cairnpart in { type filter hook input priority 0; policy accept; }",
-            ],
-        )?;
-        sh_ok("ip", &["netns", "exec", ns, "nft", "add chain inet cairnpart out { type filter hook output priority 0; policy accept; }"])?;
-        sh_ok(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                &format!("add rule inet cairnpart in ip saddr {{ {set} }} drop"),
-            ],
-        )?;
-        sh_ok(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                &format!("add rule inet cairnpart out ip daddr {{ {set} }} drop"),
-            ],
-        )?;
+        for cmd in [
+            "add table inet cairnpart".to_string(),
+            "add chain inet cairnpart in { type filter hook input priority 0; policy accept; }"
+                .to_string(),
+            "add chain inet cairnpart out { type filter hook output priority 0; policy accept; }"
+                .to_string(),
+            format!("add rule inet cairnpart in ip saddr {{ {set} }} drop"),
+            format!("add rule inet cairnpart out ip daddr {{ {set} }} drop"),
+        ] {
+            nft(ns, &cmd)?;
+        }
         Ok(())
     }
 
@@ -584,19 +556,7 @@ impl Cluster {
             .ns
             .as_deref()
             .ok_or_else(|| anyhow!("heal needs a netns cluster"))?;
-        sh_ok(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "cairnpart",
-            ],
-        )
+        nft(ns, "delete table inet cairnpart")
     }
 
     /// The last lines of every node's log, for failure messages.
