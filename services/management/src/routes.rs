@@ -1,7 +1,7 @@
 //! REST routes. Reads are linearizable (a ReadIndex barrier first), writes are
 //! raft proposals; both may be sent to any node.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -280,21 +280,22 @@ async fn prepare_node(
 ) -> ApiResult<Response> {
     let rpc = parse_addr("rpc_addr", &body.rpc_addr)?;
     let api = parse_addr("api_addr", &body.api_addr)?;
-    let res = st
-        .meta
-        .propose(Op::AllocateNodeId(AllocateNodeId {}))
-        .await?;
+    // Load the CA first: a node that cannot issue certificates must not use up a node id.
     let ca = st.tls.load_ca().map_err(|e| {
         Problem::from_code(
             codes::INTERNAL,
             format!("this node cannot issue certificates: {e}"),
         )
     })?;
-    let mut ips: Vec<IpAddr> = vec![rpc.ip(), api.ip()];
-    ips.dedup();
-    let id = ca.issue_node(res.allocated_id, &ips).map_err(|e| {
-        Problem::from_code(codes::INTERNAL, format!("certificate issue failed: {e}"))
-    })?;
+    let res = st
+        .meta
+        .propose(Op::AllocateNodeId(AllocateNodeId {}))
+        .await?;
+    let id = ca
+        .issue_node(res.allocated_id, &[rpc.ip(), api.ip()])
+        .map_err(|e| {
+            Problem::from_code(codes::INTERNAL, format!("certificate issue failed: {e}"))
+        })?;
     let cluster = st.meta.cluster()?.unwrap_or_default();
     tracing::info!(node = res.allocated_id, rpc_addr = %rpc, "issued identity for a joining node");
     Ok((

@@ -50,10 +50,10 @@ pub fn init(
     api_addr: SocketAddr,
 ) -> anyhow::Result<NodeConfig> {
     prepare_dir(data_dir)?;
-    let cluster_id = uuid_like();
+    let cluster_id = uuid::Uuid::new_v4().to_string();
     let ca = ClusterCa::generate(&cluster_id)?;
     let node_id = 1;
-    let ips = dedup_ips(&[rpc_addr, api_addr]);
+    let ips = [rpc_addr.ip(), api_addr.ip()];
     let ident = ca.issue_node(node_id, &ips)?;
     write_tls(
         data_dir,
@@ -162,24 +162,4 @@ pub fn join(
     };
     cfg.save()?;
     Ok(cfg)
-}
-
-fn dedup_ips(addrs: &[SocketAddr]) -> Vec<std::net::IpAddr> {
-    let mut ips: Vec<_> = addrs.iter().map(SocketAddr::ip).collect();
-    ips.sort();
-    ips.dedup();
-    ips
-}
-
-fn uuid_like() -> String {
-    let b: [u8; 16] = rand::random();
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }

@@ -116,8 +116,11 @@ impl ClusterCa {
 
         let mut params =
             CertificateParams::new(vec![NODE_SERVER_NAME.to_string(), "localhost".to_string()])?;
+        let mut ips = ips.to_vec();
+        ips.sort_unstable();
+        ips.dedup();
         for ip in ips {
-            params.subject_alt_names.push(SanType::IpAddress(*ip));
+            params.subject_alt_names.push(SanType::IpAddress(ip));
         }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("cairn-node-{node_id}"));
