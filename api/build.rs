@@ -2,6 +2,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/cairn/metadata/v1/metadata.proto",
         "proto/cairn/rpc/v1/rpc.proto",
+        "proto/cairn/data/v1/data.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -23,6 +23,15 @@ pub mod rpc {
     }
 }
 
+/// Extent group files and the data service's RPCs (`cairn.data.v1`).
+pub mod data {
+    /// Version 1 of the extent format and data RPCs.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("cairn.data.v1");
+    }
+}
+
 /// The format version this build writes into new records.
 pub const FORMAT_VERSION: u32 = 1;
 

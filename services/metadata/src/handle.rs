@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cairn_api::metadata::v1::{
     command::Op, ClusterRecord, Command, CommandResult, ConfChangeContext, DatastoreRecord,
-    NodeRecord, VdiskRecord,
+    DiskRecord, ExtentGroupRecord, NodeRecord, SnapshotRecord, VblockMapping, VdiskRecord,
 };
 use cairn_rpc::pki::NodeIdentity;
 use cairn_util::error_code::codes;
@@ -91,6 +91,19 @@ impl slog::Drain for TracingDrain {
         values: &slog::OwnedKVList,
     ) -> Result<(), slog::Never> {
         use slog::KV;
+        // raft-rs logs several debug lines per message, with protobuf
+        // text-format arguments: format only what the subscriber will keep.
+        let enabled = match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::enabled!(target: "raft", tracing::Level::ERROR)
+            }
+            slog::Level::Warning => tracing::enabled!(target: "raft", tracing::Level::WARN),
+            slog::Level::Info => tracing::enabled!(target: "raft", tracing::Level::INFO),
+            _ => tracing::enabled!(target: "raft", tracing::Level::DEBUG),
+        };
+        if !enabled {
+            return Ok(());
+        }
         let mut kv = KvText(String::new());
         let _ = record.kv().serialize(record, &mut kv);
         let _ = values.serialize(record, &mut kv);
@@ -207,6 +220,22 @@ impl MetadataHandle {
     /// Stops the raft thread (it flushes RocksDB on the way out).
     pub fn shutdown(&self) {
         let _ = self.send(Msg::Shutdown);
+    }
+
+    /// Replicates `op` and returns its result once applied on this node,
+    /// including refusals (their code is in `error_code`, and some carry the
+    /// record that caused them, e.g. the group that won an allocation race).
+    pub async fn propose_raw(&self, op: Op) -> Result<CommandResult, MetaError> {
+        let cmd = Command {
+            format_version: cairn_api::FORMAT_VERSION,
+            origin_node: self.inner.node_id,
+            request_id: rand::random(),
+            proposed_unix_ms: cairn_util::now_unix_ms(),
+            op: Some(op),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Propose { cmd, reply: tx })?;
+        self.wait(rx).await
     }
 
     /// Replicates `op` and returns its result once applied on this node.
@@ -373,5 +402,43 @@ impl MetadataHandle {
     }
     pub fn kv_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
         self.inner.engine.get(CF_STATE, &state::kv_key(key))
+    }
+
+    // ---- Queries of the data service (local state; call `read_barrier`
+    // first when the answer must reflect every acknowledged change) ----
+
+    pub fn vdisk_by_id(&self, id: &str) -> Result<Option<VdiskRecord>, MetaError> {
+        match self.inner.engine.get(CF_STATE, &state::vdisk_id_key(id))? {
+            Some(key) => self.get(&key),
+            None => Ok(None),
+        }
+    }
+    /// Every vdisk of every datastore.
+    pub fn all_vdisks(&self) -> Result<Vec<VdiskRecord>, MetaError> {
+        self.list(state::PREFIX_VDISK)
+    }
+    pub fn disks(&self) -> Result<Vec<DiskRecord>, MetaError> {
+        self.list(state::PREFIX_DISK)
+    }
+    pub fn extent_group(&self, id: u64) -> Result<Option<ExtentGroupRecord>, MetaError> {
+        self.get(&state::group_key(id))
+    }
+    pub fn extent_groups(&self) -> Result<Vec<ExtentGroupRecord>, MetaError> {
+        self.list(state::PREFIX_GROUP)
+    }
+    /// Every mapping of one vblock of a vdisk, oldest generation first.
+    pub fn vblock_mappings(
+        &self,
+        vdisk_id: &str,
+        vblock: u64,
+    ) -> Result<Vec<VblockMapping>, MetaError> {
+        self.list(&state::mapping_vblock_prefix(vdisk_id, vblock))
+    }
+    /// Every mapping of a vdisk, in (vblock, generation) order.
+    pub fn mappings(&self, vdisk_id: &str) -> Result<Vec<VblockMapping>, MetaError> {
+        self.list(&state::mapping_prefix(vdisk_id))
+    }
+    pub fn snapshots(&self, vdisk_id: &str) -> Result<Vec<SnapshotRecord>, MetaError> {
+        self.list(&state::snapshot_prefix(vdisk_id))
     }
 }

@@ -369,12 +369,16 @@ impl Driver {
         // a commit-index-only change need not be (it is recomputed from a
         // quorum after a crash), so it rides along without its own fsync.
         let must_sync = ready.must_sync();
-        let mut batch = self.engine.batch();
-        self.raw.mut_store().append(ready.entries(), &mut batch)?;
-        if let Some(hs) = ready.hs() {
-            self.raw.mut_store().set_hard_state(hs, &mut batch)?;
+        // Heartbeats and ReadIndex rounds carry nothing to persist: skip the
+        // empty RocksDB write that would otherwise sit in every round trip.
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            let mut batch = self.engine.batch();
+            self.raw.mut_store().append(ready.entries(), &mut batch)?;
+            if let Some(hs) = ready.hs() {
+                self.raw.mut_store().set_hard_state(hs, &mut batch)?;
+            }
+            batch.commit(must_sync)?;
         }
-        batch.commit(must_sync)?;
 
         self.transport.send(ready.take_persisted_messages());
 

@@ -9,16 +9,18 @@
 //! - `d/<datastore name>`     DatastoreRecord
 //! - `v/<datastore>/<vdisk>`  VdiskRecord
 //! - `s/<disk id>`            DiskRecord
+//! - `i/<vdisk id>`           the `v/...` key of that vdisk (lookup by id)
+//! - `p/<vdisk id>/<name>`    SnapshotRecord
 //! - `g/<egroup id be64>`     ExtentGroupRecord
-//! - `b/<vdisk id>/<vblock be64>`  VblockMapping
+//! - `b/<vdisk id>/<vblock be64>/<generation be64>`  VblockMapping
 //! - `k/<key>`                raw value of the key-value interface
 //! - `m/...`                  bookkeeping of the apply loop (applied index, conf state)
 
 use std::collections::BTreeMap;
 
 use cairn_api::metadata::v1::{
-    command::Op, ClusterRecord, Command, CommandResult, DatastoreRecord, NodeRecord, NodeRole,
-    VdiskRecord,
+    command::Op, ClusterRecord, Command, CommandResult, DatastoreRecord, ExtentGroupRecord,
+    NodeRecord, NodeRole, SnapshotRecord, VblockMapping, VdiskRecord,
 };
 use cairn_api::record::Record;
 use cairn_util::error_code::{codes, ErrorCode};
@@ -51,6 +53,55 @@ pub fn vdisk_key(datastore: &str, name: &str) -> Vec<u8> {
 }
 pub fn kv_key(key: &[u8]) -> Vec<u8> {
     [PREFIX_KV, key].concat()
+}
+pub const PREFIX_DISK: &[u8] = b"s/";
+pub const PREFIX_GROUP: &[u8] = b"g/";
+pub fn vdisk_id_key(id: &str) -> Vec<u8> {
+    [b"i/", id.as_bytes()].concat()
+}
+pub fn snapshot_prefix(vdisk_id: &str) -> Vec<u8> {
+    [b"p/", vdisk_id.as_bytes(), b"/"].concat()
+}
+pub fn snapshot_key(vdisk_id: &str, name: &str) -> Vec<u8> {
+    [snapshot_prefix(vdisk_id).as_slice(), name.as_bytes()].concat()
+}
+pub fn group_key(id: u64) -> Vec<u8> {
+    [PREFIX_GROUP, &id.to_be_bytes()[..]].concat()
+}
+pub fn disk_key(id: &str) -> Vec<u8> {
+    [PREFIX_DISK, id.as_bytes()].concat()
+}
+pub fn mapping_prefix(vdisk_id: &str) -> Vec<u8> {
+    [b"b/", vdisk_id.as_bytes(), b"/"].concat()
+}
+pub fn mapping_vblock_prefix(vdisk_id: &str, vblock: u64) -> Vec<u8> {
+    [
+        mapping_prefix(vdisk_id).as_slice(),
+        &vblock.to_be_bytes()[..],
+        b"/",
+    ]
+    .concat()
+}
+pub fn mapping_key(vdisk_id: &str, vblock: u64, generation: u64) -> Vec<u8> {
+    [
+        mapping_vblock_prefix(vdisk_id, vblock).as_slice(),
+        &generation.to_be_bytes()[..],
+    ]
+    .concat()
+}
+
+/// A vdisk's `v/...` key and its record.
+pub type KeyedVdisk = (Vec<u8>, Record<VdiskRecord>);
+
+/// The vdisk with id `id`: its `v/...` key and record.
+pub fn vdisk_by_id(view: &dyn StateView, id: &str) -> Result<Option<KeyedVdisk>, MetaError> {
+    let Some(key) = view.get(&vdisk_id_key(id))? else {
+        return Ok(None);
+    };
+    match view.get(&key)? {
+        Some(b) => Ok(Some((key, Record::<VdiskRecord>::decode(&b)?))),
+        None => Ok(None),
+    }
 }
 
 /// Key-value pairs in key order.
@@ -303,14 +354,16 @@ pub fn apply(
                 owner_node_id: owner,
                 created_unix_ms: now,
                 owner_epoch: 1,
+                ..Default::default()
             };
             let bytes = rec.encode_to_vec();
+            out.put(vdisk_id_key(&c.id), key.clone());
             out.put(key, bytes.clone());
             ok_record(bytes)
         }
         Op::DeleteVdisk(d) => {
             let key = vdisk_key(&d.datastore, &d.name);
-            if view.get(&key)?.is_none() {
+            let Some(bytes) = view.get(&key)? else {
                 return Ok(fail(
                     codes::NOT_FOUND,
                     format!(
@@ -318,7 +371,27 @@ pub fn apply(
                         d.name, d.datastore
                     ),
                 ));
+            };
+            let rec = Record::<VdiskRecord>::decode(&bytes)?;
+            let snaps = view.scan(&snapshot_prefix(&rec.msg.id))?;
+            if !snaps.is_empty() {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!(
+                        "vdisk {:?} has {} snapshot(s); delete them first",
+                        d.name,
+                        snaps.len()
+                    ),
+                ));
             }
+            // Its extent groups go with it; the data service deletes the
+            // files of groups that metadata no longer knows.
+            for (mk, mv) in view.scan(&mapping_prefix(&rec.msg.id))? {
+                let m = Record::<VblockMapping>::decode(&mv)?;
+                out.delete(group_key(m.msg.extent_group_id));
+                out.delete(mk);
+            }
+            out.delete(vdisk_id_key(&rec.msg.id));
             out.delete(key);
             CommandResult::default()
         }
@@ -353,32 +426,295 @@ pub fn apply(
         }
         Op::PutDisk(p) => {
             let disk = p.disk.clone().unwrap_or_default();
-            out.put([b"s/", disk.id.as_bytes()].concat(), disk.encode_to_vec());
+            out.put(disk_key(&disk.id), disk.encode_to_vec());
             CommandResult::default()
         }
         Op::AllocateExtentGroup(a) => {
             let g = a.group.clone().unwrap_or_default();
-            let key = [&b"g/"[..], &g.id.to_be_bytes()[..]].concat();
+            let Some((_, vd)) = vdisk_by_id(view, &g.vdisk_id)? else {
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("vdisk {} not found", g.vdisk_id),
+                ));
+            };
+            if vd.msg.generation != g.generation {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!(
+                        "vdisk {} is at generation {}, not {} (a snapshot was taken)",
+                        g.vdisk_id, vd.msg.generation, g.generation
+                    ),
+                ));
+            }
+            let mkey = mapping_key(&g.vdisk_id, g.vblock, g.generation);
+            if let Some(m) = view.get(&mkey)? {
+                // Someone mapped it first: hand back their group.
+                let m = Record::<VblockMapping>::decode(&m)?;
+                let existing = view
+                    .get(&group_key(m.msg.extent_group_id))?
+                    .unwrap_or_default();
+                return Ok(CommandResult {
+                    error_code: codes::CONFLICT.code.to_string(),
+                    error_message: format!("vblock {} is already mapped", g.vblock),
+                    record: existing,
+                    ..Default::default()
+                });
+            }
+            let key = group_key(g.id);
             if view.get(&key)?.is_some() {
                 return Ok(fail(
                     codes::CONFLICT,
                     format!("extent group {} exists", g.id),
                 ));
             }
-            out.put(key, g.encode_to_vec());
+            let mapping = VblockMapping {
+                format_version: cairn_api::FORMAT_VERSION,
+                vdisk_id: g.vdisk_id.clone(),
+                vblock: g.vblock,
+                extent_group_id: g.id,
+                extent_index: 0,
+                generation: g.generation,
+            };
+            out.put(mkey, mapping.encode_to_vec());
+            let bytes = g.encode_to_vec();
+            out.put(key, bytes.clone());
+            ok_record(bytes)
+        }
+        Op::SetVblockMapping(_) => fail(
+            codes::INVALID,
+            "SetVblockMapping is superseded by AllocateExtentGroup",
+        ),
+        Op::UpdateExtentGroup(u) => {
+            let key = group_key(u.id);
+            let Some(bytes) = view.get(&key)? else {
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("extent group {} not found", u.id),
+                ));
+            };
+            let mut g = Record::<ExtentGroupRecord>::decode(&bytes)?;
+            if g.msg.epoch != u.expect_epoch || u.new_epoch <= g.msg.epoch {
+                return Ok(CommandResult {
+                    error_code: codes::CONFLICT.code.to_string(),
+                    error_message: format!(
+                        "extent group {} is at epoch {}, not {}",
+                        u.id, g.msg.epoch, u.expect_epoch
+                    ),
+                    record: bytes,
+                    ..Default::default()
+                });
+            }
+            g.msg.epoch = u.new_epoch;
+            g.msg.replicas = u.replicas.clone();
+            let bytes = g.encode();
+            out.put(key, bytes.clone());
+            ok_record(bytes)
+        }
+        Op::DeleteExtentGroup(d) => {
+            let key = group_key(d.id);
+            if let Some(bytes) = view.get(&key)? {
+                let g = Record::<ExtentGroupRecord>::decode(&bytes)?;
+                let mkey = mapping_key(&g.msg.vdisk_id, g.msg.vblock, g.msg.generation);
+                if let Some(m) = view.get(&mkey)? {
+                    if Record::<VblockMapping>::decode(&m)?.msg.extent_group_id == d.id {
+                        out.delete(mkey);
+                    }
+                }
+                out.delete(key);
+            }
             CommandResult::default()
         }
-        Op::SetVblockMapping(s) => {
-            let m = s.mapping.clone().unwrap_or_default();
-            let key = [
-                b"b/",
-                m.vdisk_id.as_bytes(),
-                b"/",
-                &m.vblock.to_be_bytes()[..],
-            ]
-            .concat();
-            out.put(key, m.encode_to_vec());
-            CommandResult::default()
+        Op::CreateSnapshot(c) => {
+            if let Err(e) = validate_name("snapshot", &c.name) {
+                return Ok(fail(codes::INVALID, e));
+            }
+            let Some((vkey, mut vd)) = vdisk_by_id(view, &c.vdisk_id)? else {
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("vdisk {} not found", c.vdisk_id),
+                ));
+            };
+            let skey = snapshot_key(&c.vdisk_id, &c.name);
+            if view.get(&skey)?.is_some() {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!("snapshot {:?} already exists", c.name),
+                ));
+            }
+            let snap = SnapshotRecord {
+                format_version: cairn_api::FORMAT_VERSION,
+                id: c.id.clone(),
+                name: c.name.clone(),
+                vdisk_id: c.vdisk_id.clone(),
+                generation: vd.msg.generation,
+                created_unix_ms: now,
+            };
+            // Instant: nothing is copied; later writes go to a new generation.
+            vd.msg.generation += 1;
+            out.put(vkey, vd.encode());
+            let bytes = snap.encode_to_vec();
+            out.put(skey, bytes.clone());
+            ok_record(bytes)
+        }
+        Op::DeleteSnapshot(d) => {
+            let skey = snapshot_key(&d.vdisk_id, &d.name);
+            let Some(bytes) = view.get(&skey)? else {
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("snapshot {:?} not found", d.name),
+                ));
+            };
+            let snap = Record::<SnapshotRecord>::decode(&bytes)?;
+            let clones = view
+                .scan(PREFIX_VDISK)?
+                .into_iter()
+                .filter_map(|(_, v)| Record::<VdiskRecord>::decode(&v).ok())
+                .filter(|v| {
+                    v.msg.parent_vdisk_id == d.vdisk_id
+                        && v.msg.parent_generation == snap.msg.generation
+                })
+                .count();
+            if clones > 0 {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!(
+                        "snapshot {:?} has {clones} clone(s); delete them first",
+                        d.name
+                    ),
+                ));
+            }
+            out.delete(skey.clone());
+            // Free what no remaining view (live vdisk, other snapshots) sees.
+            let Some((_, vd)) = vdisk_by_id(view, &d.vdisk_id)? else {
+                return Ok(CommandResult::default());
+            };
+            let mut views: Vec<u64> = view
+                .scan(&snapshot_prefix(&d.vdisk_id))?
+                .into_iter()
+                .filter(|(k, _)| *k != skey)
+                .filter_map(|(_, v)| Record::<SnapshotRecord>::decode(&v).ok())
+                .map(|s| s.msg.generation)
+                .collect();
+            views.push(vd.msg.generation);
+            let mut by_vblock: BTreeMap<u64, Vec<(Vec<u8>, VblockMapping)>> = BTreeMap::new();
+            for (k, v) in view.scan(&mapping_prefix(&d.vdisk_id))? {
+                let m = Record::<VblockMapping>::decode(&v)?.msg;
+                by_vblock.entry(m.vblock).or_default().push((k, m));
+            }
+            let mut freed = Vec::new();
+            for (_, maps) in by_vblock {
+                for (k, m) in &maps {
+                    let visible = views.iter().any(|&g| {
+                        maps.iter()
+                            .filter(|(_, x)| x.generation <= g)
+                            .map(|(_, x)| x.generation)
+                            .max()
+                            == Some(m.generation)
+                    });
+                    if !visible {
+                        out.delete(k.clone());
+                        out.delete(group_key(m.extent_group_id));
+                        freed.push(m.extent_group_id);
+                    }
+                }
+            }
+            CommandResult {
+                allocated_id: freed.len() as u64,
+                ..Default::default()
+            }
+        }
+        Op::CloneVdisk(c) => {
+            if let Err(e) = validate_name("vdisk", &c.name) {
+                return Ok(fail(codes::INVALID, e));
+            }
+            let Some(sbytes) = view.get(&snapshot_key(&c.snapshot_vdisk_id, &c.snapshot_name))?
+            else {
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("snapshot {:?} not found", c.snapshot_name),
+                ));
+            };
+            let snap = Record::<SnapshotRecord>::decode(&sbytes)?;
+            let Some((_, parent)) = vdisk_by_id(view, &c.snapshot_vdisk_id)? else {
+                return Ok(fail(codes::NOT_FOUND, "parent vdisk not found"));
+            };
+            let ds_name = if c.datastore.is_empty() {
+                // Same datastore as the parent.
+                let mut found = None;
+                for (_, v) in view.scan(PREFIX_DATASTORE)? {
+                    let d = Record::<DatastoreRecord>::decode(&v)?;
+                    if d.msg.id == parent.msg.datastore_id {
+                        found = Some(d.msg.name.clone());
+                    }
+                }
+                found.unwrap_or_default()
+            } else {
+                c.datastore.clone()
+            };
+            let Some(ds_bytes) = view.get(&datastore_key(&ds_name))? else {
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("datastore {ds_name:?} not found"),
+                ));
+            };
+            let ds = Record::<DatastoreRecord>::decode(&ds_bytes)?;
+            let key = vdisk_key(&ds_name, &c.name);
+            if view.get(&key)?.is_some() {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!("vdisk {:?} already exists", c.name),
+                ));
+            }
+            let owner = if c.owner_node_id == 0 {
+                parent.msg.owner_node_id
+            } else {
+                c.owner_node_id
+            };
+            let rec = VdiskRecord {
+                format_version: cairn_api::FORMAT_VERSION,
+                id: c.id.clone(),
+                name: c.name.clone(),
+                datastore_id: ds.msg.id.clone(),
+                size_bytes: parent.msg.size_bytes,
+                owner_node_id: owner,
+                created_unix_ms: now,
+                owner_epoch: 1,
+                generation: 0,
+                parent_vdisk_id: c.snapshot_vdisk_id.clone(),
+                parent_generation: snap.msg.generation,
+            };
+            let bytes = rec.encode_to_vec();
+            out.put(vdisk_id_key(&c.id), key.clone());
+            out.put(key, bytes.clone());
+            ok_record(bytes)
+        }
+        Op::SetVdiskOwner(o) => {
+            let Some((vkey, mut vd)) = vdisk_by_id(view, &o.vdisk_id)? else {
+                return Ok(fail(
+                    codes::NOT_FOUND,
+                    format!("vdisk {} not found", o.vdisk_id),
+                ));
+            };
+            if vd.msg.owner_epoch != o.expect_owner_epoch {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!(
+                        "vdisk {} owner epoch is {}, not {}",
+                        o.vdisk_id, vd.msg.owner_epoch, o.expect_owner_epoch
+                    ),
+                ));
+            }
+            if view.get(&node_key(o.owner_node_id))?.is_none() {
+                return Ok(fail(
+                    codes::INVALID,
+                    format!("node {} is not a member", o.owner_node_id),
+                ));
+            }
+            vd.msg.owner_node_id = o.owner_node_id;
+            vd.msg.owner_epoch += 1;
+            let bytes = vd.encode();
+            out.put(vkey, bytes.clone());
+            ok_record(bytes)
         }
         Op::SetNodeVersion(s) => {
             let key = node_key(s.node_id);

@@ -29,6 +29,11 @@ pub fn write_file_durable(path: &Path, data: &[u8], mode: u32) -> io::Result<()>
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Makes a directory's entries (files created, renamed or removed in it) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -1,0 +1,611 @@
+//! One extent group file: an append-only log of records after a superblock,
+//! and the in-memory index (block -> newest record) rebuilt by scanning it.
+//!
+//! Why a log: writes are appends (sequential on flash, no read-modify-write
+//! of a checksummed block), a crash can only tear the tail, and every record
+//! carries its own sequence and checksums, so the file describes itself.
+//! For each block the record with the highest sequence wins, whatever order
+//! records were appended in; so replicas that receive concurrent writes in
+//! different orders still agree, and a copy can be streamed under live writes.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cairn_api::data::v1::{Codec, ExtentGroupHeader, RecordHeader, RecordKind};
+
+use crate::format::{self, FormatError, BLOCK_SIZE, RECORD_PREFIX, SUPERBLOCK_SIZE};
+use crate::DataError;
+
+/// Where the newest version of one block lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Never written: reads as zeros.
+    Empty,
+    /// Unmapped by a trim record with this sequence: reads as zeros.
+    Trimmed {
+        seq: u64,
+    },
+    Data(BlockLoc),
+}
+
+impl Slot {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Slot::Empty => 0,
+            Slot::Trimmed { seq } => *seq,
+            Slot::Data(l) => l.seq,
+        }
+    }
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, Slot::Data(_))
+    }
+}
+
+/// A block's place inside a data record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLoc {
+    pub seq: u64,
+    /// File offset of the record's payload.
+    pub payload_off: u64,
+    pub payload_len: u32,
+    pub payload_crc: u32,
+    pub compressed: bool,
+    /// Index of this block within the record.
+    pub index: u32,
+    pub crc: u32,
+}
+
+/// What scanning a file found besides its records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    pub records: u64,
+    /// Bytes of an incomplete last record (a write torn by a crash before
+    /// its sync, hence never acknowledged); cut off when opened writable.
+    pub torn_tail_bytes: u64,
+    /// Set when a complete record is unreadable: the replica may have lost
+    /// writes after it and must be treated as lost by its primary.
+    pub damage: Option<String>,
+}
+
+/// An open extent group file.
+#[derive(Debug)]
+pub struct ExtentGroupFile {
+    path: PathBuf,
+    file: File,
+    header: ExtentGroupHeader,
+    slots: Vec<Slot>,
+    epoch: u64,
+    max_seq: u64,
+    end: u64,
+    synced_end: u64,
+    report: ScanReport,
+}
+
+impl ExtentGroupFile {
+    /// Creates a new file (fails if it exists) and makes its superblock durable.
+    pub fn create(path: &Path, header: ExtentGroupHeader) -> Result<Self, DataError> {
+        let io = |e| DataError::io(path, e);
+        let sb = format::encode_superblock(&header);
+        // Validate what we are about to write with the reader's own rules.
+        format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io)?;
+        file.write_all_at(&sb, 0).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        if let Some(dir) = path.parent() {
+            cairn_util::durable::sync_dir(dir).map_err(io)?;
+        }
+        let blocks = format::group_blocks(&header) as usize;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            epoch: header.epoch,
+            header,
+            slots: vec![Slot::Empty; blocks],
+            max_seq: 0,
+            end: SUPERBLOCK_SIZE,
+            synced_end: SUPERBLOCK_SIZE,
+            report: ScanReport::default(),
+        })
+    }
+
+    /// Opens and scans a file. `writable` also cuts off a torn tail so new
+    /// records follow the last complete one.
+    pub fn open(path: &Path, writable: bool) -> Result<Self, DataError> {
+        let io = |e| DataError::io(path, e);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len < SUPERBLOCK_SIZE {
+            return Err(DataError::corrupt(
+                path,
+                FormatError::InvalidSuperblock(format!(
+                    "file is {len} bytes, shorter than its superblock"
+                )),
+            ));
+        }
+        let mut sb = vec![0u8; SUPERBLOCK_SIZE as usize];
+        file.read_exact_at(&mut sb, 0).map_err(io)?;
+        let header = format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
+        let blocks = format::group_blocks(&header) as usize;
+        let mut me = Self {
+            path: path.to_path_buf(),
+            file,
+            epoch: header.epoch,
+            header,
+            slots: vec![Slot::Empty; blocks],
+            max_seq: 0,
+            end: SUPERBLOCK_SIZE,
+            synced_end: SUPERBLOCK_SIZE,
+            report: ScanReport::default(),
+        };
+        me.scan(len)?;
+        if writable && me.report.torn_tail_bytes > 0 {
+            me.file.set_len(me.end).map_err(io)?;
+            me.file.sync_all().map_err(io)?;
+            tracing::warn!(path = %path.display(), bytes = me.report.torn_tail_bytes,
+                "cut off a torn (never acknowledged) record at the end of an extent group");
+        }
+        me.synced_end = me.end;
+        Ok(me)
+    }
+
+    fn scan(&mut self, len: u64) -> Result<(), DataError> {
+        let mut off = SUPERBLOCK_SIZE;
+        while off < len {
+            if len - off < RECORD_PREFIX as u64 {
+                self.report.torn_tail_bytes = len - off;
+                break;
+            }
+            let mut prefix = [0u8; RECORD_PREFIX];
+            self.file
+                .read_exact_at(&mut prefix, off)
+                .map_err(|e| DataError::io(&self.path, e))?;
+            let (hlen, hcrc) = match format::decode_record_prefix(&prefix, off) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.damaged(off, len, e);
+                    break;
+                }
+            };
+            let head_end = off + (RECORD_PREFIX + hlen) as u64;
+            if head_end > len {
+                self.report.torn_tail_bytes = len - off;
+                break;
+            }
+            let mut body = vec![0u8; hlen];
+            self.file
+                .read_exact_at(&mut body, off + RECORD_PREFIX as u64)
+                .map_err(|e| DataError::io(&self.path, e))?;
+            let rh = match format::decode_record_header(&body, hcrc, off, &self.header) {
+                Ok(rh) => rh,
+                Err(FormatError::UnknownVersion(v)) => {
+                    // A newer node wrote a record this build cannot read:
+                    // refuse the whole file rather than serve a partial view.
+                    return Err(DataError::corrupt(
+                        &self.path,
+                        FormatError::UnknownVersion(v),
+                    ));
+                }
+                Err(e) => {
+                    self.damaged(off, len, e);
+                    break;
+                }
+            };
+            let rec_end = head_end + u64::from(rh.payload_len);
+            if rec_end > len {
+                self.report.torn_tail_bytes = len - off;
+                break;
+            }
+            self.index_record(&rh, head_end);
+            self.report.records += 1;
+            off = rec_end;
+        }
+        self.end = off;
+        Ok(())
+    }
+
+    fn damaged(&mut self, off: u64, len: u64, e: FormatError) {
+        tracing::error!(path = %self.path.display(), offset = off, error = %e,
+            "extent group record unreadable; this replica is damaged");
+        self.report.damage = Some(format!(
+            "{e} ({} bytes from there on not indexed)",
+            len - off
+        ));
+    }
+
+    fn index_record(&mut self, rh: &RecordHeader, payload_off: u64) {
+        self.max_seq = self.max_seq.max(rh.sequence);
+        self.epoch = self.epoch.max(rh.epoch);
+        let kind = RecordKind::try_from(rh.kind).unwrap_or(RecordKind::RecordEpoch);
+        let compressed = rh.codec == Codec::Zstd as i32;
+        for i in 0..rh.block_count {
+            let b = (rh.first_block + i) as usize;
+            let Some(slot) = self.slots.get_mut(b) else {
+                continue;
+            };
+            if slot.seq() > rh.sequence {
+                continue;
+            }
+            *slot = match kind {
+                RecordKind::RecordTrim => Slot::Trimmed { seq: rh.sequence },
+                RecordKind::RecordData => Slot::Data(BlockLoc {
+                    seq: rh.sequence,
+                    payload_off,
+                    payload_len: rh.payload_len,
+                    payload_crc: rh.payload_crc32c,
+                    compressed,
+                    index: i,
+                    crc: rh.block_crc32c.get(i as usize).copied().unwrap_or(0),
+                }),
+                RecordKind::RecordEpoch => continue,
+            };
+        }
+    }
+
+    pub fn header(&self) -> &ExtentGroupHeader {
+        &self.header
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    pub fn max_sequence(&self) -> u64 {
+        self.max_seq
+    }
+    pub fn report(&self) -> &ScanReport {
+        &self.report
+    }
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+    pub fn file_len(&self) -> u64 {
+        self.end
+    }
+    /// Bytes of address space holding data (not counting trims or zeros).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.slots.iter().filter(|s| s.is_mapped()).count() as u64 * BLOCK_SIZE as u64
+    }
+
+    /// Appends a record. `data` holds `block_count` uncompressed blocks for
+    /// DATA records and nothing otherwise; it is compressed with zstd when
+    /// `compress` and worth it. Not durable until [`Self::sync`].
+    // The arguments are the record header's fields, one to one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &mut self,
+        kind: RecordKind,
+        sequence: u64,
+        epoch: u64,
+        first_block: u32,
+        block_count: u32,
+        data: &[u8],
+        compress: bool,
+    ) -> Result<(), DataError> {
+        let (codec, payload, crcs, payload_crc) = match kind {
+            RecordKind::RecordData => {
+                if data.len() != block_count as usize * BLOCK_SIZE {
+                    return Err(DataError::Invalid(format!(
+                        "{} bytes for {block_count} blocks",
+                        data.len()
+                    )));
+                }
+                let crcs = format::block_checksums(data);
+                let packed = if compress {
+                    compress_payload(data)
+                } else {
+                    None
+                };
+                match packed {
+                    Some(z) => {
+                        let crc = crc32c::crc32c(&z);
+                        (Codec::Zstd, z, crcs, crc)
+                    }
+                    None => (Codec::None, data.to_vec(), crcs, 0),
+                }
+            }
+            _ => (Codec::None, Vec::new(), Vec::new(), 0),
+        };
+        let rh = RecordHeader {
+            format_version: cairn_api::FORMAT_VERSION,
+            kind: kind as i32,
+            sequence,
+            epoch,
+            first_block,
+            block_count,
+            codec: codec as i32,
+            block_crc32c: crcs,
+            payload_len: payload.len() as u32,
+            payload_crc32c: payload_crc,
+        };
+        // The reader's checks guard the writer too: never write what we could not read back.
+        let mut rec = format::encode_record_head(&rh);
+        format::decode_record_header(
+            &rec[RECORD_PREFIX..],
+            crc32c::crc32c(&rec[RECORD_PREFIX..]),
+            self.end,
+            &self.header,
+        )
+        .map_err(|e| DataError::Invalid(e.to_string()))?;
+        let payload_off = self.end + rec.len() as u64;
+        rec.extend_from_slice(&payload);
+        self.file
+            .write_all_at(&rec, self.end)
+            .map_err(|e| DataError::io(&self.path, e))?;
+        self.end += rec.len() as u64;
+        self.index_record(&rh, payload_off);
+        Ok(())
+    }
+
+    /// Offset up to which records are written (sync target for group commit).
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+    pub fn synced_end(&self) -> u64 {
+        self.synced_end
+    }
+    /// A handle for syncing without holding the group's lock.
+    pub fn sync_handle(&self) -> Result<File, DataError> {
+        self.file
+            .try_clone()
+            .map_err(|e| DataError::io(&self.path, e))
+    }
+    pub fn mark_synced(&mut self, upto: u64) {
+        self.synced_end = self.synced_end.max(upto);
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&mut self) -> Result<(), DataError> {
+        if self.synced_end < self.end {
+            self.file
+                .sync_data()
+                .map_err(|e| DataError::io(&self.path, e))?;
+            self.synced_end = self.end;
+        }
+        Ok(())
+    }
+
+    /// Reads blocks `[first, first + count)`, verified; unmapped blocks are
+    /// zeros. A checksum mismatch is an error naming the block, never data.
+    pub fn read(&self, first: u32, count: u32) -> Result<Vec<u8>, DataError> {
+        let end = first as usize + count as usize;
+        if end > self.slots.len() {
+            return Err(DataError::Invalid(format!(
+                "blocks {first}..{end} outside the group's {}",
+                self.slots.len()
+            )));
+        }
+        let mut out = vec![0u8; count as usize * BLOCK_SIZE];
+        let mut cache: Option<(u64, Vec<u8>)> = None;
+        for (i, slot) in self.slots[first as usize..end].iter().enumerate() {
+            let Slot::Data(loc) = slot else { continue };
+            let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            let block = first + i as u32;
+            if loc.compressed {
+                if cache.as_ref().map(|c| c.0) != Some(loc.payload_off) {
+                    cache = Some((loc.payload_off, self.read_compressed(loc, block)?));
+                }
+                let Some((_, raw)) = cache.as_ref() else {
+                    continue;
+                };
+                let at = loc.index as usize * BLOCK_SIZE;
+                let src = raw
+                    .get(at..at + BLOCK_SIZE)
+                    .ok_or_else(|| self.mismatch(block))?;
+                dst.copy_from_slice(src);
+            } else {
+                let at = loc.payload_off + u64::from(loc.index) * BLOCK_SIZE as u64;
+                self.file
+                    .read_exact_at(dst, at)
+                    .map_err(|e| DataError::io(&self.path, e))?;
+            }
+            if crc32c::crc32c(dst) != loc.crc {
+                return Err(self.mismatch(block));
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_compressed(&self, loc: &BlockLoc, block: u32) -> Result<Vec<u8>, DataError> {
+        let mut z = vec![0u8; loc.payload_len as usize];
+        self.file
+            .read_exact_at(&mut z, loc.payload_off)
+            .map_err(|e| DataError::io(&self.path, e))?;
+        if crc32c::crc32c(&z) != loc.payload_crc {
+            return Err(self.mismatch(block));
+        }
+        zstd::bulk::decompress(&z, format::MAX_GROUP_BYTES as usize)
+            .map_err(|_| self.mismatch(block))
+    }
+
+    fn mismatch(&self, block: u32) -> DataError {
+        DataError::Checksum {
+            path: self.path.clone(),
+            group: self.header.extent_group_id,
+            block,
+        }
+    }
+
+    /// Verifies every mapped block; returns the ones that fail.
+    pub fn verify(&self) -> Vec<u32> {
+        (0..self.slots.len() as u32)
+            .filter(|&b| self.slots[b as usize].is_mapped() && self.read(b, 1).is_err())
+            .collect()
+    }
+}
+
+fn compress_payload(data: &[u8]) -> Option<Vec<u8>> {
+    let z = zstd::bulk::compress(data, 1).ok()?;
+    // Keep the raw form unless compression saves at least an eighth: reads
+    // of uncompressed records can fetch single blocks.
+    (z.len() < data.len() - data.len() / 8).then_some(z)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn header(id: u64) -> ExtentGroupHeader {
+        ExtentGroupHeader {
+            format_version: 1,
+            cluster_id: "cluster".into(),
+            extent_group_id: id,
+            vdisk_id: "vd".into(),
+            vdisk_generation: 0,
+            first_vblock: 2,
+            vblock_count: 1,
+            vblock_size: 1 << 20,
+            block_size: BLOCK_SIZE as u32,
+            codec: 0,
+            checksum: 0,
+            epoch: 1,
+            created_unix_ms: 0,
+            ..Default::default()
+        }
+    }
+
+    fn pattern(block: u32, gen: u8) -> Vec<u8> {
+        let mut b = vec![gen; BLOCK_SIZE];
+        b[..4].copy_from_slice(&block.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn newest_sequence_wins_in_any_order_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("1.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(1)).unwrap();
+        g.append(RecordKind::RecordData, 2, 1, 5, 1, &pattern(5, 2), false)
+            .unwrap();
+        g.append(RecordKind::RecordData, 1, 1, 5, 1, &pattern(5, 1), false)
+            .unwrap();
+        g.append(
+            RecordKind::RecordData,
+            3,
+            1,
+            6,
+            2,
+            &[pattern(6, 3), pattern(7, 3)].concat(),
+            true,
+        )
+        .unwrap();
+        g.append(RecordKind::RecordTrim, 4, 1, 7, 1, &[], false)
+            .unwrap();
+        g.sync().unwrap();
+        for g in [g, ExtentGroupFile::open(&p, true).unwrap()] {
+            assert_eq!(g.read(5, 1).unwrap(), pattern(5, 2));
+            assert_eq!(g.read(6, 1).unwrap(), pattern(6, 3));
+            assert_eq!(g.read(7, 1).unwrap(), vec![0u8; BLOCK_SIZE]);
+            assert_eq!(g.max_sequence(), 4);
+            assert_eq!(g.mapped_bytes(), 2 * BLOCK_SIZE as u64);
+        }
+    }
+
+    #[test]
+    fn compressed_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("2.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(2)).unwrap();
+        let data: Vec<u8> = (0..16).flat_map(|b| pattern(b, 9)).collect();
+        g.append(RecordKind::RecordData, 1, 1, 0, 16, &data, true)
+            .unwrap();
+        g.sync().unwrap();
+        assert!(
+            g.file_len() < SUPERBLOCK_SIZE + data.len() as u64 / 4,
+            "not compressed"
+        );
+        let g = ExtentGroupFile::open(&p, false).unwrap();
+        assert_eq!(g.read(0, 16).unwrap(), data);
+        assert!(g.verify().is_empty());
+    }
+
+    #[test]
+    fn flipped_data_byte_is_a_checksum_error_never_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("3.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(3)).unwrap();
+        g.append(
+            RecordKind::RecordData,
+            1,
+            1,
+            0,
+            4,
+            &[0u8; 4 * BLOCK_SIZE].map(|_| 7),
+            false,
+        )
+        .unwrap();
+        g.sync().unwrap();
+        let len = std::fs::metadata(&p).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0x55], len - BLOCK_SIZE as u64 - 100)
+            .unwrap();
+        let g = ExtentGroupFile::open(&p, false).unwrap();
+        assert_eq!(g.read(0, 2).unwrap().len(), 2 * BLOCK_SIZE);
+        let err = g.read(0, 4).unwrap_err();
+        assert!(matches!(err, DataError::Checksum { block: 2, .. }), "{err}");
+        assert!(err.to_string().contains("3.ceg"), "{err}");
+        assert_eq!(g.verify(), vec![2]);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_damage_in_the_middle_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("4.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(4)).unwrap();
+        let mut starts = Vec::new();
+        for s in 1..=3u64 {
+            starts.push(g.end());
+            g.append(
+                RecordKind::RecordData,
+                s,
+                1,
+                s as u32,
+                1,
+                &pattern(s as u32, s as u8),
+                false,
+            )
+            .unwrap();
+        }
+        g.sync().unwrap();
+        let full = std::fs::metadata(&p).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(full - 10).unwrap();
+        let g = ExtentGroupFile::open(&p, true).unwrap();
+        assert!(g.report().torn_tail_bytes > 0);
+        assert!(g.report().damage.is_none());
+        assert_eq!(g.max_sequence(), 2);
+        assert_eq!(g.read(2, 1).unwrap(), pattern(2, 2));
+        drop(g);
+        // Now flip a byte of the second record's header: damage, not a torn tail.
+        f.write_all_at(&[0xff, 0xff], starts[1] + RECORD_PREFIX as u64 + 2)
+            .unwrap();
+        let g = ExtentGroupFile::open(&p, false).unwrap();
+        assert!(g.report().damage.is_some(), "{:?}", g.report());
+        assert_eq!(g.read(1, 1).unwrap(), pattern(1, 1));
+    }
+
+    #[test]
+    fn bad_superblock_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("5.ceg");
+        std::fs::write(&p, vec![0u8; 8192]).unwrap();
+        let err = ExtentGroupFile::open(&p, false).unwrap_err();
+        assert!(err.to_string().contains("5.ceg"), "{err}");
+        std::fs::write(&p, b"short").unwrap();
+        let err = ExtentGroupFile::open(&p, false).unwrap_err();
+        assert!(
+            err.to_string().contains("shorter than its superblock"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! This node's disks as one pool of replicas: finds which disk holds a
+//! group, places new groups on the disk with the most room, and carries out
+//! the replica operations that primaries ask for (the same code serves the
+//! primary's own local replica and remote primaries over RPC).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cairn_api::data::v1::{
+    BlockState, RecordKind, ReplicaEpochReply, ReplicaInfo, ReplicaListReply, ReplicaRead,
+    ReplicaReadReply, ReplicaWrite, ReplicaWriteReply,
+};
+
+use crate::egroup::Slot;
+use crate::format::{self, BLOCK_SIZE};
+use crate::store::{DiskStore, Group};
+use crate::DataError;
+
+/// All local disks of this node.
+#[derive(Debug, Clone)]
+pub struct LocalPool {
+    disks: Vec<Arc<DiskStore>>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DataError> + Send + 'static,
+) -> Result<T, DataError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DataError::Unavailable(format!("disk worker: {e}")))?
+}
+
+impl LocalPool {
+    /// Opens every disk (`(root, capacity)`; capacity 0 = the file system's).
+    pub fn open(disks: &[(PathBuf, u64)]) -> Result<Self, DataError> {
+        let disks = disks
+            .iter()
+            .map(|(p, c)| DiskStore::open(p, *c).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { disks })
+    }
+
+    pub fn disks(&self) -> &[Arc<DiskStore>] {
+        &self.disks
+    }
+
+    /// The disk and open group holding extent group `id`.
+    pub fn find(&self, id: u64) -> Option<(Arc<DiskStore>, Arc<Group>)> {
+        self.disks
+            .iter()
+            .find_map(|d| d.group(id).map(|g| (d.clone(), g)))
+    }
+
+    /// The disk new groups go to: healthy, not full, most free bytes.
+    pub fn place(&self) -> Result<Arc<DiskStore>, DataError> {
+        self.disks
+            .iter()
+            .filter(|d| d.accepts_new_groups())
+            .max_by_key(|d| {
+                let u = d.usage();
+                u.capacity_bytes
+                    .saturating_sub(u.used_bytes)
+                    .min(u.free_fs_bytes)
+            })
+            .cloned()
+            .ok_or_else(|| DataError::NoSpace {
+                path: self
+                    .disks
+                    .first()
+                    .map(|d| d.root().to_path_buf())
+                    .unwrap_or_default(),
+            })
+    }
+
+    /// Whether any disk can take a new group.
+    pub fn has_room(&self) -> bool {
+        self.disks.iter().any(|d| d.accepts_new_groups())
+    }
+
+    /// Applies one replicated write (creating the group when asked to).
+    pub async fn write(&self, req: ReplicaWrite) -> Result<ReplicaWriteReply, DataError> {
+        let kind = RecordKind::try_from(req.kind)
+            .map_err(|_| DataError::Invalid(format!("record kind {}", req.kind)))?;
+        if kind == RecordKind::RecordData {
+            let want = req.block_count as usize * BLOCK_SIZE;
+            if req.data.len() != want {
+                return Err(DataError::Invalid(format!(
+                    "{} data bytes for {} blocks",
+                    req.data.len(),
+                    req.block_count
+                )));
+            }
+            // End-to-end check: the primary's checksums must match what arrived.
+            if !req.block_crc32c.is_empty()
+                && format::block_checksums(&req.data) != req.block_crc32c
+            {
+                return Err(DataError::Invalid(
+                    "block checksums do not match the data sent".into(),
+                ));
+            }
+        }
+        let (disk, group) = match self.find(req.extent_group_id) {
+            Some(x) => x,
+            None => match &req.create {
+                Some(h) => {
+                    let disk = self.place()?;
+                    let h = h.clone();
+                    let d = disk.clone();
+                    let g = blocking(move || d.create_group(h)).await?;
+                    (disk, g)
+                }
+                None => {
+                    return Err(DataError::NotFound(format!(
+                        "extent group {} on this node",
+                        req.extent_group_id
+                    )))
+                }
+            },
+        };
+        let compress = req
+            .create
+            .as_ref()
+            .map(|h| h.codec == cairn_api::data::v1::Codec::Zstd as i32)
+            .unwrap_or_else(|| {
+                group.with(|f| f.header().codec == cairn_api::data::v1::Codec::Zstd as i32)
+            });
+        let g = group.clone();
+        blocking(move || {
+            disk.write(
+                &g,
+                kind,
+                req.sequence,
+                req.epoch,
+                req.first_block,
+                req.block_count,
+                &req.data,
+                compress,
+            )
+        })
+        .await?;
+        Ok(ReplicaWriteReply {
+            epoch: group.with(|f| f.epoch()),
+        })
+    }
+
+    /// Reads verified blocks and their states.
+    pub async fn read(&self, req: ReplicaRead) -> Result<ReplicaReadReply, DataError> {
+        let (disk, group) = self.find(req.extent_group_id).ok_or_else(|| {
+            DataError::NotFound(format!("extent group {} on this node", req.extent_group_id))
+        })?;
+        let epoch = group.with(|f| f.epoch());
+        if req.epoch != 0 && req.epoch < epoch {
+            return Err(DataError::StaleEpoch {
+                group: req.extent_group_id,
+                got: req.epoch,
+                have: epoch,
+            });
+        }
+        blocking(move || {
+            let data = disk.read(&group, req.first_block, req.block_count)?;
+            let blocks = disk
+                .slots(&group, req.first_block, req.block_count)
+                .into_iter()
+                .map(|s| BlockState {
+                    mapped: s.is_mapped(),
+                    sequence: s.seq(),
+                })
+                .collect();
+            Ok(ReplicaReadReply { data, blocks })
+        })
+        .await
+    }
+
+    /// Raises a group's epoch (fencing older primaries) and reports its
+    /// highest sequence.
+    pub async fn set_epoch(&self, id: u64, epoch: u64) -> Result<ReplicaEpochReply, DataError> {
+        let (disk, group) = self
+            .find(id)
+            .ok_or_else(|| DataError::NotFound(format!("extent group {id} on this node")))?;
+        let g = group.clone();
+        blocking(move || {
+            if g.with(|f| f.epoch()) < epoch {
+                disk.write(&g, RecordKind::RecordEpoch, 0, epoch, 0, 0, &[], false)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(group.with(|f| ReplicaEpochReply {
+            epoch: f.epoch(),
+            max_sequence: f.max_sequence(),
+        }))
+    }
+
+    pub async fn delete(&self, id: u64) -> Result<(), DataError> {
+        let disks = self.disks.clone();
+        blocking(move || {
+            for d in disks {
+                d.delete_group(id)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves a damaged replica aside so a fresh copy can take its place.
+    pub async fn quarantine(&self, id: u64) -> Result<(), DataError> {
+        let disks = self.disks.clone();
+        blocking(move || {
+            for d in disks {
+                d.quarantine_group(id)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every replica on this node.
+    pub fn list(&self) -> ReplicaListReply {
+        let mut replicas = Vec::new();
+        for d in &self.disks {
+            for id in d.group_ids() {
+                if let Some(g) = d.group(id) {
+                    replicas.push(g.with(|f| ReplicaInfo {
+                        extent_group_id: id,
+                        disk_id: d.id().to_string(),
+                        epoch: f.epoch(),
+                        max_sequence: f.max_sequence(),
+                        damaged: f.report().damage.is_some(),
+                        bytes: f.file_len(),
+                    }));
+                }
+            }
+        }
+        ReplicaListReply { replicas }
+    }
+
+    /// Per-block state of a local replica (for block status and repair).
+    pub fn slots(&self, id: u64) -> Option<Vec<Slot>> {
+        self.find(id).map(|(_, g)| g.with(|f| f.slots().to_vec()))
+    }
+}

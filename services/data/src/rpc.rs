@@ -1,0 +1,235 @@
+//! The data service on the wire: the `DataReplica` gRPC server every node
+//! runs (replica operations for remote primaries, and forwarded vdisk I/O),
+//! the client side with its error mapping, and the cache of peer channels.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_api::data::v1::data_replica_client::DataReplicaClient;
+use cairn_api::data::v1::data_replica_server::{DataReplica, DataReplicaServer};
+use cairn_api::data::v1::{
+    vdisk_io, ReplicaDelete, ReplicaDeleteReply, ReplicaEpochReply, ReplicaListReply,
+    ReplicaListRequest, ReplicaRead, ReplicaReadReply, ReplicaSetEpoch, ReplicaWrite,
+    ReplicaWriteReply, VdiskIo, VdiskIoReply,
+};
+use rustls::ClientConfig;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use crate::frontend::BlockService;
+use crate::pool::LocalPool;
+use crate::DataError;
+
+/// Largest data RPC: a whole extent group in one copy.
+pub const MAX_DATA_MESSAGE: usize = 64 << 20;
+
+/// Maps an error to a status whose code the client maps back.
+pub fn to_status(e: &DataError) -> Status {
+    let code = match e {
+        DataError::StaleEpoch { .. } => Code::FailedPrecondition,
+        DataError::NotFound(_) => Code::NotFound,
+        DataError::Checksum { .. } | DataError::Corrupt { .. } => Code::DataLoss,
+        DataError::NoSpace { .. } => Code::ResourceExhausted,
+        DataError::Invalid(_) => Code::InvalidArgument,
+        DataError::Miscompare { .. } => Code::Aborted,
+        DataError::Io { .. } => Code::Internal,
+        DataError::Unavailable(_) => Code::Unavailable,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// Maps a status from a peer back to an error (`peer` names it in messages).
+pub fn from_status(s: &Status, peer: u64) -> DataError {
+    let msg = format!("node {peer}: {}", s.message());
+    match s.code() {
+        Code::FailedPrecondition => DataError::StaleEpoch {
+            group: 0,
+            got: 0,
+            have: 0,
+        },
+        Code::NotFound => DataError::NotFound(msg),
+        Code::DataLoss => DataError::Corrupt {
+            path: format!("node {peer}").into(),
+            reason: s.message().to_string(),
+        },
+        Code::ResourceExhausted => DataError::NoSpace {
+            path: format!("node {peer}").into(),
+        },
+        Code::InvalidArgument => DataError::Invalid(msg),
+        Code::Aborted => DataError::Miscompare {
+            offset: s
+                .message()
+                .rsplit(' ')
+                .next()
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0),
+        },
+        _ => DataError::Unavailable(msg),
+    }
+}
+
+/// The server side of `DataReplica`.
+pub struct ReplicaServer {
+    pool: Arc<LocalPool>,
+    frontend: Arc<dyn BlockService>,
+}
+
+/// The data service's RPC routes, to merge into the node's RPC router.
+pub fn router(pool: Arc<LocalPool>, frontend: Arc<dyn BlockService>) -> axum::Router {
+    let svc = DataReplicaServer::new(ReplicaServer { pool, frontend })
+        .max_decoding_message_size(MAX_DATA_MESSAGE)
+        .max_encoding_message_size(MAX_DATA_MESSAGE);
+    tonic::service::Routes::new(svc).into_axum_router()
+}
+
+fn logged(op: &'static str, e: DataError) -> Status {
+    match &e {
+        DataError::StaleEpoch { .. } | DataError::NotFound(_) | DataError::Miscompare { .. } => {
+            tracing::debug!(op, error = %e, "replica request refused")
+        }
+        _ => tracing::warn!(op, error = %e, "replica request failed"),
+    }
+    to_status(&e)
+}
+
+#[tonic::async_trait]
+impl DataReplica for ReplicaServer {
+    async fn write(&self, r: Request<ReplicaWrite>) -> Result<Response<ReplicaWriteReply>, Status> {
+        self.pool
+            .write(r.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| logged("write", e))
+    }
+    async fn read(&self, r: Request<ReplicaRead>) -> Result<Response<ReplicaReadReply>, Status> {
+        self.pool
+            .read(r.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| logged("read", e))
+    }
+    async fn set_epoch(
+        &self,
+        r: Request<ReplicaSetEpoch>,
+    ) -> Result<Response<ReplicaEpochReply>, Status> {
+        let r = r.into_inner();
+        self.pool
+            .set_epoch(r.extent_group_id, r.epoch)
+            .await
+            .map(Response::new)
+            .map_err(|e| logged("set_epoch", e))
+    }
+    async fn delete(
+        &self,
+        r: Request<ReplicaDelete>,
+    ) -> Result<Response<ReplicaDeleteReply>, Status> {
+        self.pool
+            .delete(r.into_inner().extent_group_id)
+            .await
+            .map(|_| Response::new(ReplicaDeleteReply {}))
+            .map_err(|e| logged("delete", e))
+    }
+    async fn list(
+        &self,
+        _: Request<ReplicaListRequest>,
+    ) -> Result<Response<ReplicaListReply>, Status> {
+        Ok(Response::new(self.pool.list()))
+    }
+    async fn forward(&self, r: Request<VdiskIo>) -> Result<Response<VdiskIoReply>, Status> {
+        let r = r.into_inner();
+        let dev = self
+            .frontend
+            .open(&r.vdisk_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let op =
+            vdisk_io::Op::try_from(r.op).map_err(|_| Status::invalid_argument("unknown op"))?;
+        let res = match op {
+            vdisk_io::Op::Read => dev
+                .read(r.offset, r.length)
+                .await
+                .map(|data| VdiskIoReply { data }),
+            vdisk_io::Op::Write => dev
+                .write(r.offset, &r.data, r.fua)
+                .await
+                .map(|_| VdiskIoReply::default()),
+            vdisk_io::Op::Flush => dev.flush().await.map(|_| VdiskIoReply::default()),
+            vdisk_io::Op::Unmap => dev
+                .unmap(r.offset, r.length)
+                .await
+                .map(|_| VdiskIoReply::default()),
+            vdisk_io::Op::WriteZeroes => dev
+                .write_zeroes(r.offset, r.length, false)
+                .await
+                .map(|_| VdiskIoReply::default()),
+        };
+        res.map(Response::new).map_err(|e| to_status(&e))
+    }
+}
+
+/// Channels to peer nodes' data services, by node id, and which peers
+/// looked down lately (placement avoids them for a while).
+pub struct Peers {
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+    clients: Mutex<HashMap<(u64, String), DataReplicaClient<Channel>>>,
+    down: Mutex<HashMap<u64, Instant>>,
+}
+
+/// How long a peer that failed with a transport error is avoided for placement.
+pub const DOWN_FOR: Duration = Duration::from_secs(15);
+
+impl Peers {
+    pub fn new(tls: Arc<ClientConfig>, timeout: Duration) -> Self {
+        Self {
+            tls,
+            timeout,
+            clients: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn down(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        match self.down.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Records the outcome of a call to `id`.
+    pub fn observe<T>(&self, id: u64, r: &Result<T, DataError>) {
+        match r {
+            Err(DataError::Unavailable(_)) => {
+                self.down().insert(id, Instant::now());
+            }
+            Ok(_) => {
+                self.down().remove(&id);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Whether `id` answered the last call (or failed long enough ago to retry).
+    pub fn is_up(&self, id: u64) -> bool {
+        self.down().get(&id).is_none_or(|t| t.elapsed() > DOWN_FOR)
+    }
+
+    /// A client for node `id` at `addr` (cached; reconnects by itself).
+    pub fn client(&self, id: u64, addr: &str) -> Result<DataReplicaClient<Channel>, DataError> {
+        let mut m = match self.clients.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = m.get(&(id, addr.to_string())) {
+            return Ok(c.clone());
+        }
+        let ch = cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), self.timeout)
+            .map_err(|e| DataError::Unavailable(format!("node {id} at {addr}: {e}")))?;
+        let c = DataReplicaClient::new(ch)
+            .max_decoding_message_size(MAX_DATA_MESSAGE)
+            .max_encoding_message_size(MAX_DATA_MESSAGE);
+        m.insert((id, addr.to_string()), c.clone());
+        Ok(c)
+    }
+}

@@ -1,0 +1,476 @@
+//! One local disk (a block device's file system, or a folder for tests and
+//! the demo): its extent group files, free space, health, and group commit.
+//!
+//! Group commit: a writer appends under the group's lock, then waits for a
+//! sync that covers its record. Whoever takes the sync lock first syncs
+//! everything appended so far; writers that queued behind it find their
+//! record already covered and return without another fdatasync.
+//!
+//! Fault injection for tests sits exactly at this disk-I/O boundary: a file
+//! named `FAULT-EIO` in the disk's root makes every read and write of this
+//! disk fail with EIO (checked at most once per 200 ms), as a dying device
+//! would, without touching any other disk.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cairn_api::data::v1::{ExtentGroupHeader, RecordKind};
+
+use crate::egroup::{ExtentGroupFile, Slot};
+use crate::format::BLOCK_SIZE;
+use crate::DataError;
+
+/// Name of the fault-injection marker file (see the module doc).
+pub const FAULT_EIO_FILE: &str = "FAULT-EIO";
+/// Free bytes kept back on the file system: below this the disk is full for placement.
+pub const DEFAULT_RESERVE: u64 = 32 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// One extent group open on this disk.
+#[derive(Debug)]
+pub struct Group {
+    file: Mutex<ExtentGroupFile>,
+    sync_lock: Mutex<()>,
+    synced: AtomicU64,
+    fd: File,
+}
+
+impl Group {
+    fn new(file: ExtentGroupFile) -> Result<Self, DataError> {
+        let fd = file.sync_handle()?;
+        let synced = AtomicU64::new(file.synced_end());
+        Ok(Self {
+            file: Mutex::new(file),
+            sync_lock: Mutex::new(()),
+            synced,
+            fd,
+        })
+    }
+    /// Runs `f` on the open file.
+    pub fn with<R>(&self, f: impl FnOnce(&ExtentGroupFile) -> R) -> R {
+        f(&lock(&self.file))
+    }
+}
+
+/// Usage and health of one disk, as registered in metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_fs_bytes: u64,
+    pub full: bool,
+    pub failed: bool,
+    pub groups: u64,
+}
+
+/// A local disk holding extent group files under `<root>/groups/`.
+#[derive(Debug)]
+pub struct DiskStore {
+    id: String,
+    root: PathBuf,
+    capacity: u64,
+    reserve: u64,
+    groups: Mutex<HashMap<u64, Arc<Group>>>,
+    used: AtomicU64,
+    full: AtomicBool,
+    failed: AtomicBool,
+    fault: Mutex<(Instant, bool)>,
+}
+
+impl DiskStore {
+    /// Opens (creating if new) the disk at `root`. Its id is stored in
+    /// `<root>/DISK-ID` so it survives restarts; `capacity` 0 means the file
+    /// system's size. Every extent group file is opened and scanned; a file
+    /// that cannot be read is logged and skipped (its replica counts as lost
+    /// and is repaired from the others), never served.
+    pub fn open(root: &Path, capacity: u64) -> Result<Self, DataError> {
+        let io = |e| DataError::io(root, e);
+        std::fs::create_dir_all(root.join("groups")).map_err(io)?;
+        let id_path = root.join("DISK-ID");
+        let id = match std::fs::read_to_string(&id_path) {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+            Ok(_) | Err(_) => {
+                let id = format!("disk-{:016x}", rand_u64());
+                cairn_util::durable::write_file_durable(&id_path, id.as_bytes(), 0o644)
+                    .map_err(|e| DataError::io(&id_path, e))?;
+                id
+            }
+        };
+        let fs_total = statvfs(root).map(|s| s.0).unwrap_or(0);
+        let capacity = if capacity == 0 { fs_total } else { capacity };
+        let me = Self {
+            id,
+            root: root.to_path_buf(),
+            capacity,
+            reserve: DEFAULT_RESERVE.min(capacity / 10),
+            groups: Mutex::new(HashMap::new()),
+            used: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            fault: Mutex::new((Instant::now() - Duration::from_secs(1), false)),
+        };
+        me.load()?;
+        Ok(me)
+    }
+
+    fn load(&self) -> Result<(), DataError> {
+        let mut used = 0;
+        let mut groups = lock(&self.groups);
+        for path in group_files(&self.root.join("groups")) {
+            match ExtentGroupFile::open(&path, true) {
+                Ok(f) => {
+                    used += f.file_len();
+                    let id = f.header().extent_group_id;
+                    if f.report().damage.is_some() {
+                        tracing::error!(disk = %self.id, group = id, path = %path.display(),
+                            "extent group replica is damaged; it will be repaired from its peers");
+                    }
+                    groups.insert(id, Arc::new(Group::new(f)?));
+                }
+                Err(e) => {
+                    tracing::error!(disk = %self.id, path = %path.display(), error = %e,
+                        "cannot open extent group file; treating this replica as lost");
+                }
+            }
+        }
+        self.used.store(used, Ordering::Relaxed);
+        tracing::info!(disk = %self.id, root = %self.root.display(), groups = groups.len(),
+            used_bytes = used, "disk opened");
+        Ok(())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn group_path(&self, id: u64) -> PathBuf {
+        self.root
+            .join("groups")
+            .join(format!("{:02x}", id & 0xff))
+            .join(format!("{id:016x}.ceg"))
+    }
+
+    /// Fails with EIO while the fault marker exists (see the module doc).
+    fn check_fault(&self) -> Result<(), DataError> {
+        let mut f = lock(&self.fault);
+        if f.0.elapsed() > Duration::from_millis(200) {
+            *f = (Instant::now(), self.root.join(FAULT_EIO_FILE).exists());
+        }
+        if f.1 {
+            self.failed.store(true, Ordering::Relaxed);
+            return Err(DataError::io(
+                &self.root,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
+    }
+
+    fn note(&self, e: DataError) -> DataError {
+        match &e {
+            DataError::NoSpace { .. } if !self.full.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(disk = %self.id, "disk is full; taken out of placement");
+            }
+            DataError::Io { .. } if !self.failed.swap(true, Ordering::Relaxed) => {
+                tracing::error!(disk = %self.id, error = %e, "disk I/O error; taken out of placement");
+            }
+            _ => {}
+        }
+        e
+    }
+
+    /// Current usage; also re-evaluates fullness from the file system.
+    pub fn usage(&self) -> DiskUsage {
+        let free = statvfs(&self.root).map(|s| s.1).unwrap_or(0);
+        let used = self.used.load(Ordering::Relaxed);
+        let full = free < self.reserve || used >= self.capacity;
+        self.full.store(full, Ordering::Relaxed);
+        DiskUsage {
+            capacity_bytes: self.capacity,
+            used_bytes: used,
+            free_fs_bytes: free,
+            full,
+            failed: self.failed.load(Ordering::Relaxed),
+            groups: lock(&self.groups).len() as u64,
+        }
+    }
+
+    /// Whether new extent groups may be placed here.
+    pub fn accepts_new_groups(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed) && !self.usage().full
+    }
+
+    pub fn group(&self, id: u64) -> Option<Arc<Group>> {
+        lock(&self.groups).get(&id).cloned()
+    }
+
+    pub fn group_ids(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = lock(&self.groups).keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Creates a group file (or returns the existing one).
+    pub fn create_group(&self, header: ExtentGroupHeader) -> Result<Arc<Group>, DataError> {
+        self.check_fault()?;
+        let id = header.extent_group_id;
+        if let Some(g) = self.group(id) {
+            return Ok(g);
+        }
+        let path = self.group_path(id);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.note(DataError::io(dir, e)))?;
+        }
+        let f = ExtentGroupFile::create(&path, header).map_err(|e| self.note(e))?;
+        self.used.fetch_add(f.file_len(), Ordering::Relaxed);
+        let g = Arc::new(Group::new(f)?);
+        lock(&self.groups).insert(id, g.clone());
+        Ok(g)
+    }
+
+    /// Appends a record and returns once it is durable (group commit).
+    #[allow(clippy::too_many_arguments)]
+    pub fn write(
+        &self,
+        group: &Group,
+        kind: RecordKind,
+        seq: u64,
+        epoch: u64,
+        first_block: u32,
+        block_count: u32,
+        data: &[u8],
+        compress: bool,
+    ) -> Result<(), DataError> {
+        self.check_fault()?;
+        let end = {
+            let mut f = lock(&group.file);
+            if epoch < f.epoch() {
+                return Err(DataError::StaleEpoch {
+                    group: f.header().extent_group_id,
+                    got: epoch,
+                    have: f.epoch(),
+                });
+            }
+            let before = f.file_len();
+            f.append(kind, seq, epoch, first_block, block_count, data, compress)
+                .map_err(|e| self.note(e))?;
+            self.used
+                .fetch_add(f.file_len() - before, Ordering::Relaxed);
+            f.end()
+        };
+        self.sync_to(group, end)
+    }
+
+    fn sync_to(&self, group: &Group, end: u64) -> Result<(), DataError> {
+        if group.synced.load(Ordering::Acquire) >= end {
+            return Ok(());
+        }
+        let _turn = lock(&group.sync_lock);
+        if group.synced.load(Ordering::Acquire) >= end {
+            return Ok(());
+        }
+        // Everything appended up to now rides on this one sync.
+        let target = lock(&group.file).end();
+        group
+            .fd
+            .sync_data()
+            .map_err(|e| self.note(DataError::io(&self.root, e)))?;
+        group.synced.fetch_max(target, Ordering::AcqRel);
+        lock(&group.file).mark_synced(target);
+        Ok(())
+    }
+
+    /// Reads verified blocks; see [`ExtentGroupFile::read`].
+    pub fn read(&self, group: &Group, first: u32, count: u32) -> Result<Vec<u8>, DataError> {
+        self.check_fault()?;
+        lock(&group.file)
+            .read(first, count)
+            .map_err(|e| self.note(e))
+    }
+
+    /// Per-block state (mapped, sequence) of a range.
+    pub fn slots(&self, group: &Group, first: u32, count: u32) -> Vec<Slot> {
+        let f = lock(&group.file);
+        let s = f.slots();
+        let end = (first as usize + count as usize).min(s.len());
+        s.get(first as usize..end)
+            .map(|x| x.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Deletes a group's file (after the metadata no longer references it).
+    pub fn delete_group(&self, id: u64) -> Result<(), DataError> {
+        let Some(g) = lock(&self.groups).remove(&id) else {
+            return Ok(());
+        };
+        let (path, len) = g.with(|f| (f.path().to_path_buf(), f.file_len()));
+        std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
+        if let Some(dir) = path.parent() {
+            let _ = cairn_util::durable::sync_dir(dir);
+        }
+        self.used.fetch_sub(
+            len.min(self.used.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Drops a replica that failed verification so it can be re-created by
+    /// a copy: its file is renamed aside (kept for inspection, not served).
+    pub fn quarantine_group(&self, id: u64) -> Result<(), DataError> {
+        let Some(g) = lock(&self.groups).remove(&id) else {
+            return Ok(());
+        };
+        let path = g.with(|f| f.path().to_path_buf());
+        let aside = path.with_extension(format!("ceg.bad-{}", cairn_util::now_unix_ms()));
+        std::fs::rename(&path, &aside).map_err(|e| DataError::io(&path, e))?;
+        tracing::warn!(disk = %self.id, group = id, aside = %aside.display(),
+            "quarantined a damaged extent group replica");
+        Ok(())
+    }
+
+    /// Bytes a group of `blocks` blocks may grow to before compaction.
+    pub fn block_bytes(blocks: u32) -> u64 {
+        u64::from(blocks) * BLOCK_SIZE as u64
+    }
+}
+
+/// Every `*.ceg` file under `dir`, recursively, in path order.
+pub fn group_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "ceg") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// (total, available) bytes of the file system holding `path`.
+fn statvfs(path: &Path) -> Option<(u64, u64)> {
+    let s = rustix::fs::statvfs(path).ok()?;
+    Some((s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize))
+}
+
+fn rand_u64() -> u64 {
+    rand::random()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(id: u64) -> ExtentGroupHeader {
+        ExtentGroupHeader {
+            format_version: 1,
+            cluster_id: "c".into(),
+            extent_group_id: id,
+            vdisk_id: "v".into(),
+            vdisk_generation: 0,
+            first_vblock: id,
+            vblock_count: 1,
+            vblock_size: 1 << 20,
+            block_size: BLOCK_SIZE as u32,
+            codec: 0,
+            checksum: 0,
+            epoch: 1,
+            created_unix_ms: 0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn concurrent_writers_share_syncs_and_everything_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(dir.path(), 0).unwrap());
+        let g = store.create_group(header(9)).unwrap();
+        let threads: Vec<_> = (0..8u32)
+            .map(|t| {
+                let (store, g) = (store.clone(), g.clone());
+                std::thread::spawn(move || {
+                    for i in 0..16u32 {
+                        let b = t * 16 + i;
+                        let data = vec![b as u8; BLOCK_SIZE];
+                        store
+                            .write(
+                                &g,
+                                RecordKind::RecordData,
+                                u64::from(b) + 1,
+                                1,
+                                b,
+                                1,
+                                &data,
+                                false,
+                            )
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let id = store.id().to_string();
+        drop((store, g));
+        let store = DiskStore::open(dir.path(), 0).unwrap();
+        assert_eq!(store.id(), id, "disk id is stable");
+        let g = store.group(9).unwrap();
+        for b in 0..128u32 {
+            assert_eq!(store.read(&g, b, 1).unwrap(), vec![b as u8; BLOCK_SIZE]);
+        }
+    }
+
+    #[test]
+    fn stale_epoch_is_refused_and_eio_fault_is_injected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 0).unwrap();
+        let g = store.create_group(header(1)).unwrap();
+        store
+            .write(&g, RecordKind::RecordEpoch, 0, 5, 0, 0, &[], false)
+            .unwrap();
+        let err = store
+            .write(
+                &g,
+                RecordKind::RecordData,
+                1,
+                4,
+                0,
+                1,
+                &[0; BLOCK_SIZE],
+                false,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, DataError::StaleEpoch { have: 5, .. }),
+            "{err}"
+        );
+        std::fs::write(dir.path().join(FAULT_EIO_FILE), b"").unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+        let err = store.read(&g, 0, 1).unwrap_err();
+        assert!(err.to_string().contains("Input/output error"), "{err}");
+        assert!(!store.accepts_new_groups());
+    }
+}

@@ -1,0 +1,1321 @@
+//! The primary side: a vdisk served by its owner node, implementing
+//! [`BlockDevice`] on top of replicated extent groups.
+//!
+//! One write, end to end: split by vblock; find (or allocate, or
+//! copy-on-write) the vblock's extent group at the vdisk's current
+//! generation; take the group's next sequence number; send the record to
+//! every replica in the group's replica set at once (the local one through
+//! [`LocalPool`], the others over mTLS RPC); each replica appends it and
+//! fdatasyncs (group commit); acknowledge when all have. A replica that
+//! fails is removed from the set by a compare-and-set on the group's epoch
+//! in metadata, and the remaining replicas are told the new epoch, before
+//! the write is acknowledged: the set never names a replica that lacks an
+//! acknowledged write.
+//!
+//! Invariants enforced here:
+//! - durability before ack: `GroupState::replicate` returns only when every
+//!   replica of the current set has the record on disk;
+//! - checksum before return: `Volume::read_group` returns only data a
+//!   replica verified, and rewrites a local copy that failed verification;
+//! - epoch fencing: a primary takes over a group (`ensure_ready`) by raising
+//!   its epoch in metadata and on every replica, which then refuse the older
+//!   epoch, so a stale primary can no longer complete a write.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cairn_api::data::v1::{
+    vdisk_io, Codec, ExtentGroupHeader, RecordKind, ReplicaRead, ReplicaReadReply, ReplicaWrite,
+    VdiskIo,
+};
+use cairn_api::metadata::v1::{
+    command::Op, AllocateExtentGroup, DeleteExtentGroup, ExtentGroupRecord, ReplicaLocation,
+    UpdateExtentGroup, VblockMapping, VdiskRecord,
+};
+use cairn_api::record::Record;
+use cairn_metadata::MetadataHandle;
+use cairn_util::error_code::codes as meta_codes;
+use futures::future::join_all;
+
+use crate::format::{self, BLOCK_SIZE};
+use crate::frontend::{check_range, BlockDevice, BlockService, Extent};
+use crate::pool::LocalPool;
+use crate::rpc::{from_status, Peers};
+use crate::DataError;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn meta_err(e: cairn_metadata::MetaError) -> DataError {
+    DataError::Unavailable(format!("metadata: {e}"))
+}
+
+/// Counters of the data service (exported by the management API).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Blocks that failed verification and were rewritten from another replica.
+    pub checksum_repairs: AtomicU64,
+    /// Replicas dropped from a group's set after a failed write or read.
+    pub replicas_dropped: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub bytes_read: AtomicU64,
+}
+
+/// The data service of one node.
+pub struct DataService {
+    node_id: u64,
+    cluster_id: String,
+    meta: MetadataHandle,
+    pool: Arc<LocalPool>,
+    peers: Peers,
+    vblock_size: u32,
+    groups: Mutex<HashMap<u64, Arc<GroupState>>>,
+    volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    pub stats: Stats,
+}
+
+/// What a primary knows about one group it writes.
+struct GroupState {
+    id: u64,
+    rec: RwLock<ExtentGroupRecord>,
+    next_seq: AtomicU64,
+    /// Set once the primary has fenced older primaries (or created the group).
+    ready: tokio::sync::OnceCell<()>,
+    /// Serializes replica-set changes and takeovers.
+    change: tokio::sync::Mutex<()>,
+    /// Header to send with writes while replicas may not have the file yet.
+    create: RwLock<Option<ExtentGroupHeader>>,
+    /// Writes hold it shared; adding a replica takes it exclusively to wait
+    /// until no write that skipped the newcomer is still in flight.
+    gate: tokio::sync::RwLock<()>,
+}
+
+enum Target {
+    Local,
+    Remote(u64, String),
+}
+
+impl DataService {
+    pub fn new(
+        node_id: u64,
+        cluster_id: String,
+        meta: MetadataHandle,
+        pool: Arc<LocalPool>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            node_id,
+            cluster_id,
+            meta,
+            pool,
+            peers: Peers::new(tls, Duration::from_secs(10)),
+            vblock_size: crate::DEFAULT_VBLOCK_SIZE,
+            groups: Mutex::new(HashMap::new()),
+            volumes: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn pool(&self) -> &Arc<LocalPool> {
+        &self.pool
+    }
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    fn target(&self, node: u64) -> Result<Target, DataError> {
+        if node == self.node_id {
+            return Ok(Target::Local);
+        }
+        let rec = self
+            .meta
+            .node(node)
+            .map_err(meta_err)?
+            .ok_or_else(|| DataError::Unavailable(format!("node {node} is not a member")))?;
+        Ok(Target::Remote(node, rec.rpc_addr))
+    }
+
+    async fn replica_write(&self, node: u64, req: ReplicaWrite) -> Result<(), DataError> {
+        match self.target(node)? {
+            Target::Local => self.pool.write(req).await.map(|_| ()),
+            Target::Remote(id, addr) => {
+                let mut c = self.peers.client(id, &addr)?;
+                let r = c
+                    .write(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| from_status(&s, id));
+                self.peers.observe(id, &r);
+                r
+            }
+        }
+    }
+
+    async fn replica_read(
+        &self,
+        node: u64,
+        req: ReplicaRead,
+    ) -> Result<ReplicaReadReply, DataError> {
+        match self.target(node)? {
+            Target::Local => self.pool.read(req).await,
+            Target::Remote(id, addr) => {
+                let mut c = self.peers.client(id, &addr)?;
+                let r = c
+                    .read(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| from_status(&s, id));
+                self.peers.observe(id, &r);
+                r
+            }
+        }
+    }
+
+    async fn replica_set_epoch(&self, node: u64, group: u64, epoch: u64) -> Result<u64, DataError> {
+        match self.target(node)? {
+            Target::Local => self
+                .pool
+                .set_epoch(group, epoch)
+                .await
+                .map(|r| r.max_sequence),
+            Target::Remote(id, addr) => {
+                let mut c = self.peers.client(id, &addr)?;
+                c.set_epoch(cairn_api::data::v1::ReplicaSetEpoch {
+                    extent_group_id: group,
+                    epoch,
+                })
+                .await
+                .map(|r| r.into_inner().max_sequence)
+                .map_err(|s| from_status(&s, id))
+            }
+        }
+    }
+
+    async fn replica_delete(&self, node: u64, group: u64) -> Result<(), DataError> {
+        match self.target(node)? {
+            Target::Local => self.pool.delete(group).await,
+            Target::Remote(id, addr) => {
+                let mut c = self.peers.client(id, &addr)?;
+                c.delete(cairn_api::data::v1::ReplicaDelete {
+                    extent_group_id: group,
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| from_status(&s, id))
+            }
+        }
+    }
+
+    fn group_state(
+        &self,
+        rec: ExtentGroupRecord,
+        fresh: Option<ExtentGroupHeader>,
+    ) -> Arc<GroupState> {
+        let mut m = lock(&self.groups);
+        m.entry(rec.id)
+            .or_insert_with(|| {
+                let ready = tokio::sync::OnceCell::new();
+                let next = if fresh.is_some() {
+                    let _ = ready.set(());
+                    1
+                } else {
+                    0
+                };
+                Arc::new(GroupState {
+                    id: rec.id,
+                    rec: RwLock::new(rec),
+                    next_seq: AtomicU64::new(next),
+                    ready,
+                    change: tokio::sync::Mutex::new(()),
+                    create: RwLock::new(fresh),
+                    gate: tokio::sync::RwLock::new(()),
+                })
+            })
+            .clone()
+    }
+
+    async fn load_group(&self, id: u64) -> Result<Arc<GroupState>, DataError> {
+        if let Some(g) = lock(&self.groups).get(&id) {
+            return Ok(g.clone());
+        }
+        let rec = self
+            .meta
+            .extent_group(id)
+            .map_err(meta_err)?
+            .ok_or_else(|| DataError::NotFound(format!("extent group {id}")))?;
+        Ok(self.group_state(rec, None))
+    }
+
+    /// Chooses `rf` nodes for a new group: this node first (reads stay
+    /// local), then the members whose disks have the most room.
+    fn place(&self, rf: u32) -> Result<Vec<ReplicaLocation>, DataError> {
+        let mut out = Vec::new();
+        if self.pool.has_room() {
+            out.push(ReplicaLocation {
+                node_id: self.node_id,
+                disk_id: String::new(),
+            });
+        }
+        let disks = self.meta.disks().map_err(meta_err)?;
+        let mut candidates: Vec<(u64, u64)> = Vec::new();
+        for n in self.meta.nodes().map_err(meta_err)? {
+            if n.id == self.node_id || !self.peers.is_up(n.id) {
+                continue;
+            }
+            let free: u64 = disks
+                .iter()
+                .filter(|d| d.node_id == n.id && d.health <= 1)
+                .map(|d| d.capacity_bytes.saturating_sub(d.used_bytes))
+                .sum();
+            let known = disks.iter().any(|d| d.node_id == n.id);
+            if known && free < 64 << 20 {
+                continue;
+            }
+            candidates.push((free, n.id));
+        }
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, id) in candidates {
+            if out.len() as u32 >= rf {
+                break;
+            }
+            out.push(ReplicaLocation {
+                node_id: id,
+                disk_id: String::new(),
+            });
+        }
+        if out.len() as u32 != rf {
+            return Err(DataError::Unavailable(format!(
+                "only {} of {rf} replicas can be placed (nodes down or disks full)",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// The front ends' view of the data service (see [`BlockService`]).
+#[derive(Clone)]
+pub struct Frontend(pub Arc<DataService>);
+
+#[async_trait]
+impl BlockService for Frontend {
+    async fn open(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
+        self.0.open_volume(vdisk_id).await
+    }
+}
+
+impl DataService {
+    /// The device for `vdisk_id`: the volume itself when this node owns
+    /// it, otherwise a forwarder to the owner.
+    pub async fn open_volume(
+        self: &Arc<Self>,
+        vdisk_id: &str,
+    ) -> Result<Arc<dyn BlockDevice>, DataError> {
+        if let Some(v) = lock(&self.volumes).get(vdisk_id) {
+            if v.owned() {
+                return Ok(v.clone());
+            }
+        }
+        self.meta.read_barrier().await.map_err(meta_err)?;
+        let vd = self
+            .meta
+            .vdisk_by_id(vdisk_id)
+            .map_err(meta_err)?
+            .ok_or_else(|| DataError::NotFound(format!("vdisk {vdisk_id}")))?;
+        if vd.owner_node_id != self.node_id {
+            let owner = self.target(vd.owner_node_id)?;
+            let Target::Remote(id, addr) = owner else {
+                return Err(DataError::Unavailable("owner lookup".into()));
+            };
+            return Ok(Arc::new(Forwarded {
+                vdisk_id: vdisk_id.to_string(),
+                size: vd.size_bytes,
+                node: id,
+                client: self.peers.client(id, &addr)?,
+            }));
+        }
+        let ds = self
+            .meta
+            .datastores()
+            .map_err(meta_err)?
+            .into_iter()
+            .find(|d| d.id == vd.datastore_id)
+            .ok_or_else(|| DataError::NotFound(format!("datastore of vdisk {vdisk_id}")))?;
+        let v = Arc::new(Volume {
+            svc: self.clone(),
+            vdisk: RwLock::new(vd),
+            rf: ds.replication_factor.clamp(1, 3),
+            compression: ds.compression,
+            caw: tokio::sync::RwLock::new(()),
+            alloc: Mutex::new(HashMap::new()),
+        });
+        lock(&self.volumes).insert(vdisk_id.to_string(), v.clone());
+        Ok(v)
+    }
+}
+
+/// A vdisk owned by this node.
+pub struct Volume {
+    svc: Arc<DataService>,
+    vdisk: RwLock<VdiskRecord>,
+    rf: u32,
+    compression: bool,
+    /// Normal writes share it; compare-and-write takes it alone (atomicity).
+    caw: tokio::sync::RwLock<()>,
+    /// One allocation per vblock at a time.
+    alloc: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One vblock-sized piece of a request.
+struct Piece {
+    vblock: u64,
+    /// Byte offset inside the vblock.
+    off: u64,
+    len: u64,
+    /// Offset of the piece inside the request's buffer.
+    buf_off: usize,
+}
+
+impl Volume {
+    fn rec(&self) -> VdiskRecord {
+        match self.vdisk.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn owned(&self) -> bool {
+        // Ownership is re-read from local metadata: it moves rarely, and a
+        // stale owner is fenced by the epochs anyway.
+        match self.svc.meta.vdisk_by_id(&self.rec().id) {
+            Ok(Some(vd)) => {
+                let owned = vd.owner_node_id == self.svc.node_id;
+                if let Ok(mut g) = self.vdisk.write() {
+                    *g = vd;
+                }
+                owned
+            }
+            _ => false,
+        }
+    }
+
+    fn vbs(&self) -> u64 {
+        u64::from(self.svc.vblock_size)
+    }
+
+    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let vbs = self.vbs();
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let vblock = pos / vbs;
+            let off = pos % vbs;
+            let n = (vbs - off).min(end - pos);
+            out.push(Piece {
+                vblock,
+                off,
+                len: n,
+                buf_off: (pos - offset) as usize,
+            });
+            pos += n;
+        }
+        out
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), DataError> {
+        let size = self.rec().size_bytes;
+        if check_range(size, offset, len).is_err() {
+            // Maybe it grew: look again before refusing.
+            self.owned();
+        }
+        check_range(self.rec().size_bytes, offset, len)
+    }
+
+    /// The group holding `vblock` as this vdisk sees it now, following
+    /// snapshots (older generations) and clone parents.
+    fn resolve(&self, vblock: u64) -> Result<Option<VblockMapping>, DataError> {
+        let vd = self.rec();
+        let mut vdisk = vd.id.clone();
+        let mut gen = vd.generation;
+        let mut parent = (vd.parent_vdisk_id.clone(), vd.parent_generation);
+        for _ in 0..64 {
+            let maps = self
+                .svc
+                .meta
+                .vblock_mappings(&vdisk, vblock)
+                .map_err(meta_err)?;
+            if let Some(m) = maps.into_iter().rev().find(|m| m.generation <= gen) {
+                return Ok(Some(m));
+            }
+            if parent.0.is_empty() {
+                return Ok(None);
+            }
+            vdisk = parent.0.clone();
+            gen = parent.1;
+            parent = match self.svc.meta.vdisk_by_id(&vdisk).map_err(meta_err)? {
+                Some(p) => (p.parent_vdisk_id, p.parent_generation),
+                None => (String::new(), 0),
+            };
+        }
+        Ok(None)
+    }
+
+    fn header_for(&self, g: &ExtentGroupRecord) -> ExtentGroupHeader {
+        let vd = self.rec();
+        ExtentGroupHeader {
+            format_version: cairn_api::FORMAT_VERSION,
+            cluster_id: self.svc.cluster_id.clone(),
+            extent_group_id: g.id,
+            vdisk_id: g.vdisk_id.clone(),
+            vdisk_generation: g.generation,
+            first_vblock: g.vblock,
+            vblock_count: 1,
+            vblock_size: self.svc.vblock_size,
+            block_size: BLOCK_SIZE as u32,
+            codec: if g.compression {
+                Codec::Zstd as i32
+            } else {
+                Codec::None as i32
+            },
+            checksum: 0,
+            epoch: g.epoch,
+            created_unix_ms: g.created_unix_ms,
+            vdisk_size_bytes: vd.size_bytes,
+            parent_vdisk_id: vd.parent_vdisk_id.clone(),
+            parent_generation: vd.parent_generation,
+        }
+    }
+
+    /// The group to write `vblock` into: the current generation's, or a new
+    /// one (copying the older version of the vblock first when a snapshot
+    /// or a clone parent still shares it).
+    async fn group_for_write(&self, vblock: u64) -> Result<Arc<GroupState>, DataError> {
+        let gen = self.rec().generation;
+        if let Some(m) = self.resolve(vblock)? {
+            if m.vdisk_id == self.rec().id && m.generation == gen {
+                return self.svc.load_group(m.extent_group_id).await;
+            }
+        }
+        let slot = {
+            let mut a = lock(&self.alloc);
+            a.entry(vblock).or_default().clone()
+        };
+        let _one = slot.lock().await;
+        // Someone may have allocated while we waited.
+        let source = self.resolve(vblock)?;
+        if let Some(m) = &source {
+            if m.vdisk_id == self.rec().id && m.generation == gen {
+                return self.svc.load_group(m.extent_group_id).await;
+            }
+        }
+        let vd = self.rec();
+        let rec = ExtentGroupRecord {
+            format_version: cairn_api::FORMAT_VERSION,
+            id: rand::random::<u64>() >> 1,
+            vdisk_id: vd.id.clone(),
+            epoch: 1,
+            replicas: self.svc.place(self.rf)?,
+            created_unix_ms: cairn_util::now_unix_ms(),
+            vblock,
+            generation: gen,
+            vblock_size: self.svc.vblock_size,
+            compression: self.compression,
+        };
+        let header = self.header_for(&rec);
+        let gs = Arc::new(GroupState {
+            id: rec.id,
+            rec: RwLock::new(rec.clone()),
+            next_seq: AtomicU64::new(1),
+            ready: tokio::sync::OnceCell::new_with(Some(())),
+            change: tokio::sync::Mutex::new(()),
+            create: RwLock::new(Some(header.clone())),
+            gate: tokio::sync::RwLock::new(()),
+        });
+        // Create the replicas (and copy the shared version) before the
+        // mapping exists, so no reader ever sees a half-made group.
+        self.replicate(&gs, RecordKind::RecordEpoch, 0, 0, Vec::new())
+            .await?;
+        if let Some(src) = source {
+            let src_gs = self.svc.load_group(src.extent_group_id).await?;
+            let blocks = self.vbs() as u32 / BLOCK_SIZE as u32;
+            let (data, states) = self.read_group(&src_gs, 0, blocks, false).await?;
+            let mut b = 0u32;
+            while b < blocks {
+                if !states.get(b as usize).copied().unwrap_or(false) {
+                    b += 1;
+                    continue;
+                }
+                let start = b;
+                while b < blocks
+                    && states.get(b as usize).copied().unwrap_or(false)
+                    && b - start < 64
+                {
+                    b += 1;
+                }
+                let bytes = data[start as usize * BLOCK_SIZE..b as usize * BLOCK_SIZE].to_vec();
+                self.replicate(&gs, RecordKind::RecordData, start, b - start, bytes)
+                    .await?;
+            }
+        }
+        let res = self
+            .svc
+            .meta
+            .propose_raw(Op::AllocateExtentGroup(AllocateExtentGroup {
+                group: Some(gs.rec_snapshot()),
+            }))
+            .await
+            .map_err(meta_err)?;
+        if res.error_code.is_empty() {
+            lock(&self.svc.groups).insert(gs.id, gs.clone());
+            return Ok(gs);
+        }
+        // Lost a race (or the generation moved): drop our replicas, retry via metadata.
+        for r in gs.rec_snapshot().replicas {
+            let _ = self.svc.replica_delete(r.node_id, gs.id).await;
+        }
+        if res.error_code == meta_codes::CONFLICT.code && !res.record.is_empty() {
+            let winner = Record::<ExtentGroupRecord>::decode(&res.record)
+                .map_err(|e| DataError::Unavailable(e.to_string()))?;
+            return self.svc.load_group(winner.msg.id).await;
+        }
+        self.owned();
+        Err(DataError::Unavailable(format!(
+            "allocating vblock {vblock}: {}",
+            res.error_message
+        )))
+    }
+
+    /// Sends one record to every replica of the group; returns when all
+    /// replicas of the (possibly shrunk) set have it durable.
+    async fn replicate(
+        &self,
+        gs: &Arc<GroupState>,
+        kind: RecordKind,
+        first: u32,
+        count: u32,
+        data: Vec<u8>,
+    ) -> Result<(), DataError> {
+        self.ensure_ready(gs).await?;
+        let crcs = if kind == RecordKind::RecordData {
+            format::block_checksums(&data)
+        } else {
+            Vec::new()
+        };
+        let data = bytes::Bytes::from(data);
+        for _attempt in 0..3 {
+            let _gate = gs.gate.read().await;
+            let rec = gs.rec_snapshot();
+            let seq = if kind == RecordKind::RecordEpoch {
+                0
+            } else {
+                gs.next_seq.fetch_add(1, Ordering::SeqCst)
+            };
+            let create = match gs.create.read() {
+                Ok(g) => g.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            let sends = rec.replicas.iter().map(|r| {
+                let req = ReplicaWrite {
+                    format_version: cairn_api::FORMAT_VERSION,
+                    extent_group_id: gs.id,
+                    epoch: rec.epoch,
+                    sequence: seq,
+                    kind: kind as i32,
+                    first_block: first,
+                    block_count: count,
+                    data: data.to_vec(),
+                    block_crc32c: crcs.clone(),
+                    create: create.clone(),
+                    copy: false,
+                };
+                let node = r.node_id;
+                async move { (node, self.svc.replica_write(node, req).await) }
+            });
+            let results = join_all(sends).await;
+            let failed: Vec<(u64, DataError)> = results
+                .into_iter()
+                .filter_map(|(n, r)| r.err().map(|e| (n, e)))
+                .collect();
+            drop(_gate);
+            if failed.is_empty() {
+                if create.is_some() {
+                    if let Ok(mut c) = gs.create.write() {
+                        *c = None;
+                    }
+                }
+                self.svc
+                    .stats
+                    .bytes_written
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                return Ok(());
+            }
+            if failed
+                .iter()
+                .any(|(_, e)| matches!(e, DataError::StaleEpoch { .. }))
+            {
+                // Someone raised the epoch: are we still the owner?
+                if !self.owned() {
+                    return Err(DataError::Unavailable(format!(
+                        "vdisk {} moved to another node",
+                        self.rec().id
+                    )));
+                }
+                self.refresh_group(gs).await?;
+                continue;
+            }
+            if failed.len() == rec.replicas.len() {
+                let (_, e) = failed
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| DataError::Unavailable("no replicas".into()))?;
+                return Err(e);
+            }
+            for (n, e) in &failed {
+                tracing::warn!(group = gs.id, node = n, error = %e,
+                    "replica write failed; dropping the replica from the group");
+            }
+            let drop: Vec<u64> = failed.iter().map(|(n, _)| *n).collect();
+            self.drop_replicas(gs, &drop).await?;
+            return Ok(());
+        }
+        Err(DataError::Unavailable(format!(
+            "extent group {}: epoch keeps moving",
+            gs.id
+        )))
+    }
+
+    async fn refresh_group(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
+        self.svc.meta.read_barrier().await.map_err(meta_err)?;
+        let rec = self
+            .svc
+            .meta
+            .extent_group(gs.id)
+            .map_err(meta_err)?
+            .ok_or_else(|| DataError::NotFound(format!("extent group {}", gs.id)))?;
+        gs.set_rec(rec);
+        Ok(())
+    }
+
+    /// Removes replicas from the set (epoch + 1) and fences them.
+    async fn drop_replicas(&self, gs: &Arc<GroupState>, nodes: &[u64]) -> Result<(), DataError> {
+        let _c = gs.change.lock().await;
+        for _ in 0..5 {
+            let rec = gs.rec_snapshot();
+            let keep: Vec<ReplicaLocation> = rec
+                .replicas
+                .iter()
+                .filter(|r| !nodes.contains(&r.node_id))
+                .cloned()
+                .collect();
+            if keep.len() == rec.replicas.len() {
+                return Ok(());
+            }
+            if keep.is_empty() {
+                return Err(DataError::Unavailable(format!(
+                    "extent group {}: no replica left",
+                    gs.id
+                )));
+            }
+            let res = self
+                .svc
+                .meta
+                .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
+                    id: gs.id,
+                    expect_epoch: rec.epoch,
+                    new_epoch: rec.epoch + 1,
+                    replicas: keep.clone(),
+                }))
+                .await
+                .map_err(meta_err)?;
+            if !res.error_code.is_empty() {
+                self.refresh_group(gs).await?;
+                continue;
+            }
+            let mut new = rec.clone();
+            new.epoch += 1;
+            new.replicas = keep.clone();
+            gs.set_rec(new.clone());
+            self.svc
+                .stats
+                .replicas_dropped
+                .fetch_add(nodes.len() as u64, Ordering::Relaxed);
+            for r in &keep {
+                if let Err(e) = self
+                    .svc
+                    .replica_set_epoch(r.node_id, gs.id, new.epoch)
+                    .await
+                {
+                    tracing::warn!(group = gs.id, node = r.node_id, error = %e, "cannot raise a replica's epoch");
+                }
+            }
+            tracing::warn!(group = gs.id, dropped = ?nodes, epoch = new.epoch,
+                replicas = keep.len(), "extent group runs with fewer replicas until re-replication");
+            return Ok(());
+        }
+        Err(DataError::Unavailable(format!(
+            "extent group {}: replica set keeps changing",
+            gs.id
+        )))
+    }
+
+    /// First use of a group by this primary since it started (or since the
+    /// vdisk moved here): raise the epoch (fencing any older primary), learn
+    /// the highest sequence, and bring replicas that missed an unacknowledged
+    /// write into agreement.
+    async fn ensure_ready(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
+        gs.ready
+            .get_or_try_init(|| async {
+                let _c = gs.change.lock().await;
+                self.refresh_group(gs).await?;
+                let rec = gs.rec_snapshot();
+                let new_epoch = rec.epoch + 1;
+                let res = self
+                    .svc
+                    .meta
+                    .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
+                        id: gs.id,
+                        expect_epoch: rec.epoch,
+                        new_epoch,
+                        replicas: rec.replicas.clone(),
+                    }))
+                    .await
+                    .map_err(meta_err)?;
+                if !res.error_code.is_empty() {
+                    return Err(DataError::Unavailable(format!(
+                        "taking over extent group {}: {}",
+                        gs.id, res.error_message
+                    )));
+                }
+                let mut new = rec.clone();
+                new.epoch = new_epoch;
+                gs.set_rec(new.clone());
+                let mut max = 0;
+                let mut seqs = Vec::new();
+                let mut dead = Vec::new();
+                for r in &new.replicas {
+                    match self
+                        .svc
+                        .replica_set_epoch(r.node_id, gs.id, new_epoch)
+                        .await
+                    {
+                        Ok(s) => {
+                            max = max.max(s);
+                            seqs.push((r.node_id, s));
+                        }
+                        Err(e) => {
+                            tracing::warn!(group = gs.id, node = r.node_id, error = %e,
+                                "replica unreachable at takeover");
+                            dead.push(r.node_id);
+                        }
+                    }
+                }
+                gs.next_seq.store(max + 1, Ordering::SeqCst);
+                if seqs.iter().any(|(_, s)| *s != max) {
+                    self.reconcile(gs).await?;
+                }
+                drop(_c);
+                if !dead.is_empty() {
+                    self.drop_replicas(gs, &dead).await?;
+                }
+                Ok::<(), DataError>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Gives every replica the newest version of every block any of them has.
+    async fn reconcile(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
+        let rec = gs.rec_snapshot();
+        let blocks = rec.vblock_size.max(BLOCK_SIZE as u32) / BLOCK_SIZE as u32;
+        let mut views = Vec::new();
+        for r in &rec.replicas {
+            let req = ReplicaRead {
+                format_version: cairn_api::FORMAT_VERSION,
+                extent_group_id: gs.id,
+                first_block: 0,
+                block_count: blocks,
+                epoch: 0,
+            };
+            if let Ok(v) = self.svc.replica_read(r.node_id, req).await {
+                views.push((r.node_id, v));
+            }
+        }
+        for b in 0..blocks as usize {
+            let Some((_, best)) = views
+                .iter()
+                .filter_map(|(n, v)| v.blocks.get(b).map(|s| (n, s.sequence, s.mapped, v)))
+                .max_by_key(|x| x.1)
+                .map(|(n, seq, mapped, v)| (*n, (seq, mapped, v)))
+            else {
+                continue;
+            };
+            let (seq, mapped, src) = best;
+            for (n, v) in &views {
+                if v.blocks.get(b).map(|s| s.sequence) == Some(seq) {
+                    continue;
+                }
+                let data = if mapped {
+                    src.data[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].to_vec()
+                } else {
+                    Vec::new()
+                };
+                let req = ReplicaWrite {
+                    format_version: cairn_api::FORMAT_VERSION,
+                    extent_group_id: gs.id,
+                    epoch: rec.epoch,
+                    sequence: seq,
+                    kind: if mapped {
+                        RecordKind::RecordData as i32
+                    } else {
+                        RecordKind::RecordTrim as i32
+                    },
+                    first_block: b as u32,
+                    block_count: 1,
+                    block_crc32c: if mapped {
+                        format::block_checksums(&data)
+                    } else {
+                        Vec::new()
+                    },
+                    data,
+                    create: None,
+                    copy: true,
+                };
+                self.svc.replica_write(*n, req).await?;
+            }
+        }
+        tracing::info!(group = gs.id, "replicas reconciled after takeover");
+        Ok(())
+    }
+
+    /// Reads verified blocks of a group: the local replica first, then the
+    /// others; a local copy that failed verification is rewritten from the
+    /// good one. Returns the data and which blocks are mapped.
+    async fn read_group(
+        &self,
+        gs: &Arc<GroupState>,
+        first: u32,
+        count: u32,
+        live: bool,
+    ) -> Result<(Vec<u8>, Vec<bool>), DataError> {
+        if live {
+            self.ensure_ready(gs).await?;
+        }
+        let rec = gs.rec_snapshot();
+        let mut order: Vec<u64> = rec.replicas.iter().map(|r| r.node_id).collect();
+        order.sort_by_key(|n| *n != self.svc.node_id);
+        let mut bad_local: Option<DataError> = None;
+        let mut last = None;
+        for node in order {
+            let req = ReplicaRead {
+                format_version: cairn_api::FORMAT_VERSION,
+                extent_group_id: gs.id,
+                first_block: first,
+                block_count: count,
+                epoch: 0,
+            };
+            match self.svc.replica_read(node, req).await {
+                Ok(reply) => {
+                    if let Some(e) = bad_local.take() {
+                        self.repair_local(gs, first, &reply, &e).await;
+                    }
+                    self.svc
+                        .stats
+                        .bytes_read
+                        .fetch_add(reply.data.len() as u64, Ordering::Relaxed);
+                    let mapped = reply.blocks.iter().map(|b| b.mapped).collect();
+                    return Ok((reply.data, mapped));
+                }
+                Err(e) => {
+                    tracing::warn!(group = gs.id, node, error = %e, "replica read failed; trying another replica");
+                    if node == self.svc.node_id && e.is_replica_fault() {
+                        bad_local = Some(e);
+                    } else {
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        Err(last.or(bad_local).unwrap_or_else(|| {
+            DataError::Unavailable(format!("extent group {}: no replica", gs.id))
+        }))
+    }
+
+    async fn repair_local(
+        &self,
+        gs: &Arc<GroupState>,
+        first: u32,
+        good: &ReplicaReadReply,
+        why: &DataError,
+    ) {
+        let epoch = gs.rec_snapshot().epoch;
+        let mut repaired = 0u64;
+        for (i, st) in good.blocks.iter().enumerate() {
+            let data = if st.mapped {
+                good.data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].to_vec()
+            } else {
+                continue;
+            };
+            let req = ReplicaWrite {
+                format_version: cairn_api::FORMAT_VERSION,
+                extent_group_id: gs.id,
+                epoch,
+                sequence: st.sequence,
+                kind: RecordKind::RecordData as i32,
+                first_block: first + i as u32,
+                block_count: 1,
+                block_crc32c: format::block_checksums(&data),
+                data,
+                create: None,
+                copy: true,
+            };
+            match self.svc.pool.write(req).await {
+                Ok(_) => repaired += 1,
+                Err(e) => {
+                    tracing::error!(group = gs.id, error = %e, "cannot rewrite a bad local block");
+                    return;
+                }
+            }
+        }
+        self.svc
+            .stats
+            .checksum_repairs
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(group = gs.id, first_block = first, blocks = repaired, cause = %why,
+            "checksum mismatch on the local replica; rewrote the blocks from a healthy replica");
+    }
+
+    /// Reads part of one vblock.
+    async fn read_piece(&self, p: &Piece) -> Result<Vec<u8>, DataError> {
+        let Some(m) = self.resolve(p.vblock)? else {
+            return Ok(vec![0u8; p.len as usize]);
+        };
+        let gs = self.svc.load_group(m.extent_group_id).await?;
+        let live = m.vdisk_id == self.rec().id && m.generation == self.rec().generation;
+        let first = (p.off / BLOCK_SIZE as u64) as u32;
+        let last = (p.off + p.len).div_ceil(BLOCK_SIZE as u64) as u32;
+        let (data, _) = self.read_group(&gs, first, last - first, live).await?;
+        let skip = (p.off - u64::from(first) * BLOCK_SIZE as u64) as usize;
+        Ok(data[skip..skip + p.len as usize].to_vec())
+    }
+
+    /// Writes part of one vblock (read-modify-write at the block edges).
+    async fn write_piece(&self, p: &Piece, buf: &[u8]) -> Result<(), DataError> {
+        let first = (p.off / BLOCK_SIZE as u64) as u32;
+        let last = (p.off + p.len).div_ceil(BLOCK_SIZE as u64) as u32;
+        let aligned =
+            p.off.is_multiple_of(BLOCK_SIZE as u64) && p.len.is_multiple_of(BLOCK_SIZE as u64);
+        let data = if aligned {
+            buf.to_vec()
+        } else {
+            let whole = Piece {
+                vblock: p.vblock,
+                off: u64::from(first) * BLOCK_SIZE as u64,
+                len: u64::from(last - first) * BLOCK_SIZE as u64,
+                buf_off: 0,
+            };
+            let mut d = self.read_piece(&whole).await?;
+            let skip = (p.off - whole.off) as usize;
+            d[skip..skip + buf.len()].copy_from_slice(buf);
+            d
+        };
+        let gs = self.group_for_write(p.vblock).await?;
+        self.replicate(&gs, RecordKind::RecordData, first, last - first, data)
+            .await
+    }
+
+    async fn unmap_piece(&self, p: &Piece) -> Result<(), DataError> {
+        let first = p.off.div_ceil(BLOCK_SIZE as u64);
+        let last = (p.off + p.len) / BLOCK_SIZE as u64;
+        // Partial blocks at the edges become zeros.
+        let head = (first * BLOCK_SIZE as u64).min(p.off + p.len) - p.off;
+        if head > 0 {
+            let z = Piece {
+                vblock: p.vblock,
+                off: p.off,
+                len: head,
+                buf_off: 0,
+            };
+            self.write_piece(&z, &vec![0u8; head as usize]).await?;
+        }
+        let tail_start = (last * BLOCK_SIZE as u64).max(p.off + head);
+        if tail_start < p.off + p.len {
+            let n = p.off + p.len - tail_start;
+            let z = Piece {
+                vblock: p.vblock,
+                off: tail_start,
+                len: n,
+                buf_off: 0,
+            };
+            self.write_piece(&z, &vec![0u8; n as usize]).await?;
+        }
+        if last <= first {
+            return Ok(());
+        }
+        let Some(m) = self.resolve(p.vblock)? else {
+            return Ok(()); // never written: already reads as zeros
+        };
+        let vd = self.rec();
+        let whole = p.off == 0 && p.len == self.vbs();
+        if whole && m.vdisk_id == vd.id && m.generation == vd.generation {
+            let older = self
+                .svc
+                .meta
+                .vblock_mappings(&vd.id, p.vblock)
+                .map_err(meta_err)?
+                .iter()
+                .any(|x| x.generation < vd.generation);
+            if !older && vd.parent_vdisk_id.is_empty() {
+                // Nothing else can show through: free the whole group.
+                let gs = self.svc.load_group(m.extent_group_id).await?;
+                self.svc
+                    .meta
+                    .propose(Op::DeleteExtentGroup(DeleteExtentGroup { id: gs.id }))
+                    .await
+                    .map_err(meta_err)?;
+                lock(&self.svc.groups).remove(&gs.id);
+                for r in gs.rec_snapshot().replicas {
+                    if let Err(e) = self.svc.replica_delete(r.node_id, gs.id).await {
+                        tracing::warn!(group = gs.id, node = r.node_id, error = %e,
+                            "cannot delete a freed replica; the scrubber will");
+                    }
+                }
+                return Ok(());
+            }
+        }
+        let gs = self.group_for_write(p.vblock).await?;
+        self.replicate(
+            &gs,
+            RecordKind::RecordTrim,
+            first as u32,
+            (last - first) as u32,
+            Vec::new(),
+        )
+        .await
+    }
+}
+
+impl GroupState {
+    fn rec_snapshot(&self) -> ExtentGroupRecord {
+        match self.rec.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+    fn set_rec(&self, r: ExtentGroupRecord) {
+        match self.rec.write() {
+            Ok(mut g) => *g = r,
+            Err(p) => *p.into_inner() = r,
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Volume {
+    fn size(&self) -> u64 {
+        self.rec().size_bytes
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DataError> {
+        self.check(offset, len)?;
+        let pieces = self.pieces(offset, len);
+        let parts = join_all(pieces.iter().map(|p| self.read_piece(p))).await;
+        let mut out = Vec::with_capacity(len as usize);
+        for p in parts {
+            out.extend_from_slice(&p?);
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), DataError> {
+        self.check(offset, data.len() as u64)?;
+        let _shared = self.caw.read().await;
+        self.write_locked(offset, data).await
+    }
+
+    async fn flush(&self) -> Result<(), DataError> {
+        Ok(())
+    }
+
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError> {
+        self.check(offset, len)?;
+        let _shared = self.caw.read().await;
+        let pieces = self.pieces(offset, len);
+        for r in join_all(pieces.iter().map(|p| self.unmap_piece(p))).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DataError> {
+        if unmap {
+            return self.unmap(offset, len).await;
+        }
+        self.write(offset, &vec![0u8; len as usize], false).await
+    }
+
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        expected: &[u8],
+        data: &[u8],
+    ) -> Result<(), DataError> {
+        if expected.len() != data.len() {
+            return Err(DataError::Invalid(
+                "compare and write buffers differ in length".into(),
+            ));
+        }
+        self.check(offset, data.len() as u64)?;
+        let _alone = self.caw.write().await;
+        let current = self.read(offset, data.len() as u64).await?;
+        if let Some(i) = current.iter().zip(expected).position(|(a, b)| a != b) {
+            return Err(DataError::Miscompare { offset: i as u64 });
+        }
+        self.write_locked(offset, data).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
+        self.check(offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |offset: u64, length: u64, mapped: bool| match out.last_mut() {
+            Some(l) if l.mapped == mapped && l.offset + l.length == offset => l.length += length,
+            _ => out.push(Extent {
+                offset,
+                length,
+                mapped,
+            }),
+        };
+        for p in self.pieces(offset, len) {
+            let base = p.vblock * self.vbs();
+            match self.resolve(p.vblock)? {
+                None => push(base + p.off, p.len, false),
+                Some(m) => {
+                    let gs = self.svc.load_group(m.extent_group_id).await?;
+                    let first = (p.off / BLOCK_SIZE as u64) as u32;
+                    let last = (p.off + p.len).div_ceil(BLOCK_SIZE as u64) as u32;
+                    let (_, mapped) = self.read_group(&gs, first, last - first, false).await?;
+                    for (i, m) in mapped.iter().enumerate() {
+                        let bstart = base + u64::from(first + i as u32) * BLOCK_SIZE as u64;
+                        let s = bstart.max(base + p.off);
+                        let e = (bstart + BLOCK_SIZE as u64).min(base + p.off + p.len);
+                        push(s, e - s, *m);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Volume {
+    async fn write_locked(&self, offset: u64, data: &[u8]) -> Result<(), DataError> {
+        let pieces = self.pieces(offset, data.len() as u64);
+        let results = join_all(
+            pieces
+                .iter()
+                .map(|p| self.write_piece(p, &data[p.buf_off..p.buf_off + p.len as usize])),
+        )
+        .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+/// A vdisk owned by another node: every call is forwarded to the owner.
+struct Forwarded {
+    vdisk_id: String,
+    size: u64,
+    node: u64,
+    client: cairn_api::data::v1::data_replica_client::DataReplicaClient<tonic::transport::Channel>,
+}
+
+impl Forwarded {
+    async fn call(
+        &self,
+        op: vdisk_io::Op,
+        offset: u64,
+        length: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<Vec<u8>, DataError> {
+        let mut c = self.client.clone();
+        c.forward(VdiskIo {
+            format_version: cairn_api::FORMAT_VERSION,
+            vdisk_id: self.vdisk_id.clone(),
+            op: op as i32,
+            offset,
+            length,
+            data,
+            fua,
+        })
+        .await
+        .map(|r| r.into_inner().data)
+        .map_err(|s| from_status(&s, self.node))
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Forwarded {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DataError> {
+        self.call(vdisk_io::Op::Read, offset, len, Vec::new(), false)
+            .await
+    }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError> {
+        self.call(
+            vdisk_io::Op::Write,
+            offset,
+            data.len() as u64,
+            data.to_vec(),
+            fua,
+        )
+        .await
+        .map(|_| ())
+    }
+    async fn flush(&self) -> Result<(), DataError> {
+        self.call(vdisk_io::Op::Flush, 0, 0, Vec::new(), false)
+            .await
+            .map(|_| ())
+    }
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError> {
+        self.call(vdisk_io::Op::Unmap, offset, len, Vec::new(), false)
+            .await
+            .map(|_| ())
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DataError> {
+        if unmap {
+            return self.unmap(offset, len).await;
+        }
+        self.call(vdisk_io::Op::WriteZeroes, offset, len, Vec::new(), false)
+            .await
+            .map(|_| ())
+    }
+    async fn compare_and_write(
+        &self,
+        _offset: u64,
+        _expected: &[u8],
+        _data: &[u8],
+    ) -> Result<(), DataError> {
+        Err(DataError::Unavailable(
+            "compare-and-write must run on the vdisk's owner".into(),
+        ))
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
+        Ok(vec![Extent {
+            offset,
+            length: len,
+            mapped: true,
+        }])
+    }
+}
