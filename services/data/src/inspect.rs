@@ -87,6 +87,24 @@ pub fn inspect(path: &Path) -> Result<String, DataError> {
     Ok(o)
 }
 
+/// Problems of one file (empty when it is healthy).
+pub fn verify_file(path: &Path) -> Vec<String> {
+    match ExtentGroupFile::open(path, false) {
+        Err(e) => vec![e.to_string()],
+        Ok(f) => {
+            let mut out = Vec::new();
+            let bad = f.verify();
+            if !bad.is_empty() {
+                out.push(format!("checksum mismatch in blocks {bad:?}"));
+            }
+            if let Some(d) = &f.report().damage {
+                out.push(d.clone());
+            }
+            out
+        }
+    }
+}
+
 /// Outcome of verifying a set of folders.
 #[derive(Debug, Default)]
 pub struct VerifySummary {

@@ -17,6 +17,7 @@ pub mod egroup;
 pub mod format;
 pub mod frontend;
 pub mod inspect;
+pub mod maintenance;
 pub mod pool;
 pub mod rpc;
 pub mod store;

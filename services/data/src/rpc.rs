@@ -75,12 +75,14 @@ pub struct ReplicaServer {
     frontend: Arc<dyn BlockService>,
 }
 
-/// The data service's RPC routes, to merge into the node's RPC router.
-pub fn router(pool: Arc<LocalPool>, frontend: Arc<dyn BlockService>) -> axum::Router {
-    let svc = DataReplicaServer::new(ReplicaServer { pool, frontend })
+/// The data service's gRPC server, to add to the node's RPC routes.
+pub fn service(
+    pool: Arc<LocalPool>,
+    frontend: Arc<dyn BlockService>,
+) -> DataReplicaServer<ReplicaServer> {
+    DataReplicaServer::new(ReplicaServer { pool, frontend })
         .max_decoding_message_size(MAX_DATA_MESSAGE)
-        .max_encoding_message_size(MAX_DATA_MESSAGE);
-    tonic::service::Routes::new(svc).into_axum_router()
+        .max_encoding_message_size(MAX_DATA_MESSAGE)
 }
 
 fn logged(op: &'static str, e: DataError) -> Status {

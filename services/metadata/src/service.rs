@@ -153,7 +153,15 @@ async fn log_rpc_errors(req: Request, next: Next) -> Response {
 }
 
 /// The node's RPC router (serve it with `cairn_rpc::serve::serve_tls`, mTLS).
-pub fn rpc_router(handle: MetadataHandle, cluster_id: String, version: String) -> axum::Router {
+/// The node's RPC router: the metadata services plus whatever `extend` adds
+/// (other services' gRPC servers; one router, since routers with fallbacks
+/// cannot be merged).
+pub fn rpc_router(
+    handle: MetadataHandle,
+    cluster_id: String,
+    version: String,
+    extend: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
+) -> axum::Router {
     let raft = RaftTransportServer::new(RaftService {
         handle: handle.clone(),
         cluster_id,
@@ -162,8 +170,7 @@ pub fn rpc_router(handle: MetadataHandle, cluster_id: String, version: String) -
     .max_decoding_message_size(MAX_RPC_MESSAGE)
     .max_encoding_message_size(MAX_RPC_MESSAGE);
     let kv = KvServer::new(KvService { handle });
-    tonic::service::Routes::new(raft)
-        .add_service(kv)
+    extend(tonic::service::Routes::new(raft).add_service(kv))
         .into_axum_router()
         .layer(axum::middleware::from_fn(log_rpc_errors))
 }

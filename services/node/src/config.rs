@@ -26,6 +26,20 @@ pub struct NodeConfig {
     pub join: Option<JoinConfig>,
     #[serde(default)]
     pub raft: RaftConfig,
+    /// Local disks for extent groups: mounted block devices' folders, or
+    /// plain folders for tests and the demo. Empty means one disk at
+    /// `<data_dir>/disks/d0`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// Bytes this disk may hold; 0 or absent means its file system's size.
+    #[serde(default)]
+    pub capacity_bytes: u64,
 }
 
 /// Present on nodes created by `cairn cluster join` until they are members.
@@ -100,6 +114,24 @@ impl NodeConfig {
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("metadata")
+    }
+
+    /// The data disks, with the default when none are configured.
+    pub fn data_disks(&self) -> Vec<(PathBuf, u64)> {
+        if self.disks.is_empty() {
+            return vec![(self.data_dir.join("disks").join("d0"), 0)];
+        }
+        self.disks
+            .iter()
+            .map(|d| {
+                let p = if d.path.is_relative() {
+                    self.data_dir.join(&d.path)
+                } else {
+                    d.path.clone()
+                };
+                (p, d.capacity_bytes)
+            })
+            .collect()
     }
 }
 

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use crate::client::Api;
@@ -47,12 +47,22 @@ struct Conn {
     /// A node's data folder: its endpoint, token and CA are used by default.
     #[arg(long = "data-dir", global = true, env = "CAIRN_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Output format.
-    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    /// Output format: table or json (for `extent export`: the image file).
+    #[arg(short = 'o', long, global = true)]
+    output: Option<String>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+impl Conn {
+    fn format(&self) -> anyhow::Result<Output> {
+        match self.output.as_deref() {
+            None | Some("table") => Ok(Output::Table),
+            Some("json") => Ok(Output::Json),
+            Some(other) => bail!("unknown output format {other:?}: use table or json"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Output {
     Table,
     Json,
@@ -72,6 +82,9 @@ enum Cmd {
     /// Manage vdisks (thin virtual block devices).
     #[command(subcommand)]
     Vdisk(VdiskCmd),
+    /// Offline tools on extent group files (no cluster needed).
+    #[command(subcommand)]
+    Extent(ExtentCmd),
     /// Start a local 3-node demo cluster on 127.0.0.1-3 (Ctrl-C stops it).
     Demo {
         /// Folder holding the demo nodes' data and logs.
@@ -172,6 +185,31 @@ enum VdiskCmd {
         name: String,
         #[arg(long)]
         size: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExtentCmd {
+    /// Print an extent group file's header and checksum state.
+    Inspect { file: PathBuf },
+    /// Verify every block of every extent group file under the folders.
+    Verify {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
+    /// Rebuild a vdisk image from extent group files alone.
+    Export {
+        #[arg(long)]
+        vdisk: String,
+        /// Folders to search (e.g. every node's disks).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// The view as of this generation (a snapshot's) instead of the latest.
+        #[arg(long)]
+        generation: Option<u64>,
+        /// Image size (default: the vdisk size recorded in the files).
+        #[arg(long)]
+        size: Option<String>,
     },
 }
 
@@ -283,7 +321,11 @@ fn seg(s: &str) -> String {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
-    let out = cli.conn.output;
+    let image = cli.conn.output.clone();
+    let out = match &cli.cmd {
+        Cmd::Extent(ExtentCmd::Export { .. }) => Output::Table,
+        _ => cli.conn.format()?,
+    };
     let api = || cli.conn.api(Duration::from_secs(30));
     match cli.cmd {
         Cmd::Node(NodeCmd::Run { config }) => {
@@ -475,6 +517,81 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo { root, nodes } => {
             demo::run(Path::new(&root), nodes)?;
+        }
+        Cmd::Extent(c) => extent(c, out, image)?,
+    }
+    Ok(())
+}
+
+fn extent(c: ExtentCmd, out: Output, image: Option<String>) -> anyhow::Result<()> {
+    use cairn_data::inspect;
+    match c {
+        ExtentCmd::Inspect { file } => {
+            print!("{}", inspect::inspect(&file)?);
+            let report = inspect::verify_file(&file);
+            if !report.is_empty() {
+                bail!("{}: {}", file.display(), report.join("; "));
+            }
+        }
+        ExtentCmd::Verify { dirs } => {
+            let s = inspect::verify(&dirs);
+            if out == Output::Json {
+                let problems: Vec<_> = s
+                    .problems
+                    .iter()
+                    .map(
+                        |(p, w)| serde_json::json!({"file": p.display().to_string(), "problem": w}),
+                    )
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"files": s.files, "blocks_checked": s.blocks_checked, "problems": problems})
+                );
+            } else {
+                for (p, w) in &s.problems {
+                    println!("BAD  {}: {w}", p.display());
+                }
+                println!(
+                    "{} files, {} blocks checked, {} problems",
+                    s.files,
+                    s.blocks_checked,
+                    s.problems.len()
+                );
+            }
+            if !s.problems.is_empty() {
+                bail!(
+                    "{} extent group file(s) failed verification",
+                    s.problems.len()
+                );
+            }
+        }
+        ExtentCmd::Export {
+            vdisk,
+            dirs,
+            generation,
+            size,
+        } => {
+            let output = PathBuf::from(image.ok_or_else(|| {
+                anyhow::anyhow!("extent export needs -o IMAGE (the file to write)")
+            })?);
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let s = inspect::export(&vdisk, &dirs, &output, generation, size)?;
+            for (p, why) in &s.skipped {
+                eprintln!("skipped {}: {why}", p.display());
+            }
+            println!(
+                "wrote {} ({} bytes, {} blocks with data, from {} extent group files)",
+                output.display(),
+                s.size,
+                s.blocks_written,
+                s.files_used
+            );
+            if s.unrecoverable_blocks > 0 {
+                bail!(
+                    "{} block(s) had no verified copy in any file; they are zeros in the image",
+                    s.unrecoverable_blocks
+                );
+            }
         }
     }
     Ok(())

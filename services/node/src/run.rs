@@ -52,11 +52,31 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for the REST API on {}", cfg.api_addr))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
+    let pool = Arc::new(
+        cairn_data::pool::LocalPool::open(&cfg.data_disks())
+            .context("cannot open the data disks")?,
+    );
+    let data = cairn_data::volume::DataService::new(
+        cfg.node_id,
+        cfg.cluster_id.clone(),
+        meta.clone(),
+        pool.clone(),
+        cairn_rpc::tls::mtls_client_config(&identity)?,
+    );
+    let frontend: Arc<dyn cairn_data::frontend::BlockService> =
+        Arc::new(cairn_data::volume::Frontend(data.clone()));
     let rpc_router = cairn_metadata::service::rpc_router(
         meta.clone(),
         cfg.cluster_id.clone(),
         VERSION.to_string(),
+        |routes| routes.add_service(cairn_data::rpc::service(pool.clone(), frontend)),
     );
+    tokio::spawn(cairn_data::maintenance::register_disks(
+        meta.clone(),
+        pool.clone(),
+        cfg.node_id,
+        stop_rx.clone(),
+    ));
     tokio::spawn(cairn_rpc::serve::serve_tls(
         rpc_listener,
         cairn_rpc::tls::server_config(&identity, true)?,

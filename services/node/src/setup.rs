@@ -77,6 +77,7 @@ pub fn init(
         admin_token_sha256: cairn_util::sha256_hex(token.as_bytes()),
         join: None,
         raft: RaftConfig::default(),
+        disks: Vec::new(),
     };
     cairn_metadata::bootstrap::bootstrap_first_node(
         &cfg.db_path(),
@@ -159,6 +160,7 @@ pub fn join(
             seed_api: seed.to_string(),
         }),
         raft: RaftConfig::default(),
+        disks: Vec::new(),
     };
     cfg.save()?;
     Ok(cfg)
