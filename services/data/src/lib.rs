@@ -19,6 +19,7 @@ pub mod frontend;
 pub mod inspect;
 pub mod maintenance;
 pub mod pool;
+pub mod repair;
 pub mod rpc;
 pub mod store;
 pub mod volume;

@@ -97,6 +97,12 @@ fn logged(op: &'static str, e: DataError) -> Status {
 
 #[tonic::async_trait]
 impl DataReplica for ReplicaServer {
+    async fn ping(
+        &self,
+        _: Request<cairn_api::data::v1::PingRequest>,
+    ) -> Result<Response<cairn_api::data::v1::PingReply>, Status> {
+        Ok(Response::new(cairn_api::data::v1::PingReply { node_id: 0 }))
+    }
     async fn write(&self, r: Request<ReplicaWrite>) -> Result<Response<ReplicaWriteReply>, Status> {
         self.pool
             .write(r.into_inner())

@@ -22,7 +22,7 @@
 //!   epoch, so a stale primary can no longer complete a write.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -46,14 +46,14 @@ use crate::pool::LocalPool;
 use crate::rpc::{from_status, Peers};
 use crate::DataError;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
 }
 
-fn meta_err(e: cairn_metadata::MetaError) -> DataError {
+pub(crate) fn meta_err(e: cairn_metadata::MetaError) -> DataError {
     DataError::Unavailable(format!("metadata: {e}"))
 }
 
@@ -70,34 +70,35 @@ pub struct Stats {
 
 /// The data service of one node.
 pub struct DataService {
-    node_id: u64,
+    pub(crate) node_id: u64,
     cluster_id: String,
-    meta: MetadataHandle,
+    pub(crate) meta: MetadataHandle,
     pool: Arc<LocalPool>,
-    peers: Peers,
+    pub(crate) peers: Peers,
     vblock_size: u32,
-    groups: Mutex<HashMap<u64, Arc<GroupState>>>,
-    volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    pub(crate) groups: Mutex<HashMap<u64, Arc<GroupState>>>,
+    pub(crate) volumes: Mutex<HashMap<String, Arc<Volume>>>,
     pub stats: Stats,
 }
 
 /// What a primary knows about one group it writes.
-struct GroupState {
-    id: u64,
+pub(crate) struct GroupState {
+    pub(crate) id: u64,
     rec: RwLock<ExtentGroupRecord>,
     next_seq: AtomicU64,
-    /// Set once the primary has fenced older primaries (or created the group).
-    ready: tokio::sync::OnceCell<()>,
+    /// Set once the primary has fenced older primaries (or created the
+    /// group); cleared when another node raised the epoch.
+    ready: AtomicBool,
     /// Serializes replica-set changes and takeovers.
-    change: tokio::sync::Mutex<()>,
+    pub(crate) change: tokio::sync::Mutex<()>,
     /// Header to send with writes while replicas may not have the file yet.
     create: RwLock<Option<ExtentGroupHeader>>,
     /// Writes hold it shared; adding a replica takes it exclusively to wait
     /// until no write that skipped the newcomer is still in flight.
-    gate: tokio::sync::RwLock<()>,
+    pub(crate) gate: tokio::sync::RwLock<()>,
 }
 
-enum Target {
+pub(crate) enum Target {
     Local,
     Remote(u64, String),
 }
@@ -130,7 +131,7 @@ impl DataService {
         self.node_id
     }
 
-    fn target(&self, node: u64) -> Result<Target, DataError> {
+    pub(crate) fn target(&self, node: u64) -> Result<Target, DataError> {
         if node == self.node_id {
             return Ok(Target::Local);
         }
@@ -142,7 +143,11 @@ impl DataService {
         Ok(Target::Remote(node, rec.rpc_addr))
     }
 
-    async fn replica_write(&self, node: u64, req: ReplicaWrite) -> Result<(), DataError> {
+    pub(crate) async fn replica_write(
+        &self,
+        node: u64,
+        req: ReplicaWrite,
+    ) -> Result<(), DataError> {
         match self.target(node)? {
             Target::Local => self.pool.write(req).await.map(|_| ()),
             Target::Remote(id, addr) => {
@@ -158,7 +163,7 @@ impl DataService {
         }
     }
 
-    async fn replica_read(
+    pub(crate) async fn replica_read(
         &self,
         node: u64,
         req: ReplicaRead,
@@ -178,7 +183,12 @@ impl DataService {
         }
     }
 
-    async fn replica_set_epoch(&self, node: u64, group: u64, epoch: u64) -> Result<u64, DataError> {
+    pub(crate) async fn replica_set_epoch(
+        &self,
+        node: u64,
+        group: u64,
+        epoch: u64,
+    ) -> Result<u64, DataError> {
         match self.target(node)? {
             Target::Local => self
                 .pool
@@ -198,7 +208,7 @@ impl DataService {
         }
     }
 
-    async fn replica_delete(&self, node: u64, group: u64) -> Result<(), DataError> {
+    pub(crate) async fn replica_delete(&self, node: u64, group: u64) -> Result<(), DataError> {
         match self.target(node)? {
             Target::Local => self.pool.delete(group).await,
             Target::Remote(id, addr) => {
@@ -213,7 +223,7 @@ impl DataService {
         }
     }
 
-    fn group_state(
+    pub(crate) fn group_state(
         &self,
         rec: ExtentGroupRecord,
         fresh: Option<ExtentGroupHeader>,
@@ -221,13 +231,8 @@ impl DataService {
         let mut m = lock(&self.groups);
         m.entry(rec.id)
             .or_insert_with(|| {
-                let ready = tokio::sync::OnceCell::new();
-                let next = if fresh.is_some() {
-                    let _ = ready.set(());
-                    1
-                } else {
-                    0
-                };
+                let ready = AtomicBool::new(fresh.is_some());
+                let next = if fresh.is_some() { 1 } else { 0 };
                 Arc::new(GroupState {
                     id: rec.id,
                     rec: RwLock::new(rec),
@@ -241,7 +246,7 @@ impl DataService {
             .clone()
     }
 
-    async fn load_group(&self, id: u64) -> Result<Arc<GroupState>, DataError> {
+    pub(crate) async fn load_group(&self, id: u64) -> Result<Arc<GroupState>, DataError> {
         if let Some(g) = lock(&self.groups).get(&id) {
             return Ok(g.clone());
         }
@@ -280,7 +285,12 @@ impl DataService {
             }
             candidates.push((free, n.id));
         }
-        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        // Spread load: every node within 10 % of the emptiest one is as
+        // good as it; pick among those at random, then the rest by room.
+        use rand::seq::SliceRandom as _;
+        let best = candidates.iter().map(|c| c.0).max().unwrap_or(0);
+        candidates.shuffle(&mut rand::thread_rng());
+        candidates.sort_by_key(|(free, _)| std::cmp::Reverse(*free >= best - best / 10));
         for (_, id) in candidates {
             if out.len() as u32 >= rf {
                 break;
@@ -318,10 +328,11 @@ impl DataService {
         self: &Arc<Self>,
         vdisk_id: &str,
     ) -> Result<Arc<dyn BlockDevice>, DataError> {
-        if let Some(v) = lock(&self.volumes).get(vdisk_id) {
+        if let Some(v) = lock(&self.volumes).get(vdisk_id).cloned() {
             if v.owned() {
-                return Ok(v.clone());
+                return Ok(v);
             }
+            lock(&self.volumes).remove(vdisk_id);
         }
         self.meta.read_barrier().await.map_err(meta_err)?;
         let vd = self
@@ -341,6 +352,18 @@ impl DataService {
                 client: self.peers.client(id, &addr)?,
             }));
         }
+        Ok(self.local_volume(vd)?)
+    }
+
+    /// The volume of a vdisk this node owns (cached).
+    pub(crate) fn local_volume(
+        self: &Arc<Self>,
+        vd: VdiskRecord,
+    ) -> Result<Arc<Volume>, DataError> {
+        let vdisk_id = vd.id.clone();
+        if let Some(v) = lock(&self.volumes).get(&vdisk_id) {
+            return Ok(v.clone());
+        }
         let ds = self
             .meta
             .datastores()
@@ -356,7 +379,7 @@ impl DataService {
             caw: tokio::sync::RwLock::new(()),
             alloc: Mutex::new(HashMap::new()),
         });
-        lock(&self.volumes).insert(vdisk_id.to_string(), v.clone());
+        lock(&self.volumes).insert(vdisk_id, v.clone());
         Ok(v)
     }
 }
@@ -365,7 +388,7 @@ impl DataService {
 pub struct Volume {
     svc: Arc<DataService>,
     vdisk: RwLock<VdiskRecord>,
-    rf: u32,
+    pub(crate) rf: u32,
     compression: bool,
     /// Normal writes share it; compare-and-write takes it alone (atomicity).
     caw: tokio::sync::RwLock<()>,
@@ -384,14 +407,14 @@ struct Piece {
 }
 
 impl Volume {
-    fn rec(&self) -> VdiskRecord {
+    pub(crate) fn rec(&self) -> VdiskRecord {
         match self.vdisk.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 
-    fn owned(&self) -> bool {
+    pub(crate) fn owned(&self) -> bool {
         // Ownership is re-read from local metadata: it moves rarely, and a
         // stale owner is fenced by the epochs anyway.
         match self.svc.meta.vdisk_by_id(&self.rec().id) {
@@ -468,7 +491,7 @@ impl Volume {
         Ok(None)
     }
 
-    fn header_for(&self, g: &ExtentGroupRecord) -> ExtentGroupHeader {
+    pub(crate) fn header_for(&self, g: &ExtentGroupRecord) -> ExtentGroupHeader {
         let vd = self.rec();
         ExtentGroupHeader {
             format_version: cairn_api::FORMAT_VERSION,
@@ -534,7 +557,7 @@ impl Volume {
             id: rec.id,
             rec: RwLock::new(rec.clone()),
             next_seq: AtomicU64::new(1),
-            ready: tokio::sync::OnceCell::new_with(Some(())),
+            ready: AtomicBool::new(true),
             change: tokio::sync::Mutex::new(()),
             create: RwLock::new(Some(header.clone())),
             gate: tokio::sync::RwLock::new(()),
@@ -661,14 +684,17 @@ impl Volume {
                 .iter()
                 .any(|(_, e)| matches!(e, DataError::StaleEpoch { .. }))
             {
-                // Someone raised the epoch: are we still the owner?
+                // Another primary raised the epoch. Never adopt its epoch
+                // blindly: only a confirmed owner takes the group over again.
+                self.svc.meta.read_barrier().await.map_err(meta_err)?;
                 if !self.owned() {
                     return Err(DataError::Unavailable(format!(
                         "vdisk {} moved to another node",
                         self.rec().id
                     )));
                 }
-                self.refresh_group(gs).await?;
+                gs.ready.store(false, Ordering::SeqCst);
+                self.ensure_ready(gs).await?;
                 continue;
             }
             if failed.len() == rec.replicas.len() {
@@ -692,7 +718,7 @@ impl Volume {
         )))
     }
 
-    async fn refresh_group(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
+    pub(crate) async fn refresh_group(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
         self.svc.meta.read_barrier().await.map_err(meta_err)?;
         let rec = self
             .svc
@@ -705,7 +731,11 @@ impl Volume {
     }
 
     /// Removes replicas from the set (epoch + 1) and fences them.
-    async fn drop_replicas(&self, gs: &Arc<GroupState>, nodes: &[u64]) -> Result<(), DataError> {
+    pub(crate) async fn drop_replicas(
+        &self,
+        gs: &Arc<GroupState>,
+        nodes: &[u64],
+    ) -> Result<(), DataError> {
         let _c = gs.change.lock().await;
         for _ in 0..5 {
             let rec = gs.rec_snapshot();
@@ -771,64 +801,78 @@ impl Volume {
     /// the highest sequence, and bring replicas that missed an unacknowledged
     /// write into agreement.
     async fn ensure_ready(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
-        gs.ready
-            .get_or_try_init(|| async {
-                let _c = gs.change.lock().await;
-                self.refresh_group(gs).await?;
-                let rec = gs.rec_snapshot();
-                let new_epoch = rec.epoch + 1;
-                let res = self
-                    .svc
-                    .meta
-                    .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
-                        id: gs.id,
-                        expect_epoch: rec.epoch,
-                        new_epoch,
-                        replicas: rec.replicas.clone(),
-                    }))
-                    .await
-                    .map_err(meta_err)?;
-                if !res.error_code.is_empty() {
-                    return Err(DataError::Unavailable(format!(
-                        "taking over extent group {}: {}",
-                        gs.id, res.error_message
-                    )));
-                }
-                let mut new = rec.clone();
-                new.epoch = new_epoch;
-                gs.set_rec(new.clone());
-                let mut max = 0;
-                let mut seqs = Vec::new();
-                let mut dead = Vec::new();
-                for r in &new.replicas {
-                    match self
-                        .svc
-                        .replica_set_epoch(r.node_id, gs.id, new_epoch)
-                        .await
-                    {
-                        Ok(s) => {
-                            max = max.max(s);
-                            seqs.push((r.node_id, s));
-                        }
-                        Err(e) => {
-                            tracing::warn!(group = gs.id, node = r.node_id, error = %e,
-                                "replica unreachable at takeover");
-                            dead.push(r.node_id);
-                        }
-                    }
-                }
-                gs.next_seq.store(max + 1, Ordering::SeqCst);
-                if seqs.iter().any(|(_, s)| *s != max) {
-                    self.reconcile(gs).await?;
-                }
-                drop(_c);
-                if !dead.is_empty() {
-                    self.drop_replicas(gs, &dead).await?;
-                }
-                Ok::<(), DataError>(())
-            })
+        if gs.ready.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let c = gs.change.lock().await;
+        if gs.ready.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.refresh_group(gs).await?;
+        let rec = gs.rec_snapshot();
+        let new_epoch = rec.epoch + 1;
+        let res = self
+            .svc
+            .meta
+            .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
+                id: gs.id,
+                expect_epoch: rec.epoch,
+                new_epoch,
+                replicas: rec.replicas.clone(),
+            }))
             .await
-            .map(|_| ())
+            .map_err(meta_err)?;
+        if !res.error_code.is_empty() {
+            return Err(DataError::Unavailable(format!(
+                "taking over extent group {}: {}",
+                gs.id, res.error_message
+            )));
+        }
+        let mut new = rec.clone();
+        new.epoch = new_epoch;
+        gs.set_rec(new.clone());
+        let mut max = 0;
+        let mut seqs = Vec::new();
+        let mut dead = Vec::new();
+        for r in &new.replicas {
+            match self
+                .svc
+                .replica_set_epoch(r.node_id, gs.id, new_epoch)
+                .await
+            {
+                Ok(s) => {
+                    max = max.max(s);
+                    seqs.push((r.node_id, s));
+                }
+                Err(e) => {
+                    tracing::warn!(group = gs.id, node = r.node_id, error = %e,
+                        "replica unavailable at takeover");
+                    dead.push(r.node_id);
+                }
+            }
+        }
+        if seqs.is_empty() {
+            return Err(DataError::Unavailable(format!(
+                "extent group {}: no replica reachable",
+                gs.id
+            )));
+        }
+        gs.next_seq.fetch_max(max + 1, Ordering::SeqCst);
+        if seqs.iter().any(|(_, s)| *s != max) {
+            self.reconcile(gs).await?;
+        }
+        gs.ready.store(true, Ordering::SeqCst);
+        drop(c);
+        tracing::info!(
+            group = gs.id,
+            epoch = new_epoch,
+            next_sequence = max + 1,
+            "took over extent group"
+        );
+        if !dead.is_empty() {
+            self.drop_replicas(gs, &dead).await?;
+        }
+        Ok(())
     }
 
     /// Gives every replica the newest version of every block any of them has.
@@ -992,6 +1036,15 @@ impl Volume {
             "checksum mismatch on the local replica; rewrote the blocks from a healthy replica");
     }
 
+    /// Reads a whole group through the repairing read path (the scrubber).
+    pub(crate) async fn scrub_repair(
+        &self,
+        gs: &Arc<GroupState>,
+        blocks: u32,
+    ) -> Result<(), DataError> {
+        self.read_group(gs, 0, blocks, false).await.map(|_| ())
+    }
+
     /// Reads part of one vblock.
     async fn read_piece(&self, p: &Piece) -> Result<Vec<u8>, DataError> {
         let Some(m) = self.resolve(p.vblock)? else {
@@ -1103,13 +1156,13 @@ impl Volume {
 }
 
 impl GroupState {
-    fn rec_snapshot(&self) -> ExtentGroupRecord {
+    pub(crate) fn rec_snapshot(&self) -> ExtentGroupRecord {
         match self.rec.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
-    fn set_rec(&self, r: ExtentGroupRecord) {
+    pub(crate) fn set_rec(&self, r: ExtentGroupRecord) {
         match self.rec.write() {
             Ok(mut g) => *g = r,
             Err(p) => *p.into_inner() = r,

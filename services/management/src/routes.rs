@@ -13,8 +13,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cairn_api::metadata::v1::command::Op;
 use cairn_api::metadata::v1::{
-    AllocateNodeId, CreateDatastore, CreateVdisk, DatastoreRecord, DeleteDatastore, DeleteVdisk,
-    NodeRecord, NodeRole, ResizeVdisk, TieringPolicy, VdiskRecord,
+    AllocateNodeId, CloneVdisk, CreateDatastore, CreateSnapshot, CreateVdisk, DatastoreRecord,
+    DeleteDatastore, DeleteSnapshot, DeleteVdisk, NodeRecord, NodeRole, ResizeVdisk,
+    SnapshotRecord, TaskRecord, TaskState, TieringPolicy, VdiskRecord,
 };
 use cairn_metadata::MetadataHandle;
 use cairn_rpc::pki::TlsPaths;
@@ -63,6 +64,20 @@ pub fn router(state: ApiState) -> Router {
             get(get_vdisk).delete(delete_vdisk),
         )
         .route("/v1/datastores/:ds/vdisks/:name/resize", post(resize_vdisk))
+        .route(
+            "/v1/datastores/:ds/vdisks/:name/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/datastores/:ds/vdisks/:name/snapshots/:snap",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route(
+            "/v1/datastores/:ds/vdisks/:name/snapshots/:snap/clone",
+            post(clone_snapshot),
+        )
+        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/tasks/:id", get(get_task))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -517,6 +532,189 @@ async fn resize_vdisk(
         .await?;
     let v: VdiskRecord = decode(&res.record)?;
     Ok(Json(VdiskJson::new(v, &ds)))
+}
+
+#[derive(Serialize)]
+struct SnapshotJson {
+    id: String,
+    name: String,
+    vdisk_id: String,
+    generation: u64,
+    created_unix_ms: u64,
+}
+
+impl From<SnapshotRecord> for SnapshotJson {
+    fn from(s: SnapshotRecord) -> Self {
+        Self {
+            id: s.id,
+            name: s.name,
+            vdisk_id: s.vdisk_id,
+            generation: s.generation,
+            created_unix_ms: s.created_unix_ms,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSnapshot {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewClone {
+    name: String,
+    #[serde(default)]
+    datastore: Option<String>,
+    #[serde(default)]
+    owner_node_id: u64,
+}
+
+fn vdisk_or_404(st: &ApiState, ds: &str, name: &str) -> ApiResult<VdiskRecord> {
+    st.meta
+        .vdisk(ds, name)?
+        .ok_or_else(|| missing(&format!("vdisk {name:?} in datastore {ds:?}")))
+}
+
+async fn list_snapshots(
+    State(st): State<ApiState>,
+    Path((ds, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<SnapshotJson>>> {
+    st.meta.read_barrier().await?;
+    let v = vdisk_or_404(&st, &ds, &name)?;
+    Ok(Json(
+        st.meta
+            .snapshots(&v.id)?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    ))
+}
+
+async fn create_snapshot(
+    State(st): State<ApiState>,
+    Path((ds, name)): Path<(String, String)>,
+    ApiJson(b): ApiJson<NewSnapshot>,
+) -> ApiResult<Response> {
+    st.meta.read_barrier().await?;
+    let v = vdisk_or_404(&st, &ds, &name)?;
+    let res = st
+        .meta
+        .propose(Op::CreateSnapshot(CreateSnapshot {
+            vdisk_id: v.id,
+            name: b.name,
+            id: uuid_v4(),
+        }))
+        .await?;
+    let s: SnapshotRecord = decode(&res.record)?;
+    Ok((StatusCode::CREATED, Json(SnapshotJson::from(s))).into_response())
+}
+
+async fn delete_snapshot(
+    State(st): State<ApiState>,
+    Path((ds, name, snap)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    st.meta.read_barrier().await?;
+    let v = vdisk_or_404(&st, &ds, &name)?;
+    st.meta
+        .propose(Op::DeleteSnapshot(DeleteSnapshot {
+            vdisk_id: v.id,
+            name: snap,
+        }))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn clone_snapshot(
+    State(st): State<ApiState>,
+    Path((ds, name, snap)): Path<(String, String, String)>,
+    ApiJson(b): ApiJson<NewClone>,
+) -> ApiResult<Response> {
+    st.meta.read_barrier().await?;
+    let v = vdisk_or_404(&st, &ds, &name)?;
+    let target_ds = b.datastore.unwrap_or_else(|| ds.clone());
+    let res = st
+        .meta
+        .propose(Op::CloneVdisk(CloneVdisk {
+            snapshot_vdisk_id: v.id,
+            snapshot_name: snap,
+            datastore: target_ds.clone(),
+            name: b.name,
+            id: uuid_v4(),
+            owner_node_id: b.owner_node_id,
+        }))
+        .await?;
+    let c: VdiskRecord = decode(&res.record)?;
+    Ok((StatusCode::CREATED, Json(VdiskJson::new(c, &target_ds))).into_response())
+}
+
+#[derive(Serialize)]
+struct TaskJson {
+    id: String,
+    kind: String,
+    state: &'static str,
+    node_id: u64,
+    description: String,
+    total_bytes: u64,
+    done_bytes: u64,
+    percent: f64,
+    eta_secs: Option<u64>,
+    started_unix_ms: u64,
+    updated_unix_ms: u64,
+    message: String,
+}
+
+impl From<TaskRecord> for TaskJson {
+    fn from(t: TaskRecord) -> Self {
+        let state = match TaskState::try_from(t.state) {
+            Ok(TaskState::TaskRunning) => "running",
+            Ok(TaskState::TaskDone) => "done",
+            Ok(TaskState::TaskFailed) => "failed",
+            _ => "unknown",
+        };
+        let percent = if t.total_bytes == 0 {
+            100.0
+        } else {
+            (t.done_bytes as f64 * 100.0 / t.total_bytes as f64).min(100.0)
+        };
+        let elapsed = t.updated_unix_ms.saturating_sub(t.started_unix_ms);
+        let eta_secs = (state == "running" && t.done_bytes > 0).then(|| {
+            let rest = t.total_bytes.saturating_sub(t.done_bytes);
+            rest.saturating_mul(elapsed) / t.done_bytes / 1000
+        });
+        Self {
+            id: t.id,
+            kind: t.kind,
+            state,
+            node_id: t.node_id,
+            description: t.description,
+            total_bytes: t.total_bytes,
+            done_bytes: t.done_bytes,
+            percent,
+            eta_secs,
+            started_unix_ms: t.started_unix_ms,
+            updated_unix_ms: t.updated_unix_ms,
+            message: t.message,
+        }
+    }
+}
+
+async fn list_tasks(State(st): State<ApiState>) -> ApiResult<Json<Vec<TaskJson>>> {
+    st.meta.read_barrier().await?;
+    let mut tasks: Vec<TaskJson> = st.meta.tasks()?.into_iter().map(Into::into).collect();
+    tasks.sort_by_key(|t| t.started_unix_ms);
+    Ok(Json(tasks))
+}
+
+async fn get_task(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<TaskJson>> {
+    st.meta.read_barrier().await?;
+    st.meta
+        .tasks()?
+        .into_iter()
+        .find(|t| t.id == id)
+        .map(|t| Json(t.into()))
+        .ok_or_else(|| missing(&format!("task {id:?}")))
 }
 
 fn uuid_v4() -> String {

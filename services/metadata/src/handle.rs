@@ -438,6 +438,10 @@ impl MetadataHandle {
     pub fn mappings(&self, vdisk_id: &str) -> Result<Vec<VblockMapping>, MetaError> {
         self.list(&state::mapping_prefix(vdisk_id))
     }
+    /// Long-running operations, from the key-value entries `tasks/<id>`.
+    pub fn tasks(&self) -> Result<Vec<cairn_api::metadata::v1::TaskRecord>, MetaError> {
+        self.list(&state::kv_key(b"tasks/"))
+    }
     pub fn snapshots(&self, vdisk_id: &str) -> Result<Vec<SnapshotRecord>, MetaError> {
         self.list(&state::snapshot_prefix(vdisk_id))
     }

@@ -82,6 +82,9 @@ enum Cmd {
     /// Manage vdisks (thin virtual block devices).
     #[command(subcommand)]
     Vdisk(VdiskCmd),
+    /// Follow long operations (rebuilds, ...).
+    #[command(subcommand)]
+    Task(TaskCmd),
     /// Offline tools on extent group files (no cluster needed).
     #[command(subcommand)]
     Extent(ExtentCmd),
@@ -186,6 +189,47 @@ enum VdiskCmd {
         #[arg(long)]
         size: String,
     },
+    /// Take an instant, copy-on-write snapshot.
+    Snapshot {
+        #[arg(long)]
+        datastore: String,
+        name: String,
+        #[arg(long)]
+        snapshot: String,
+    },
+    /// List a vdisk's snapshots.
+    Snapshots {
+        #[arg(long)]
+        datastore: String,
+        name: String,
+    },
+    /// Delete a snapshot (frees what nothing else references).
+    DeleteSnapshot {
+        #[arg(long)]
+        datastore: String,
+        name: String,
+        #[arg(long)]
+        snapshot: String,
+    },
+    /// Make a writable vdisk from a snapshot.
+    Clone {
+        #[arg(long)]
+        datastore: String,
+        name: String,
+        #[arg(long)]
+        snapshot: String,
+        /// Name of the new vdisk.
+        #[arg(long = "to")]
+        clone: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// List tasks, newest last.
+    List,
+    /// Show a task's progress as a bar until it ends (latest task if no id).
+    Watch { id: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -305,6 +349,72 @@ fn print(out: Output, v: &Value, columns: &[&str]) {
 
 const DS_COLS: &[&str] = &["name", "replication_factor", "compression", "id"];
 const VD_COLS: &[&str] = &["name", "datastore", "size_bytes", "owner_node_id", "id"];
+const SNAP_COLS: &[&str] = &["name", "generation", "vdisk_id", "id"];
+const TASK_COLS: &[&str] = &[
+    "id",
+    "kind",
+    "state",
+    "percent",
+    "done_bytes",
+    "total_bytes",
+    "message",
+];
+
+fn vd_path(ds: &str, name: &str) -> String {
+    format!("/v1/datastores/{}/vdisks/{}", seg(ds), seg(name))
+}
+
+/// Polls a task and draws a progress bar until it ends.
+fn watch_task(api: &client::Api, id: Option<String>, out: Output) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let id = match id {
+        Some(i) => i,
+        None => api
+            .get("/v1/tasks")?
+            .as_array()
+            .and_then(|a| a.last())
+            .and_then(|t| t["id"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("there are no tasks"))?,
+    };
+    loop {
+        let t = api.get(&format!("/v1/tasks/{}", seg(&id)))?;
+        let pct = t["percent"].as_f64().unwrap_or(0.0);
+        let state = t["state"].as_str().unwrap_or("unknown").to_string();
+        if out == Output::Json {
+            println!("{t}");
+        } else {
+            let width = 40usize;
+            let filled = ((pct / 100.0) * width as f64).round() as usize;
+            let eta = t["eta_secs"]
+                .as_u64()
+                .map(|s| format!(" ETA {s}s"))
+                .unwrap_or_default();
+            print!(
+                "\r{} [{}{}] {:5.1}% {}/{} MiB {}{}   ",
+                t["kind"].as_str().unwrap_or(""),
+                "#".repeat(filled.min(width)),
+                "-".repeat(width - filled.min(width)),
+                pct,
+                t["done_bytes"].as_u64().unwrap_or(0) >> 20,
+                t["total_bytes"].as_u64().unwrap_or(0) >> 20,
+                state,
+                eta
+            );
+            let _ = std::io::stdout().flush();
+        }
+        if state != "running" {
+            if out == Output::Table {
+                println!();
+            }
+            if state == "failed" {
+                bail!("task {id} failed: {}", t["message"].as_str().unwrap_or(""));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
 const NODE_COLS: &[&str] = &["id", "role", "rpc_addr", "api_addr", "version"];
 
 fn seg(s: &str) -> String {
@@ -494,6 +604,52 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         println!("vdisk {name} deleted");
                     }
                 }
+                VdiskCmd::Snapshot {
+                    datastore,
+                    name,
+                    snapshot,
+                } => {
+                    let v = api.post(
+                        &format!("{}/snapshots", vd_path(&datastore, &name)),
+                        &json!({ "name": snapshot }),
+                    )?;
+                    print(out, &v, SNAP_COLS);
+                }
+                VdiskCmd::Snapshots { datastore, name } => print(
+                    out,
+                    &api.get(&format!("{}/snapshots", vd_path(&datastore, &name)))?,
+                    SNAP_COLS,
+                ),
+                VdiskCmd::DeleteSnapshot {
+                    datastore,
+                    name,
+                    snapshot,
+                } => {
+                    api.delete(&format!(
+                        "{}/snapshots/{}",
+                        vd_path(&datastore, &name),
+                        seg(&snapshot)
+                    ))?;
+                    if out == Output::Table {
+                        println!("snapshot {snapshot} deleted");
+                    }
+                }
+                VdiskCmd::Clone {
+                    datastore,
+                    name,
+                    snapshot,
+                    clone,
+                } => {
+                    let v = api.post(
+                        &format!(
+                            "{}/snapshots/{}/clone",
+                            vd_path(&datastore, &name),
+                            seg(&snapshot)
+                        ),
+                        &json!({ "name": clone }),
+                    )?;
+                    print(out, &v, VD_COLS);
+                }
                 VdiskCmd::Resize {
                     datastore,
                     name,
@@ -518,6 +674,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo { root, nodes } => {
             demo::run(Path::new(&root), nodes)?;
         }
+        Cmd::Task(TaskCmd::List) => print(out, &api()?.get("/v1/tasks")?, TASK_COLS),
+        Cmd::Task(TaskCmd::Watch { id }) => watch_task(&api()?, id, out)?,
         Cmd::Extent(c) => extent(c, out, image)?,
     }
     Ok(())

@@ -71,6 +71,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         VERSION.to_string(),
         |routes| routes.add_service(cairn_data::rpc::service(pool.clone(), frontend)),
     );
+    tokio::spawn(data.clone().run_monitor(
+        cairn_data::repair::MonitorConfig::default(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(cairn_data::maintenance::register_disks(
         meta.clone(),
         pool.clone(),

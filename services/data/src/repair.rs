@@ -1,0 +1,631 @@
+//! Failure handling: the monitor loop every node runs.
+//!
+//! - Liveness: every node pings every other node's data service; a node
+//!   silent for [`DEAD_AFTER`] is dead for placement, failover and repair.
+//! - Ownership: the metadata leader moves each vdisk whose owner is dead to
+//!   the live node holding most of its replicas (`SetVdiskOwner`, which bumps
+//!   the owner epoch); the new owner fences the old one group by group when
+//!   it takes each over (`Volume::ensure_ready`).
+//! - Re-replication: each owner drops dead or missing replicas of its groups
+//!   and copies the groups to new nodes until they have RF replicas again,
+//!   throttled to [`MonitorConfig::rebuild_bytes_per_sec`], reported as a
+//!   `rebuild` task with progress.
+//! - Scrub: each owner re-reads its groups from every replica at
+//!   [`MonitorConfig::scrub_bytes_per_sec`]; a replica whose blocks fail
+//!   verification is repaired (local) or replaced (remote).
+//! - Garbage: replica files of groups that metadata no longer lists for this
+//!   node are deleted after a grace period.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_api::data::v1::{RecordKind, ReplicaListRequest, ReplicaRead, ReplicaWrite};
+use cairn_api::metadata::v1::{
+    command::Op, ExtentGroupRecord, PutKv, ReplicaLocation, SetVdiskOwner, TaskRecord, TaskState,
+    UpdateExtentGroup,
+};
+use futures::future::join_all;
+use prost::Message as _;
+use tokio::sync::watch;
+
+use crate::format::{self, BLOCK_SIZE};
+use crate::volume::{lock, meta_err, DataService, GroupState, Target, Volume};
+use crate::DataError;
+
+/// A node that has not answered pings for this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(5);
+/// Key prefix of task records in the metadata key-value space.
+pub const TASK_PREFIX: &str = "tasks/";
+
+/// Tunables of the monitor.
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    pub interval: Duration,
+    pub rebuild_bytes_per_sec: u64,
+    /// 0 disables the scrubber.
+    pub scrub_bytes_per_sec: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(2),
+            rebuild_bytes_per_sec: 200 << 20,
+            scrub_bytes_per_sec: 16 << 20,
+        }
+    }
+}
+
+/// State the monitor keeps between passes.
+#[derive(Default)]
+struct MonitorState {
+    last_ok: HashMap<u64, Instant>,
+    started: Option<Instant>,
+    /// Local groups found unreferenced, and when first seen so.
+    orphans: HashMap<u64, Instant>,
+    scrub_cursor: usize,
+}
+
+impl DataService {
+    /// Runs the monitor until `stop`.
+    pub async fn run_monitor(self: Arc<Self>, cfg: MonitorConfig, mut stop: watch::Receiver<bool>) {
+        let mut st = MonitorState {
+            started: Some(Instant::now()),
+            ..Default::default()
+        };
+        let mut last_err = String::new();
+        loop {
+            match self.monitor_pass(&cfg, &mut st).await {
+                // Log a failure once, not every pass.
+                Err(e) if e.to_string() != last_err => {
+                    tracing::warn!(error = %e, "data monitor pass incomplete");
+                    last_err = e.to_string();
+                }
+                Err(_) => {}
+                Ok(()) => last_err.clear(),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.interval) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn ping(&self, node: u64) -> bool {
+        let Ok(Target::Remote(id, addr)) = self.target(node) else {
+            return node == self.node_id;
+        };
+        let Ok(mut c) = self.peers.client(id, &addr) else {
+            return false;
+        };
+        let call = c.ping(cairn_api::data::v1::PingRequest {});
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), call).await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn monitor_pass(
+        self: &Arc<Self>,
+        cfg: &MonitorConfig,
+        st: &mut MonitorState,
+    ) -> Result<(), DataError> {
+        let nodes = self.meta.nodes().map_err(meta_err)?;
+        let pings = join_all(
+            nodes
+                .iter()
+                .map(|n| async move { (n.id, self.ping(n.id).await) }),
+        )
+        .await;
+        let now = Instant::now();
+        let since_start = st.started.map(|s| now - s).unwrap_or_default();
+        for (id, ok) in pings {
+            if ok {
+                st.last_ok.insert(id, now);
+                self.peers.observe::<()>(id, &Ok(()));
+            }
+        }
+        let dead: HashSet<u64> = nodes
+            .iter()
+            .map(|n| n.id)
+            .filter(|id| *id != self.node_id)
+            .filter(|id| match st.last_ok.get(id) {
+                Some(t) => now - *t > DEAD_AFTER,
+                // Never seen since we started: dead once we waited long enough.
+                None => since_start > DEAD_AFTER * 2,
+            })
+            .collect();
+        for id in &dead {
+            self.peers
+                .observe::<()>(*id, &Err(DataError::Unavailable("no ping".into())));
+        }
+        let members: HashSet<u64> = nodes.iter().map(|n| n.id).collect();
+
+        if self
+            .meta
+            .status()
+            .await
+            .map(|s| s.role == "leader")
+            .unwrap_or(false)
+        {
+            self.fail_over_owners(&dead).await?;
+        }
+        let repaired = self.repair_owned(cfg, &dead, &members).await?;
+        if !repaired && cfg.scrub_bytes_per_sec > 0 {
+            self.scrub_some(cfg, st).await?;
+        }
+        self.collect_garbage(st).await
+    }
+
+    /// Moves vdisks away from dead owners (metadata leader only).
+    async fn fail_over_owners(&self, dead: &HashSet<u64>) -> Result<(), DataError> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let groups = self.meta.extent_groups().map_err(meta_err)?;
+        for vd in self.meta.all_vdisks().map_err(meta_err)? {
+            if !dead.contains(&vd.owner_node_id) {
+                continue;
+            }
+            let mut held: HashMap<u64, usize> = HashMap::new();
+            for g in groups.iter().filter(|g| g.vdisk_id == vd.id) {
+                for r in &g.replicas {
+                    if !dead.contains(&r.node_id) {
+                        *held.entry(r.node_id).or_default() += 1;
+                    }
+                }
+            }
+            let candidates: Vec<u64> = self
+                .meta
+                .nodes()
+                .map_err(meta_err)?
+                .into_iter()
+                .map(|n| n.id)
+                .filter(|id| !dead.contains(id))
+                .collect();
+            let Some(new_owner) = candidates
+                .iter()
+                .copied()
+                .max_by_key(|id| (held.get(id).copied().unwrap_or(0), u64::MAX - id))
+            else {
+                continue;
+            };
+            match self
+                .meta
+                .propose(Op::SetVdiskOwner(SetVdiskOwner {
+                    vdisk_id: vd.id.clone(),
+                    expect_owner_epoch: vd.owner_epoch,
+                    owner_node_id: new_owner,
+                }))
+                .await
+            {
+                Ok(_) => tracing::warn!(vdisk = %vd.id, name = %vd.name, from = vd.owner_node_id,
+                    to = new_owner, owner_epoch = vd.owner_epoch + 1,
+                    "vdisk owner is dead; ownership moved to a surviving replica holder"),
+                Err(e) => tracing::warn!(vdisk = %vd.id, error = %e, "cannot move vdisk ownership"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings every group of every vdisk this node owns back to RF.
+    /// Returns whether there was anything to do.
+    async fn repair_owned(
+        self: &Arc<Self>,
+        cfg: &MonitorConfig,
+        dead: &HashSet<u64>,
+        members: &HashSet<u64>,
+    ) -> Result<bool, DataError> {
+        let owned: Vec<_> = self
+            .meta
+            .all_vdisks()
+            .map_err(meta_err)?
+            .into_iter()
+            .filter(|v| v.owner_node_id == self.node_id)
+            .collect();
+        if owned.is_empty() {
+            return Ok(false);
+        }
+        // What each live node actually holds (a wiped node holds nothing).
+        let mut holdings: HashMap<u64, HashMap<u64, bool>> = HashMap::new();
+        for id in members.iter().filter(|id| !dead.contains(id)) {
+            if let Some(list) = self.list_replicas(*id).await {
+                holdings.insert(*id, list);
+            }
+        }
+        let mut work: Vec<(Arc<Volume>, ExtentGroupRecord, Vec<u64>)> = Vec::new();
+        for vd in owned {
+            let vol = self.local_volume(vd.clone())?;
+            for m in self.meta.mappings(&vd.id).map_err(meta_err)? {
+                let Some(g) = self
+                    .meta
+                    .extent_group(m.extent_group_id)
+                    .map_err(meta_err)?
+                else {
+                    continue;
+                };
+                let lost: Vec<u64> = g
+                    .replicas
+                    .iter()
+                    .map(|r| r.node_id)
+                    .filter(|n| {
+                        dead.contains(n)
+                            || !members.contains(n)
+                            || holdings
+                                .get(n)
+                                .is_some_and(|h| h.get(&g.id).is_none_or(|damaged| *damaged))
+                    })
+                    .collect();
+                if !lost.is_empty() || (g.replicas.len() as u32) < vol.rf {
+                    work.push((vol.clone(), g, lost));
+                }
+            }
+        }
+        if work.is_empty() {
+            return Ok(false);
+        }
+        let per_group = u64::from(crate::DEFAULT_VBLOCK_SIZE);
+        let mut task = TaskRecord {
+            format_version: cairn_api::FORMAT_VERSION,
+            id: format!("rebuild-{}-{}", self.node_id, cairn_util::now_unix_ms()),
+            kind: "rebuild".into(),
+            state: TaskState::TaskRunning as i32,
+            node_id: self.node_id,
+            description: format!("restore replication of {} extent group(s)", work.len()),
+            total_bytes: per_group * work.len() as u64,
+            done_bytes: 0,
+            started_unix_ms: cairn_util::now_unix_ms(),
+            updated_unix_ms: cairn_util::now_unix_ms(),
+            message: String::new(),
+        };
+        tracing::warn!(task = %task.id, groups = work.len(), "re-replication started");
+        self.put_task(&task).await;
+        let mut last_put = Instant::now();
+        let mut failures = 0;
+        for (vol, g, lost) in work {
+            let gs = self.load_group(g.id).await?;
+            let t0 = Instant::now();
+            let res = async {
+                if !lost.is_empty() {
+                    vol.drop_replicas(&gs, &lost).await?;
+                }
+                while (gs.rec_snapshot().replicas.len() as u32) < vol.rf {
+                    let Some(target) = self.pick_target(&gs.rec_snapshot(), dead) else {
+                        return Err(DataError::Unavailable(
+                            "no node can take another replica".into(),
+                        ));
+                    };
+                    self.add_replica(&vol, &gs, target).await?;
+                }
+                Ok::<(), DataError>(())
+            }
+            .await;
+            if let Err(e) = res {
+                failures += 1;
+                task.message = format!("extent group {}: {e}", g.id);
+                tracing::warn!(group = g.id, error = %e, "re-replication of a group failed; will retry");
+            }
+            task.done_bytes += per_group;
+            task.updated_unix_ms = cairn_util::now_unix_ms();
+            if last_put.elapsed() > Duration::from_millis(500) {
+                self.put_task(&task).await;
+                last_put = Instant::now();
+            }
+            // Throttle: leave the disks and network to foreground I/O.
+            let budget =
+                Duration::from_secs_f64(per_group as f64 / cfg.rebuild_bytes_per_sec.max(1) as f64);
+            if let Some(rest) = budget.checked_sub(t0.elapsed()) {
+                tokio::time::sleep(rest).await;
+            }
+        }
+        task.state = if failures == 0 {
+            TaskState::TaskDone as i32
+        } else {
+            TaskState::TaskFailed as i32
+        };
+        task.updated_unix_ms = cairn_util::now_unix_ms();
+        self.put_task(&task).await;
+        tracing::warn!(task = %task.id, failures, "re-replication pass finished");
+        Ok(true)
+    }
+
+    async fn put_task(&self, t: &TaskRecord) {
+        let r = self
+            .meta
+            .propose(Op::PutKv(PutKv {
+                key: format!("{TASK_PREFIX}{}", t.id).into_bytes(),
+                value: t.encode_to_vec(),
+            }))
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(task = %t.id, error = %e, "cannot record task progress");
+        }
+    }
+
+    /// group id -> damaged, for every replica on `node`; None if unreachable.
+    async fn list_replicas(&self, node: u64) -> Option<HashMap<u64, bool>> {
+        let list = match self.target(node).ok()? {
+            Target::Local => self.pool().list(),
+            Target::Remote(id, addr) => {
+                let mut c = self.peers.client(id, &addr).ok()?;
+                tokio::time::timeout(Duration::from_secs(5), c.list(ReplicaListRequest {}))
+                    .await
+                    .ok()?
+                    .ok()?
+                    .into_inner()
+            }
+        };
+        Some(
+            list.replicas
+                .into_iter()
+                .map(|r| (r.extent_group_id, r.damaged))
+                .collect(),
+        )
+    }
+
+    /// A live node without a replica of the group and with room; this node first.
+    fn pick_target(&self, g: &ExtentGroupRecord, dead: &HashSet<u64>) -> Option<u64> {
+        let holders: HashSet<u64> = g.replicas.iter().map(|r| r.node_id).collect();
+        if !holders.contains(&self.node_id) && self.pool().has_room() {
+            return Some(self.node_id);
+        }
+        let disks = self.meta.disks().ok()?;
+        let mut best: Option<(u64, u64)> = None;
+        for n in self.meta.nodes().ok()? {
+            if holders.contains(&n.id) || dead.contains(&n.id) || !self.peers.is_up(n.id) {
+                continue;
+            }
+            let free: u64 = disks
+                .iter()
+                .filter(|d| d.node_id == n.id && d.health <= 1)
+                .map(|d| d.capacity_bytes.saturating_sub(d.used_bytes))
+                .sum();
+            if best.is_none_or(|(f, _)| free > f) {
+                best = Some((free, n.id));
+            }
+        }
+        best.map(|(_, id)| id)
+    }
+
+    /// Copies a group to `target` and adds it to the replica set. Writes to
+    /// the group wait meanwhile (one group at a time, so briefly).
+    async fn add_replica(
+        &self,
+        vol: &Volume,
+        gs: &Arc<GroupState>,
+        target: u64,
+    ) -> Result<(), DataError> {
+        let _gate = gs.gate.write().await;
+        let _c = gs.change.lock().await;
+        let rec = gs.rec_snapshot();
+        let blocks = rec.vblock_size.max(BLOCK_SIZE as u32) / BLOCK_SIZE as u32;
+        // A healthy source: the local replica if we have one.
+        let mut sources: Vec<u64> = rec.replicas.iter().map(|r| r.node_id).collect();
+        sources.sort_by_key(|n| *n != self.node_id);
+        let mut src = None;
+        for n in sources {
+            let req = ReplicaRead {
+                format_version: cairn_api::FORMAT_VERSION,
+                extent_group_id: gs.id,
+                first_block: 0,
+                block_count: blocks,
+                epoch: 0,
+            };
+            if let Ok(r) = self.replica_read(n, req).await {
+                src = Some(r);
+                break;
+            }
+        }
+        let src = src.ok_or_else(|| {
+            DataError::Unavailable(format!("extent group {}: no readable replica", gs.id))
+        })?;
+        // Start clean: a stale copy on the target could resurrect old blocks.
+        self.replica_delete(target, gs.id).await?;
+        let mut header = vol.header_for(&rec);
+        header.epoch = rec.epoch;
+        let write =
+            |kind: RecordKind, seq: u64, first: u32, count: u32, data: Vec<u8>, create: bool| {
+                ReplicaWrite {
+                    format_version: cairn_api::FORMAT_VERSION,
+                    extent_group_id: gs.id,
+                    epoch: rec.epoch,
+                    sequence: seq,
+                    kind: kind as i32,
+                    first_block: first,
+                    block_count: count,
+                    block_crc32c: if data.is_empty() {
+                        Vec::new()
+                    } else {
+                        format::block_checksums(&data)
+                    },
+                    data,
+                    create: create.then(|| header.clone()),
+                    copy: true,
+                }
+            };
+        self.replica_write(
+            target,
+            write(RecordKind::RecordEpoch, 0, 0, 0, Vec::new(), true),
+        )
+        .await?;
+        let mut b = 0usize;
+        let n = src.blocks.len();
+        while b < n {
+            let st = src.blocks[b];
+            if !st.mapped {
+                b += 1;
+                continue;
+            }
+            let start = b;
+            while b < n
+                && src.blocks[b].mapped
+                && src.blocks[b].sequence == st.sequence
+                && b - start < 256
+            {
+                b += 1;
+            }
+            let data = src.data[start * BLOCK_SIZE..b * BLOCK_SIZE].to_vec();
+            self.replica_write(
+                target,
+                write(
+                    RecordKind::RecordData,
+                    st.sequence,
+                    start as u32,
+                    (b - start) as u32,
+                    data,
+                    false,
+                ),
+            )
+            .await?;
+        }
+        let mut replicas = rec.replicas.clone();
+        replicas.push(ReplicaLocation {
+            node_id: target,
+            disk_id: String::new(),
+        });
+        let res = self
+            .meta
+            .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
+                id: gs.id,
+                expect_epoch: rec.epoch,
+                new_epoch: rec.epoch + 1,
+                replicas: replicas.clone(),
+            }))
+            .await
+            .map_err(meta_err)?;
+        if !res.error_code.is_empty() {
+            return Err(DataError::Unavailable(format!(
+                "adding a replica: {}",
+                res.error_message
+            )));
+        }
+        let mut new = rec.clone();
+        new.epoch += 1;
+        new.replicas = replicas;
+        gs.set_rec(new.clone());
+        for r in &new.replicas {
+            if let Err(e) = self.replica_set_epoch(r.node_id, gs.id, new.epoch).await {
+                tracing::warn!(group = gs.id, node = r.node_id, error = %e, "cannot raise a replica's epoch");
+            }
+        }
+        tracing::info!(
+            group = gs.id,
+            node = target,
+            replicas = new.replicas.len(),
+            "extent group re-replicated"
+        );
+        Ok(())
+    }
+
+    /// Verifies a slice of this node's owned groups on every replica.
+    async fn scrub_some(
+        self: &Arc<Self>,
+        cfg: &MonitorConfig,
+        st: &mut MonitorState,
+    ) -> Result<(), DataError> {
+        let per_group = u64::from(crate::DEFAULT_VBLOCK_SIZE);
+        let budget = (cfg.scrub_bytes_per_sec * cfg.interval.as_secs().max(1)).max(per_group);
+        let groups: Vec<ExtentGroupRecord> = self
+            .meta
+            .extent_groups()
+            .map_err(meta_err)?
+            .into_iter()
+            .filter(|g| {
+                self.meta
+                    .vdisk_by_id(&g.vdisk_id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| v.owner_node_id == self.node_id)
+            })
+            .collect();
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let count = (budget / per_group).max(1) as usize;
+        for k in 0..count.min(groups.len()) {
+            let g = &groups[(st.scrub_cursor + k) % groups.len()];
+            let blocks = g.vblock_size.max(BLOCK_SIZE as u32) / BLOCK_SIZE as u32;
+            for r in &g.replicas {
+                let req = ReplicaRead {
+                    format_version: cairn_api::FORMAT_VERSION,
+                    extent_group_id: g.id,
+                    first_block: 0,
+                    block_count: blocks,
+                    epoch: 0,
+                };
+                match self.replica_read(r.node_id, req).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_replica_fault() || matches!(e, DataError::NotFound(_)) => {
+                        tracing::warn!(group = g.id, node = r.node_id, error = %e,
+                            "scrub found a bad replica");
+                        self.stats.checksum_repairs.fetch_add(1, Ordering::Relaxed);
+                        if r.node_id == self.node_id {
+                            // Reading through the volume path rewrites the bad blocks.
+                            if let Some(vd) =
+                                self.meta.vdisk_by_id(&g.vdisk_id).map_err(meta_err)?
+                            {
+                                let vol = self.local_volume(vd)?;
+                                let gs = self.load_group(g.id).await?;
+                                vol.scrub_repair(&gs, blocks).await?;
+                            }
+                        } else if let Some(vd) =
+                            self.meta.vdisk_by_id(&g.vdisk_id).map_err(meta_err)?
+                        {
+                            let vol = self.local_volume(vd)?;
+                            let gs = self.load_group(g.id).await?;
+                            vol.drop_replicas(&gs, &[r.node_id]).await?;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        st.scrub_cursor = (st.scrub_cursor + count) % groups.len().max(1);
+        Ok(())
+    }
+
+    /// Deletes local replicas that metadata no longer lists for this node.
+    async fn collect_garbage(&self, st: &mut MonitorState) -> Result<(), DataError> {
+        let now = Instant::now();
+        let mut seen = HashSet::new();
+        for d in self.pool().disks() {
+            for id in d.group_ids() {
+                seen.insert(id);
+                let referenced = self
+                    .meta
+                    .extent_group(id)
+                    .map_err(meta_err)?
+                    .is_some_and(|g| g.replicas.iter().any(|r| r.node_id == self.node_id));
+                if referenced
+                    || lock(&self.groups).get(&id).is_some_and(|g| {
+                        g.rec_snapshot()
+                            .replicas
+                            .iter()
+                            .any(|r| r.node_id == self.node_id)
+                    })
+                {
+                    st.orphans.remove(&id);
+                    continue;
+                }
+                let first = *st.orphans.entry(id).or_insert(now);
+                if now - first > Duration::from_secs(30) {
+                    st.orphans.remove(&id);
+                    match d.delete_group(id) {
+                        Ok(()) => tracing::info!(
+                            group = id,
+                            disk = d.id(),
+                            "deleted an extent group replica no longer in its replica set"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(group = id, error = %e, "cannot delete an orphan replica")
+                        }
+                    }
+                }
+            }
+        }
+        st.orphans.retain(|id, _| seen.contains(id));
+        Ok(())
+    }
+}
