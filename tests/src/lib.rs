@@ -46,7 +46,7 @@ pub fn sh(cmd: &str, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
-fn sh_ok(cmd: &str, args: &[&str]) -> Result<()> {
+pub fn sh_ok(cmd: &str, args: &[&str]) -> Result<()> {
     let out = sh(cmd, args)?;
     if !out.status.success() {
         bail!(

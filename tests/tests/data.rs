@@ -526,3 +526,103 @@ fn snapshot_overwrite_clone_each_see_their_data() -> Result<()> {
     }
     Ok(())
 }
+
+/// A small ext4 file system on a loop device, unmounted on drop.
+struct LoopFs {
+    mnt: PathBuf,
+    img: PathBuf,
+}
+
+impl LoopFs {
+    fn new(img: PathBuf, mnt: PathBuf, mib: u64) -> Result<Self> {
+        let f = std::fs::File::create(&img)?;
+        f.set_len(mib * MIB)?;
+        drop(f);
+        cairn_tests::sh_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()])?;
+        std::fs::create_dir_all(&mnt)?;
+        cairn_tests::sh_ok(
+            "mount",
+            &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
+        )?;
+        Ok(Self { mnt, img })
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
+#[test]
+fn full_disk_fails_over_or_gives_a_clear_error_and_loses_nothing() -> Result<()> {
+    let _g = serial();
+    let mut c = Cluster::start(3)?;
+    // Node 3's only disk becomes a 48 MiB ext4 file system.
+    c.stop(2)?;
+    let d0 = c.nodes[2].dir.join("disks/d0");
+    std::fs::remove_dir_all(&d0)?;
+    let _fs = LoopFs::new(c.root.path().join("small.img"), d0.clone(), 48)?;
+    c.spawn(2)?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+
+    // An RF1 vdisk on node 3 gets one block while there is room.
+    let one = c.make_vdisk("one", 1, "r1", 8 * MIB, 2)?;
+    let io1 = c.block(2, &one)?;
+    io1.write(0, &block(0, 1))?;
+    // An RF2 vdisk owned by node 3 is filled far past its disk's size.
+    let two = c.make_vdisk("two", 2, "r2", 96 * MIB, 2)?;
+    let io2 = c.block(2, &two)?;
+    let mut written = 0u64;
+    for chunk in 0..80u64 {
+        let data: Vec<u8> = (0..256u64)
+            .flat_map(|b| block(chunk * MIB + b * BS as u64, 5))
+            .collect();
+        io2.write(chunk * MIB, &data).map_err(|e| {
+            anyhow::anyhow!(
+                "RF2 write {chunk} failed (should fail over): {e}\n{}",
+                c.logs_tail()
+            )
+        })?;
+        written += MIB;
+    }
+    assert_eq!(written, 80 * MIB);
+    let log = c.nodes[2].log();
+    assert!(
+        log.contains("disk is full; taken out of placement") || log.contains("no space"),
+        "{}",
+        c.logs_tail()
+    );
+
+    // Overwriting the RF1 block needs space that is not there: a clear error...
+    let mut full_err = None;
+    for i in 0..64u64 {
+        let data: Vec<u8> = (0..256u64)
+            .flat_map(|b| block(b * BS as u64, 10 + i))
+            .collect();
+        if let Err(e) = io1.write(0, &data[..]) {
+            full_err = Some(e.to_string());
+            break;
+        }
+    }
+    let e = full_err.expect("writes into a full disk's only replica kept succeeding");
+    assert!(e.contains("no space left"), "unclear error: {e}");
+
+    // ...and nothing acknowledged is lost, on either vdisk.
+    let got = io1.read(0, BS as u64)?;
+    let g = u64::from_le_bytes(got[8..16].try_into().unwrap());
+    assert!(g >= 1, "RF1 block lost");
+    for chunk in 0..80u64 {
+        let got = io2.read(chunk * MIB, MIB)?;
+        for b in 0..256u64 {
+            let at = (b as usize) * BS;
+            check_block(&got[at..at + BS], chunk * MIB + b * BS as u64, 5);
+        }
+    }
+    c.stop(2)?;
+    Ok(())
+}

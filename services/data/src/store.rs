@@ -197,7 +197,14 @@ impl DiskStore {
         let free = statvfs(&self.root).map(|s| s.1).unwrap_or(0);
         let used = self.used.load(Ordering::Relaxed);
         let full = free < self.reserve || used >= self.capacity;
-        self.full.store(full, Ordering::Relaxed);
+        if self.full.swap(full, Ordering::Relaxed) != full {
+            if full {
+                tracing::warn!(disk = %self.id, free_bytes = free, used_bytes = used,
+                    "disk is full; taken out of placement");
+            } else {
+                tracing::info!(disk = %self.id, free_bytes = free, "disk has room again; back in placement");
+            }
+        }
         DiskUsage {
             capacity_bytes: self.capacity,
             used_bytes: used,

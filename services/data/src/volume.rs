@@ -260,9 +260,12 @@ impl DataService {
 
     /// Chooses `rf` nodes for a new group: this node first (reads stay
     /// local), then the members whose disks have the most room.
-    fn place(&self, rf: u32) -> Result<Vec<ReplicaLocation>, DataError> {
+    fn place(&self, rf: u32, exclude: &[u64]) -> Result<Vec<ReplicaLocation>, DataError> {
         let mut out = Vec::new();
-        if self.pool.has_room() {
+        if rf == 0 {
+            return Ok(out);
+        }
+        if self.pool.has_room() && !exclude.contains(&self.node_id) {
             out.push(ReplicaLocation {
                 node_id: self.node_id,
                 disk_id: String::new(),
@@ -271,7 +274,7 @@ impl DataService {
         let disks = self.meta.disks().map_err(meta_err)?;
         let mut candidates: Vec<(u64, u64)> = Vec::new();
         for n in self.meta.nodes().map_err(meta_err)? {
-            if n.id == self.node_id || !self.peers.is_up(n.id) {
+            if n.id == self.node_id || !self.peers.is_up(n.id) || exclude.contains(&n.id) {
                 continue;
             }
             let free: u64 = disks
@@ -545,7 +548,7 @@ impl Volume {
             id: rand::random::<u64>() >> 1,
             vdisk_id: vd.id.clone(),
             epoch: 1,
-            replicas: self.svc.place(self.rf)?,
+            replicas: self.svc.place(self.rf, &[])?,
             created_unix_ms: cairn_util::now_unix_ms(),
             vblock,
             generation: gen,
@@ -564,8 +567,7 @@ impl Volume {
         });
         // Create the replicas (and copy the shared version) before the
         // mapping exists, so no reader ever sees a half-made group.
-        self.replicate(&gs, RecordKind::RecordEpoch, 0, 0, Vec::new())
-            .await?;
+        self.create_replicas(&gs).await?;
         if let Some(src) = source {
             let src_gs = self.svc.load_group(src.extent_group_id).await?;
             let blocks = self.vbs() as u32 / BLOCK_SIZE as u32;
@@ -613,6 +615,76 @@ impl Volume {
         Err(DataError::Unavailable(format!(
             "allocating vblock {vblock}: {}",
             res.error_message
+        )))
+    }
+
+    /// Creates a new group's files on its replicas; a node that cannot
+    /// (full disk, I/O error, down) is replaced by another before the group
+    /// is committed, so a group starts life with its full replica set.
+    async fn create_replicas(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
+        let mut excluded: Vec<u64> = Vec::new();
+        for _attempt in 0..4 {
+            let rec = gs.rec_snapshot();
+            let header = match gs.create.read() {
+                Ok(g) => g.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            let sends = rec.replicas.iter().map(|r| {
+                let req = ReplicaWrite {
+                    format_version: cairn_api::FORMAT_VERSION,
+                    extent_group_id: gs.id,
+                    epoch: rec.epoch,
+                    sequence: 0,
+                    kind: RecordKind::RecordEpoch as i32,
+                    first_block: 0,
+                    block_count: 0,
+                    data: Vec::new(),
+                    block_crc32c: Vec::new(),
+                    create: header.clone(),
+                    copy: false,
+                };
+                let node = r.node_id;
+                async move { (node, self.svc.replica_write(node, req).await) }
+            });
+            let results = join_all(sends).await;
+            let mut kept = Vec::new();
+            let mut last = None;
+            for (node, r) in results {
+                match r {
+                    Ok(()) => kept.push(ReplicaLocation {
+                        node_id: node,
+                        disk_id: String::new(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(group = gs.id, node, error = %e,
+                            "cannot create a replica there; placing it elsewhere");
+                        excluded.push(node);
+                        last = Some(e);
+                    }
+                }
+            }
+            if kept.len() == rec.replicas.len() {
+                return Ok(());
+            }
+            let mut avoid = excluded.clone();
+            avoid.extend(kept.iter().map(|r| r.node_id));
+            let more = match self.svc.place(self.rf - kept.len() as u32, &avoid) {
+                Ok(m) => m,
+                Err(e) => {
+                    for r in &kept {
+                        let _ = self.svc.replica_delete(r.node_id, gs.id).await;
+                    }
+                    return Err(last.unwrap_or(e));
+                }
+            };
+            let mut new = rec.clone();
+            new.replicas = kept;
+            new.replicas.extend(more);
+            gs.set_rec(new);
+        }
+        Err(DataError::Unavailable(format!(
+            "extent group {}: no replicas could be created",
+            gs.id
         )))
     }
 
