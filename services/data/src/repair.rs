@@ -66,6 +66,8 @@ struct MonitorState {
     /// Local groups found unreferenced, and when first seen so.
     orphans: HashMap<u64, Instant>,
     scrub_cursor: usize,
+    /// Highest sequence any replica of a group had at the previous pass.
+    seen_max: HashMap<u64, u64>,
 }
 
 impl DataService {
@@ -152,7 +154,7 @@ impl DataService {
         {
             self.fail_over_owners(&dead).await?;
         }
-        let repaired = self.repair_owned(cfg, &dead, &members).await?;
+        let repaired = self.repair_owned(cfg, &dead, &members, st).await?;
         if !repaired && cfg.scrub_bytes_per_sec > 0 {
             self.scrub_some(cfg, st).await?;
         }
@@ -217,6 +219,7 @@ impl DataService {
         cfg: &MonitorConfig,
         dead: &HashSet<u64>,
         members: &HashSet<u64>,
+        st: &mut MonitorState,
     ) -> Result<bool, DataError> {
         let owned: Vec<_> = self
             .meta
@@ -229,13 +232,14 @@ impl DataService {
             return Ok(false);
         }
         // What each live node actually holds (a wiped node holds nothing).
-        let mut holdings: HashMap<u64, HashMap<u64, bool>> = HashMap::new();
+        let mut holdings: HashMap<u64, HashMap<u64, (bool, u64)>> = HashMap::new();
         for id in members.iter().filter(|id| !dead.contains(id)) {
             if let Some(list) = self.list_replicas(*id).await {
                 holdings.insert(*id, list);
             }
         }
         let mut work: Vec<(Arc<Volume>, ExtentGroupRecord, Vec<u64>)> = Vec::new();
+        let mut seen: HashMap<u64, u64> = HashMap::new();
         for vd in owned {
             let vol = self.local_volume(vd.clone())?;
             for m in self.meta.mappings(&vd.id).map_err(meta_err)? {
@@ -246,6 +250,9 @@ impl DataService {
                 else {
                     continue;
                 };
+                // A replica behind what its peers already had a pass ago
+                // missed acknowledged writes (e.g. its file lost its tail).
+                let behind = st.seen_max.get(&g.id).copied().unwrap_or(0);
                 let lost: Vec<u64> = g
                     .replicas
                     .iter()
@@ -253,16 +260,26 @@ impl DataService {
                     .filter(|n| {
                         dead.contains(n)
                             || !members.contains(n)
-                            || holdings
-                                .get(n)
-                                .is_some_and(|h| h.get(&g.id).is_none_or(|damaged| *damaged))
+                            || holdings.get(n).is_some_and(|h| {
+                                h.get(&g.id)
+                                    .is_none_or(|(damaged, seq)| *damaged || *seq < behind)
+                            })
                     })
                     .collect();
+                let now_max = g
+                    .replicas
+                    .iter()
+                    .filter_map(|r| holdings.get(&r.node_id).and_then(|h| h.get(&g.id)))
+                    .map(|(_, seq)| *seq)
+                    .max()
+                    .unwrap_or(0);
+                seen.insert(g.id, now_max);
                 if !lost.is_empty() || (g.replicas.len() as u32) < vol.rf {
                     work.push((vol.clone(), g, lost));
                 }
             }
         }
+        st.seen_max = seen;
         if work.is_empty() {
             return Ok(false);
         }
@@ -344,8 +361,9 @@ impl DataService {
         }
     }
 
-    /// group id -> damaged, for every replica on `node`; None if unreachable.
-    async fn list_replicas(&self, node: u64) -> Option<HashMap<u64, bool>> {
+    /// group id -> (damaged, highest sequence), for every replica on
+    /// `node`; None if unreachable.
+    async fn list_replicas(&self, node: u64) -> Option<HashMap<u64, (bool, u64)>> {
         let list = match self.target(node).ok()? {
             Target::Local => self.pool().list(),
             Target::Remote(id, addr) => {
@@ -360,7 +378,7 @@ impl DataService {
         Some(
             list.replicas
                 .into_iter()
-                .map(|r| (r.extent_group_id, r.damaged))
+                .map(|r| (r.extent_group_id, (r.damaged, r.max_sequence)))
                 .collect(),
         )
     }

@@ -138,7 +138,13 @@ impl DiskStore {
                     groups.insert(id, Arc::new(Group::new(f)?));
                 }
                 Err(e) => {
+                    // Keep the bytes for inspection, but out of the way: the
+                    // group id must be free for a fresh copy from the peers.
+                    let aside =
+                        path.with_extension(format!("ceg.bad-{}", cairn_util::now_unix_ms()));
+                    let moved = std::fs::rename(&path, &aside).is_ok();
                     tracing::error!(disk = %self.id, path = %path.display(), error = %e,
+                        moved_to = %if moved { aside.display().to_string() } else { "(not moved)".into() },
                         "cannot open extent group file; treating this replica as lost");
                 }
             }
@@ -170,11 +176,11 @@ impl DiskStore {
             *f = (Instant::now(), self.root.join(FAULT_EIO_FILE).exists());
         }
         if f.1 {
-            self.failed.store(true, Ordering::Relaxed);
-            return Err(DataError::io(
+            drop(f);
+            return Err(self.note(DataError::io(
                 &self.root,
                 std::io::Error::from_raw_os_error(libc::EIO),
-            ));
+            )));
         }
         Ok(())
     }
@@ -184,7 +190,9 @@ impl DiskStore {
             DataError::NoSpace { .. } if !self.full.swap(true, Ordering::Relaxed) => {
                 tracing::warn!(disk = %self.id, "disk is full; taken out of placement");
             }
-            DataError::Io { .. } if !self.failed.swap(true, Ordering::Relaxed) => {
+            DataError::Io { source, .. }
+                if is_device_error(source) && !self.failed.swap(true, Ordering::Relaxed) =>
+            {
                 tracing::error!(disk = %self.id, error = %e, "disk I/O error; taken out of placement");
             }
             _ => {}
@@ -353,6 +361,14 @@ impl DiskStore {
     pub fn block_bytes(blocks: u32) -> u64 {
         u64::from(blocks) * BLOCK_SIZE as u64
     }
+}
+
+/// Errors that mean the device itself is failing (not a bad path or a race).
+fn is_device_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO) | Some(libc::EROFS) | Some(libc::ENODEV) | Some(libc::ENXIO)
+    )
 }
 
 /// Every `*.ceg` file under `dir`, recursively, in path order.
