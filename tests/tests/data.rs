@@ -598,6 +598,14 @@ fn full_disk_fails_over_or_gives_a_clear_error_and_loses_nothing() -> Result<()>
         c.logs_tail()
     );
 
+    // Something else takes the last free bytes of the file system.
+    {
+        use std::io::Write as _;
+        let mut filler = std::fs::File::create(d0.join("filler"))?;
+        let chunk = vec![0xEEu8; 64 * 1024];
+        while filler.write_all(&chunk).is_ok() {}
+        let _ = filler.sync_all();
+    }
     // Overwriting the RF1 block needs space that is not there: a clear error...
     let mut full_err = None;
     for i in 0..64u64 {

@@ -436,6 +436,90 @@ impl ExtentGroupFile {
         }
     }
 
+    /// Whether superseded records take more room than the live ones.
+    pub fn needs_compaction(&self) -> bool {
+        let live = self.mapped_bytes() + SUPERBLOCK_SIZE;
+        self.end > 2 * live + (1 << 20)
+    }
+
+    /// Rewrites the file with only the newest version of each block (same
+    /// sequences, the current epoch), then atomically replaces it. A block
+    /// that fails verification aborts the compaction: the old file, which
+    /// may still be repaired from peers, is kept as it is.
+    pub fn compact(&mut self) -> Result<(), DataError> {
+        let io = |p: &Path, e| DataError::io(p, e);
+        let tmp = self.path.with_extension("ceg.compact");
+        let _ = std::fs::remove_file(&tmp);
+        let mut header = self.header.clone();
+        header.epoch = self.epoch;
+        let mut out = ExtentGroupFile::create(&tmp, header)?;
+        let n = self.slots.len();
+        let mut b = 0usize;
+        while b < n {
+            let start = b;
+            let slot = self.slots[b];
+            b += 1;
+            match slot {
+                Slot::Empty => continue,
+                Slot::Trimmed { seq } => {
+                    while b < n && self.slots[b] == (Slot::Trimmed { seq }) {
+                        b += 1;
+                    }
+                    out.append(
+                        RecordKind::RecordTrim,
+                        seq,
+                        self.epoch,
+                        start as u32,
+                        (b - start) as u32,
+                        &[],
+                        false,
+                    )?;
+                }
+                Slot::Data(loc) => {
+                    while b < n
+                        && b - start < 256
+                        && matches!(self.slots[b], Slot::Data(l) if l.seq == loc.seq)
+                    {
+                        b += 1;
+                    }
+                    let data = self.read(start as u32, (b - start) as u32)?;
+                    let compress = self.header.codec == Codec::Zstd as i32;
+                    out.append(
+                        RecordKind::RecordData,
+                        loc.seq,
+                        self.epoch,
+                        start as u32,
+                        (b - start) as u32,
+                        &data,
+                        compress,
+                    )?;
+                }
+            }
+        }
+        // Keep the highest sequence even if no block carries it any more.
+        if out.max_sequence() < self.max_seq {
+            out.append(
+                RecordKind::RecordEpoch,
+                self.max_seq,
+                self.epoch,
+                0,
+                0,
+                &[],
+                false,
+            )?;
+        }
+        out.sync()?;
+        drop(out);
+        std::fs::rename(&tmp, &self.path).map_err(|e| io(&self.path, e))?;
+        if let Some(dir) = self.path.parent() {
+            cairn_util::durable::sync_dir(dir).map_err(|e| io(dir, e))?;
+        }
+        let before = self.end;
+        *self = ExtentGroupFile::open(&self.path, true)?;
+        tracing::debug!(path = %self.path.display(), before, after = self.end, "extent group compacted");
+        Ok(())
+    }
+
     /// Verifies every mapped block; returns the ones that fail.
     pub fn verify(&self) -> Vec<u32> {
         (0..self.slots.len() as u32)
@@ -592,6 +676,48 @@ mod tests {
         let g = ExtentGroupFile::open(&p, false).unwrap();
         assert!(g.report().damage.is_some(), "{:?}", g.report());
         assert_eq!(g.read(1, 1).unwrap(), pattern(1, 1));
+    }
+
+    #[test]
+    fn compaction_keeps_the_newest_version_and_frees_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("6.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(6)).unwrap();
+        let mut seq = 0;
+        for gen in 1..=8u8 {
+            for b in 0..64u32 {
+                seq += 1;
+                g.append(
+                    RecordKind::RecordData,
+                    seq,
+                    1,
+                    b,
+                    1,
+                    &pattern(b, gen),
+                    false,
+                )
+                .unwrap();
+            }
+        }
+        g.append(RecordKind::RecordTrim, seq + 1, 2, 10, 5, &[], false)
+            .unwrap();
+        assert!(g.needs_compaction());
+        let before = g.file_len();
+        g.compact().unwrap();
+        assert!(g.file_len() < before / 4, "{} -> {}", before, g.file_len());
+        assert_eq!(g.max_sequence(), seq + 1);
+        assert_eq!(g.epoch(), 2);
+        for g in [g, ExtentGroupFile::open(&p, true).unwrap()] {
+            for b in 0..64u32 {
+                let want = if (10..15).contains(&b) {
+                    vec![0u8; BLOCK_SIZE]
+                } else {
+                    pattern(b, 8)
+                };
+                assert_eq!(g.read(b, 1).unwrap(), want, "block {b}");
+            }
+            assert!(matches!(g.slots()[12], Slot::Trimmed { .. }));
+        }
     }
 
     #[test]

@@ -42,7 +42,8 @@ pub struct Group {
     file: Mutex<ExtentGroupFile>,
     sync_lock: Mutex<()>,
     synced: AtomicU64,
-    fd: File,
+    /// Replaced when compaction swaps the file.
+    fd: Mutex<Arc<File>>,
 }
 
 impl Group {
@@ -53,7 +54,7 @@ impl Group {
             file: Mutex::new(file),
             sync_lock: Mutex::new(()),
             synced,
-            fd,
+            fd: Mutex::new(Arc::new(fd)),
         })
     }
     /// Runs `f` on the open file.
@@ -286,7 +287,38 @@ impl DiskStore {
                 .fetch_add(f.file_len() - before, Ordering::Relaxed);
             f.end()
         };
-        self.sync_to(group, end)
+        self.sync_to(group, end)?;
+        self.maybe_compact(group)
+    }
+
+    /// Compacts a group whose file is mostly superseded records. Runs with
+    /// the group's sync and file locks held (in that order, as `sync_to`
+    /// takes them): writers of this one group wait, others do not.
+    fn maybe_compact(&self, group: &Group) -> Result<(), DataError> {
+        if !lock(&group.file).needs_compaction() {
+            return Ok(());
+        }
+        let _turn = lock(&group.sync_lock);
+        let mut f = lock(&group.file);
+        if !f.needs_compaction() {
+            return Ok(());
+        }
+        let before = f.file_len();
+        if let Err(e) = f.compact() {
+            // Not fatal: the old file is intact; a repair or a later try fixes it.
+            tracing::warn!(disk = %self.id, path = %f.path().display(), error = %e, "compaction skipped");
+            return Ok(());
+        }
+        *lock(&group.fd) = Arc::new(f.sync_handle()?);
+        group.synced.store(f.end(), Ordering::SeqCst);
+        let after = f.file_len();
+        self.used.fetch_sub(
+            before
+                .saturating_sub(after)
+                .min(self.used.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        Ok(())
     }
 
     fn sync_to(&self, group: &Group, end: u64) -> Result<(), DataError> {
@@ -299,9 +331,8 @@ impl DiskStore {
         }
         // Everything appended up to now rides on this one sync.
         let target = lock(&group.file).end();
-        group
-            .fd
-            .sync_data()
+        let fd = lock(&group.fd).clone();
+        fd.sync_data()
             .map_err(|e| self.note(DataError::io(&self.root, e)))?;
         group.synced.fetch_max(target, Ordering::AcqRel);
         lock(&group.file).mark_synced(target);
@@ -434,21 +465,25 @@ mod tests {
             .map(|t| {
                 let (store, g) = (store.clone(), g.clone());
                 std::thread::spawn(move || {
-                    for i in 0..16u32 {
-                        let b = t * 16 + i;
-                        let data = vec![b as u8; BLOCK_SIZE];
-                        store
-                            .write(
-                                &g,
-                                RecordKind::RecordData,
-                                u64::from(b) + 1,
-                                1,
-                                b,
-                                1,
-                                &data,
-                                false,
-                            )
-                            .unwrap();
+                    // Eight rounds of overwrites: enough garbage to compact
+                    // while the other writers keep going.
+                    for round in 0..8u32 {
+                        for i in 0..16u32 {
+                            let b = t * 16 + i;
+                            let data = vec![(b + round) as u8; BLOCK_SIZE];
+                            store
+                                .write(
+                                    &g,
+                                    RecordKind::RecordData,
+                                    u64::from(round * 1000 + b) + 1,
+                                    1,
+                                    b,
+                                    1,
+                                    &data,
+                                    false,
+                                )
+                                .unwrap();
+                        }
                     }
                 })
             })
@@ -462,8 +497,16 @@ mod tests {
         assert_eq!(store.id(), id, "disk id is stable");
         let g = store.group(9).unwrap();
         for b in 0..128u32 {
-            assert_eq!(store.read(&g, b, 1).unwrap(), vec![b as u8; BLOCK_SIZE]);
+            assert_eq!(
+                store.read(&g, b, 1).unwrap(),
+                vec![(b + 7) as u8; BLOCK_SIZE]
+            );
         }
+        assert!(
+            g.with(|f| f.file_len()) < 3 << 20,
+            "never compacted: {}",
+            g.with(|f| f.file_len())
+        );
     }
 
     #[test]
