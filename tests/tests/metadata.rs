@@ -623,7 +623,9 @@ fn openapi_contract_matches_the_server() -> Result<()> {
         let concrete = p
             .replace("{ds}", "no-such-ds")
             .replace("{name}", "no-such-vdisk")
-            .replace("{id}", "999");
+            .replace("{id}", "999")
+            .replace("{snap}", "no-such-snap")
+            .replace("{task}", "no-such-task");
         let r = c.raw(
             0,
             method,
