@@ -170,6 +170,9 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
         println!("  REST API   https://{}/v1/health", cfg.api_addr);
         println!("  node RPC   {} (mTLS, cluster CA)", cfg.rpc_addr);
         println!("  data       {}", dir.display());
+        for (disk, _) in cfg.data_disks() {
+            println!("  disk       {} (extent groups; files stand in for flash)", disk.display());
+        }
         println!("  log        {}", dir.join("node.log").display());
     }
     println!("\nCA certificate: {}", dirs[0].join("tls/ca.pem").display());
