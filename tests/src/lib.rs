@@ -657,6 +657,7 @@ impl BlockClient {
             length,
             data,
             fua: true,
+            forwarded: false,
         };
         self.rt
             .block_on(c.forward(req))

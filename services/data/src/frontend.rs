@@ -63,6 +63,11 @@ pub trait BlockDevice: Send + Sync {
 #[async_trait]
 pub trait BlockService: Send + Sync {
     async fn open(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError>;
+    /// Opens only a vdisk this node serves itself (for requests another
+    /// node already forwarded: never forward twice).
+    async fn open_owned(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
+        self.open(vdisk_id).await
+    }
 }
 
 /// Checks that a byte range is sector-aligned and inside the device.

@@ -146,11 +146,12 @@ impl DataReplica for ReplicaServer {
     }
     async fn forward(&self, r: Request<VdiskIo>) -> Result<Response<VdiskIoReply>, Status> {
         let r = r.into_inner();
-        let dev = self
-            .frontend
-            .open(&r.vdisk_id)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let dev = if r.forwarded {
+            self.frontend.open_owned(&r.vdisk_id).await
+        } else {
+            self.frontend.open(&r.vdisk_id).await
+        };
+        let dev = dev.map_err(|e| to_status(&e))?;
         let op =
             vdisk_io::Op::try_from(r.op).map_err(|_| Status::invalid_argument("unknown op"))?;
         let res = match op {

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cairn_api::data::v1::{
@@ -78,6 +78,7 @@ pub struct DataService {
     vblock_size: u32,
     pub(crate) groups: Mutex<HashMap<u64, Arc<GroupState>>>,
     pub(crate) volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    forwarders: Mutex<HashMap<String, (Arc<Forwarded>, Instant)>>,
     pub stats: Stats,
 }
 
@@ -120,6 +121,7 @@ impl DataService {
             vblock_size: crate::DEFAULT_VBLOCK_SIZE,
             groups: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
+            forwarders: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         })
     }
@@ -322,7 +324,13 @@ impl BlockService for Frontend {
     async fn open(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
         self.0.open_volume(vdisk_id).await
     }
+    async fn open_owned(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
+        self.0.open_owned(vdisk_id).await
+    }
 }
+
+/// How long a non-owner trusts its knowledge of a vdisk's owner.
+pub const FORWARDER_TTL: Duration = Duration::from_secs(2);
 
 impl DataService {
     /// The device for `vdisk_id`: the volume itself when this node owns
@@ -337,6 +345,13 @@ impl DataService {
             }
             lock(&self.volumes).remove(vdisk_id);
         }
+        // A forwarder is trusted for a short while; the owner refuses
+        // requests for vdisks it no longer owns, which drops it sooner.
+        if let Some((f, at)) = lock(&self.forwarders).get(vdisk_id).cloned() {
+            if at.elapsed() < FORWARDER_TTL {
+                return Ok(f);
+            }
+        }
         self.meta.read_barrier().await.map_err(meta_err)?;
         let vd = self
             .meta
@@ -348,14 +363,35 @@ impl DataService {
             let Target::Remote(id, addr) = owner else {
                 return Err(DataError::Unavailable("owner lookup".into()));
             };
-            return Ok(Arc::new(Forwarded {
+            let f = Arc::new(Forwarded {
                 vdisk_id: vdisk_id.to_string(),
                 size: vd.size_bytes,
                 node: id,
                 client: self.peers.client(id, &addr)?,
-            }));
+                svc: Arc::downgrade(self),
+            });
+            lock(&self.forwarders).insert(vdisk_id.to_string(), (f.clone(), Instant::now()));
+            return Ok(f);
         }
         Ok(self.local_volume(vd)?)
+    }
+
+    /// Like [`Self::open_volume`], but only for a vdisk this node owns: a
+    /// forwarded request is never forwarded again (two nodes with different
+    /// views of the owner must not bounce a request between them).
+    pub async fn open_owned(
+        self: &Arc<Self>,
+        vdisk_id: &str,
+    ) -> Result<Arc<dyn BlockDevice>, DataError> {
+        let dev = self.open_volume(vdisk_id).await?;
+        if lock(&self.volumes).contains_key(vdisk_id) {
+            return Ok(dev);
+        }
+        lock(&self.forwarders).remove(vdisk_id);
+        Err(DataError::Unavailable(format!(
+            "node {} does not own vdisk {vdisk_id}",
+            self.node_id
+        )))
     }
 
     /// The volume of a vdisk this node owns (cached).
@@ -1360,6 +1396,7 @@ struct Forwarded {
     vdisk_id: String,
     size: u64,
     node: u64,
+    svc: std::sync::Weak<DataService>,
     client: cairn_api::data::v1::data_replica_client::DataReplicaClient<tonic::transport::Channel>,
 }
 
@@ -1381,10 +1418,20 @@ impl Forwarded {
             length,
             data,
             fua,
+            forwarded: true,
         })
         .await
         .map(|r| r.into_inner().data)
-        .map_err(|s| from_status(&s, self.node))
+        .map_err(|s| {
+            let e = from_status(&s, self.node);
+            if matches!(e, DataError::Unavailable(_) | DataError::NotFound(_)) {
+                // The owner moved, died or refused: look it up again next time.
+                if let Some(svc) = self.svc.upgrade() {
+                    lock(&svc.forwarders).remove(&self.vdisk_id);
+                }
+            }
+            e
+        })
     }
 }
 

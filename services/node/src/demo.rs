@@ -171,7 +171,10 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
         println!("  node RPC   {} (mTLS, cluster CA)", cfg.rpc_addr);
         println!("  data       {}", dir.display());
         for (disk, _) in cfg.data_disks() {
-            println!("  disk       {} (extent groups; files stand in for flash)", disk.display());
+            println!(
+                "  disk       {} (extent groups; files stand in for flash)",
+                disk.display()
+            );
         }
         println!("  log        {}", dir.join("node.log").display());
     }

@@ -316,6 +316,7 @@ fn vdisk_io(vdisk: &str, op: vdisk_io::Op, offset: u64, length: u64, data: Vec<u
         length,
         data,
         fua: true,
+        forwarded: false,
     }
 }
 
