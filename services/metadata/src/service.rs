@@ -41,13 +41,9 @@ struct RaftService {
     version: String,
 }
 
-#[tonic::async_trait]
-impl RaftTransport for RaftService {
-    async fn send(
-        &self,
-        request: TonicRequest<RaftBatch>,
-    ) -> Result<TonicResponse<RaftAck>, Status> {
-        let batch = request.into_inner();
+impl RaftService {
+    /// Decodes and delivers one batch to the raft thread.
+    fn deliver(&self, batch: RaftBatch) -> Result<(), Status> {
         let me = self.handle.node_id();
         let mut decoded = Vec::with_capacity(batch.messages.len());
         for bytes in &batch.messages {
@@ -66,6 +62,30 @@ impl RaftTransport for RaftService {
             self.handle
                 .send(Msg::Raft(Box::new(m)))
                 .map_err(|e| to_status(&e))?;
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn send(
+        &self,
+        request: TonicRequest<RaftBatch>,
+    ) -> Result<TonicResponse<RaftAck>, Status> {
+        self.deliver(request.into_inner())?;
+        Ok(TonicResponse::new(RaftAck {}))
+    }
+
+    async fn stream(
+        &self,
+        request: TonicRequest<tonic::Streaming<RaftBatch>>,
+    ) -> Result<TonicResponse<RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        // A malformed batch ends this stream with an error (the peer
+        // reconnects); nothing else is disturbed.
+        while let Some(batch) = stream.message().await? {
+            self.deliver(batch)?;
         }
         Ok(TonicResponse::new(RaftAck {}))
     }

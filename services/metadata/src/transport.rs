@@ -170,6 +170,18 @@ async fn peer_loop(
     from_addr: String,
 ) {
     let mut last_warn: Option<Instant> = None;
+    let mut warn = |what: &str, err: &str| {
+        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+            tracing::warn!(peer = id, addr = %addr, error = %err, "{what}");
+            last_warn = Some(Instant::now());
+        }
+    };
+    // The open stream to the peer: its sender and the call driving it.
+    let mut stream: Option<(
+        mpsc::Sender<RaftBatch>,
+        tokio::task::JoinHandle<Result<tonic::Response<cairn_api::rpc::v1::RaftAck>, tonic::Status>>,
+    )> = None;
+    let mut streaming_supported = true;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -196,6 +208,43 @@ async fn peer_loop(
             messages,
             from_addr: from_addr.clone(),
         };
+
+        // Ordinary messages ride the stream; snapshots (and peers without
+        // Stream) use a call whose answer says the batch arrived.
+        if snapshots.is_empty() && streaming_supported {
+            if let Some((_, call)) = &stream {
+                if call.is_finished() {
+                    if let Some((_, call)) = stream.take() {
+                        match call.await {
+                            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                                tracing::info!(peer = id, "peer has no raft stream; using one call per batch");
+                                streaming_supported = false;
+                            }
+                            Ok(Err(s)) => warn("raft stream to peer ended (peer unreachable?)", s.message()),
+                            _ => {}
+                        }
+                    }
+                    let _ = inbox.send(Msg::Unreachable(id));
+                }
+            }
+            if streaming_supported {
+                if stream.is_none() {
+                    let (tx, brx) = mpsc::channel::<RaftBatch>(256);
+                    let body = futures::stream::unfold(brx, |mut r| async move { r.recv().await.map(|b| (b, r)) });
+                    let mut c = client.clone();
+                    let call = tokio::spawn(async move { c.stream(body).await });
+                    stream = Some((tx, call));
+                }
+                if let Some((tx, _)) = &stream {
+                    if tx.try_send(req).is_err() {
+                        // Full or closed: drop this batch (raft resends) and reopen.
+                        stream = None;
+                        let _ = inbox.send(Msg::Unreachable(id));
+                    }
+                }
+                continue;
+            }
+        }
         match client.send(req).await {
             Ok(_) => {
                 for to in snapshots {
@@ -203,11 +252,7 @@ async fn peer_loop(
                 }
             }
             Err(status) => {
-                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                    tracing::warn!(peer = id, addr = %addr, error = %status.message(),
-                        "raft messages to peer dropped (peer unreachable?)");
-                    last_warn = Some(Instant::now());
-                }
+                warn("raft messages to peer dropped (peer unreachable?)", status.message());
                 let _ = inbox.send(Msg::Unreachable(id));
                 for to in snapshots {
                     let _ = inbox.send(Msg::SnapshotDone { to, ok: false });
