@@ -161,6 +161,13 @@ fn replicated_writes_read_back_export_and_repair_byte_flips() -> Result<()> {
         .matches("rewrote the blocks from a healthy replica")
         .count();
     assert!(repairs > 0, "no repair logged:\n{}", c.logs_tail());
+    let stats = c.get(0, "/v1/node/stats")?;
+    let counted = stats.body["data"]["checksum_repairs"].as_u64().unwrap_or(0);
+    assert!(
+        counted >= 1,
+        "repair counter not incremented: {}",
+        stats.body
+    );
     // The owner's copies were rewritten: its files verify clean again.
     let d0 = c.nodes[0].dir.join("disks").display().to_string();
     c.cli_ok(&["extent", "verify", d0.as_str()])?;

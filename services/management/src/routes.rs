@@ -32,6 +32,8 @@ pub struct ApiState {
     pub token_sha256: Arc<str>,
     pub tls: TlsPaths,
     pub version: Arc<str>,
+    /// This node's service counters (data service: repairs, bytes, disks).
+    pub node_stats: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 type ApiResult<T> = Result<T, Problem>;
@@ -77,6 +79,7 @@ pub fn router(state: ApiState) -> Router {
             post(clone_snapshot),
         )
         .route("/v1/tasks", get(list_tasks))
+        .route("/v1/node/stats", get(node_stats))
         .route("/v1/tasks/:id", get(get_task))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -698,6 +701,10 @@ impl From<TaskRecord> for TaskJson {
             message: t.message,
         }
     }
+}
+
+async fn node_stats(State(st): State<ApiState>) -> Json<serde_json::Value> {
+    Json((st.node_stats)())
 }
 
 async fn list_tasks(State(st): State<ApiState>) -> ApiResult<Json<Vec<TaskJson>>> {

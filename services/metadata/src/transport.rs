@@ -160,6 +160,10 @@ impl Transport {
     }
 }
 
+/// The task driving a peer's raft stream; it ends when the stream does.
+type StreamCall =
+    tokio::task::JoinHandle<Result<tonic::Response<cairn_api::rpc::v1::RaftAck>, tonic::Status>>;
+
 async fn peer_loop(
     id: u64,
     addr: String,
@@ -177,10 +181,7 @@ async fn peer_loop(
         }
     };
     // The open stream to the peer: its sender and the call driving it.
-    let mut stream: Option<(
-        mpsc::Sender<RaftBatch>,
-        tokio::task::JoinHandle<Result<tonic::Response<cairn_api::rpc::v1::RaftAck>, tonic::Status>>,
-    )> = None;
+    let mut stream: Option<(mpsc::Sender<RaftBatch>, StreamCall)> = None;
     let mut streaming_supported = true;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -217,10 +218,15 @@ async fn peer_loop(
                     if let Some((_, call)) = stream.take() {
                         match call.await {
                             Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
-                                tracing::info!(peer = id, "peer has no raft stream; using one call per batch");
+                                tracing::info!(
+                                    peer = id,
+                                    "peer has no raft stream; using one call per batch"
+                                );
                                 streaming_supported = false;
                             }
-                            Ok(Err(s)) => warn("raft stream to peer ended (peer unreachable?)", s.message()),
+                            Ok(Err(s)) => {
+                                warn("raft stream to peer ended (peer unreachable?)", s.message())
+                            }
                             _ => {}
                         }
                     }
@@ -230,7 +236,9 @@ async fn peer_loop(
             if streaming_supported {
                 if stream.is_none() {
                     let (tx, brx) = mpsc::channel::<RaftBatch>(256);
-                    let body = futures::stream::unfold(brx, |mut r| async move { r.recv().await.map(|b| (b, r)) });
+                    let body = futures::stream::unfold(brx, |mut r| async move {
+                        r.recv().await.map(|b| (b, r))
+                    });
                     let mut c = client.clone();
                     let call = tokio::spawn(async move { c.stream(body).await });
                     stream = Some((tx, call));
@@ -252,7 +260,10 @@ async fn peer_loop(
                 }
             }
             Err(status) => {
-                warn("raft messages to peer dropped (peer unreachable?)", status.message());
+                warn(
+                    "raft messages to peer dropped (peer unreachable?)",
+                    status.message(),
+                );
                 let _ = inbox.send(Msg::Unreachable(id));
                 for to in snapshots {
                     let _ = inbox.send(Msg::SnapshotDone { to, ok: false });

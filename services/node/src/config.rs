@@ -31,6 +31,28 @@ pub struct NodeConfig {
     /// `<data_dir>/disks/d0`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub data: DataConfig,
+}
+
+/// Background work of the data service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Re-replication after a failure is throttled to this rate.
+    pub rebuild_bytes_per_sec: u64,
+    /// The scrubber re-reads and verifies replicas at this rate; 0 turns it off.
+    pub scrub_bytes_per_sec: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        let d = cairn_data::repair::MonitorConfig::default();
+        Self {
+            rebuild_bytes_per_sec: d.rebuild_bytes_per_sec,
+            scrub_bytes_per_sec: d.scrub_bytes_per_sec,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

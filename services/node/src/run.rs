@@ -72,7 +72,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         |routes| routes.add_service(cairn_data::rpc::service(pool.clone(), frontend)),
     );
     tokio::spawn(data.clone().run_monitor(
-        cairn_data::repair::MonitorConfig::default(),
+        cairn_data::repair::MonitorConfig {
+            rebuild_bytes_per_sec: cfg.data.rebuild_bytes_per_sec.max(1 << 20),
+            scrub_bytes_per_sec: cfg.data.scrub_bytes_per_sec,
+            ..Default::default()
+        },
         stop_rx.clone(),
     ));
     tokio::spawn(cairn_data::maintenance::register_disks(
@@ -93,6 +97,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         token_sha256: Arc::from(cfg.admin_token_sha256.as_str()),
         tls: tls_paths,
         version: Arc::from(VERSION),
+        node_stats: {
+            let data = data.clone();
+            let node_id = cfg.node_id;
+            Arc::new(move || node_stats(node_id, &data))
+        },
     });
     tokio::spawn(cairn_rpc::serve::serve_tls(
         api_listener,
@@ -136,6 +145,40 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// The JSON of `GET /v1/node/stats`.
+fn node_stats(node_id: u64, data: &cairn_data::volume::DataService) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &data.stats;
+    let disks: Vec<_> = data
+        .pool()
+        .disks()
+        .iter()
+        .map(|d| {
+            let u = d.usage();
+            json!({
+                "id": d.id(),
+                "path": d.root().display().to_string(),
+                "capacity_bytes": u.capacity_bytes,
+                "used_bytes": u.used_bytes,
+                "free_fs_bytes": u.free_fs_bytes,
+                "full": u.full,
+                "failed": u.failed,
+                "extent_groups": u.groups,
+            })
+        })
+        .collect();
+    json!({
+        "node_id": node_id,
+        "data": {
+            "checksum_repairs": s.checksum_repairs.load(Relaxed),
+            "replicas_dropped": s.replicas_dropped.load(Relaxed),
+            "bytes_written": s.bytes_written.load(Relaxed),
+            "bytes_read": s.bytes_read.load(Relaxed),
+        },
+        "disks": disks,
+    })
 }
 
 /// Asks the seed to make this node a member, until it succeeds.

@@ -78,6 +78,7 @@ pub fn init(
         join: None,
         raft: RaftConfig::default(),
         disks: Vec::new(),
+        data: Default::default(),
     };
     cairn_metadata::bootstrap::bootstrap_first_node(
         &cfg.db_path(),
@@ -161,6 +162,7 @@ pub fn join(
         }),
         raft: RaftConfig::default(),
         disks: Vec::new(),
+        data: Default::default(),
     };
     cfg.save()?;
     Ok(cfg)
