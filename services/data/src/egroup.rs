@@ -387,10 +387,32 @@ impl ExtentGroupFile {
         }
         let mut out = vec![0u8; count as usize * BLOCK_SIZE];
         let mut cache: Option<(u64, Vec<u8>)> = None;
-        for (i, slot) in self.slots[first as usize..end].iter().enumerate() {
+        let slots = &self.slots[first as usize..end];
+        // Blocks already fetched by one pread covering a run of a record.
+        let mut fetched_until = 0usize;
+        for (i, slot) in slots.iter().enumerate() {
             let Slot::Data(loc) = slot else { continue };
-            let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
             let block = first + i as u32;
+            if !loc.compressed && i >= fetched_until {
+                // One pread for the run of blocks stored back to back in
+                // the same raw record (a sequential write reads back whole).
+                let mut run = i + 1;
+                while let Some(Slot::Data(next)) = slots.get(run) {
+                    let consecutive = !next.compressed
+                        && next.payload_off == loc.payload_off
+                        && u64::from(next.index) == u64::from(loc.index) + (run - i) as u64;
+                    if !consecutive {
+                        break;
+                    }
+                    run += 1;
+                }
+                let at = loc.payload_off + u64::from(loc.index) * BLOCK_SIZE as u64;
+                self.file
+                    .read_exact_at(&mut out[i * BLOCK_SIZE..run * BLOCK_SIZE], at)
+                    .map_err(|e| DataError::io(&self.path, e))?;
+                fetched_until = run;
+            }
+            let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
             if loc.compressed {
                 if cache.as_ref().map(|c| c.0) != Some(loc.payload_off) {
                     cache = Some((loc.payload_off, self.read_compressed(loc, block)?));
@@ -403,11 +425,6 @@ impl ExtentGroupFile {
                     .get(at..at + BLOCK_SIZE)
                     .ok_or_else(|| self.mismatch(block))?;
                 dst.copy_from_slice(src);
-            } else {
-                let at = loc.payload_off + u64::from(loc.index) * BLOCK_SIZE as u64;
-                self.file
-                    .read_exact_at(dst, at)
-                    .map_err(|e| DataError::io(&self.path, e))?;
             }
             if crc32c::crc32c(dst) != loc.crc {
                 return Err(self.mismatch(block));
