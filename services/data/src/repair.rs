@@ -36,6 +36,8 @@ use crate::DataError;
 
 /// A node that has not answered pings for this long is dead.
 pub const DEAD_AFTER: Duration = Duration::from_secs(5);
+/// How long a local replica must stay unreferenced before it is deleted.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 /// Key prefix of task records in the metadata key-value space.
 pub const TASK_PREFIX: &str = "tasks/";
 
@@ -607,6 +609,12 @@ impl DataService {
     /// Deletes local replicas that metadata no longer lists for this node.
     async fn collect_garbage(&self, st: &mut MonitorState) -> Result<(), DataError> {
         let now = Instant::now();
+        // Deleting on a stale view of metadata (a lagging or cut-off node)
+        // could drop a replica that was just added: decide only on a view
+        // confirmed current by a ReadIndex round.
+        if st.orphans.values().any(|t| now - *t > ORPHAN_GRACE) {
+            self.meta.read_barrier().await.map_err(meta_err)?;
+        }
         let mut seen = HashSet::new();
         for d in self.pool().disks() {
             for id in d.group_ids() {
@@ -628,7 +636,7 @@ impl DataService {
                     continue;
                 }
                 let first = *st.orphans.entry(id).or_insert(now);
-                if now - first > Duration::from_secs(30) {
+                if now - first > ORPHAN_GRACE {
                     st.orphans.remove(&id);
                     match d.delete_group(id) {
                         Ok(()) => tracing::info!(
