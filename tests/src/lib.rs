@@ -673,6 +673,17 @@ impl BlockClient {
         use cairn_api::data::v1::vdisk_io::Op;
         self.call(Op::Read, offset, len, Vec::new())
     }
+    /// Writes `data` only if the range holds `expected` (atomically).
+    pub fn compare_and_write(&self, offset: u64, expected: &[u8], data: &[u8]) -> Result<()> {
+        use cairn_api::data::v1::vdisk_io::Op;
+        self.call(
+            Op::CompareAndWrite,
+            offset,
+            data.len() as u64,
+            [expected, data].concat(),
+        )
+        .map(|_| ())
+    }
     pub fn unmap(&self, offset: u64, len: u64) -> Result<()> {
         use cairn_api::data::v1::vdisk_io::Op;
         self.call(Op::Unmap, offset, len, Vec::new()).map(|_| ())

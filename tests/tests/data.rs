@@ -92,6 +92,21 @@ fn replicated_writes_read_back_export_and_repair_byte_flips() -> Result<()> {
             check_block(&r.read(*off, BS as u64)?, *off, *gen);
         }
     }
+    // Compare-and-write through a node that forwards to the owner: a match
+    // writes, a mismatch names the first differing byte and writes nothing.
+    let via = c.block(2, &vd)?;
+    let off = 5 * MIB;
+    via.write(off, &block(off, 4))?;
+    via.compare_and_write(off, &block(off, 4), &block(off, 5))?;
+    check_block(&io.read(off, BS as u64)?, off, 5);
+    let err = via
+        .compare_and_write(off, &block(off, 4), &block(off, 6))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("compare failed at byte 8"), "{err}");
+    check_block(&io.read(off, BS as u64)?, off, 5);
+    latest.insert(off, 5);
+
     // Unwritten space reads as zeros.
     assert!(io.read(15 * MIB, MIB)?.iter().all(|b| *b == 0));
 

@@ -172,6 +172,15 @@ impl DataReplica for ReplicaServer {
                 .write_zeroes(r.offset, r.length, false)
                 .await
                 .map(|_| VdiskIoReply::default()),
+            vdisk_io::Op::CompareAndWrite => {
+                if r.data.len() % 2 != 0 {
+                    return Err(Status::invalid_argument("compare and write halves differ"));
+                }
+                let (expected, data) = r.data.split_at(r.data.len() / 2);
+                dev.compare_and_write(r.offset, expected, data)
+                    .await
+                    .map(|_| VdiskIoReply::default())
+            }
         };
         res.map(Response::new).map_err(|e| to_status(&e))
     }

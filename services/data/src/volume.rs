@@ -1475,13 +1475,26 @@ impl BlockDevice for Forwarded {
     }
     async fn compare_and_write(
         &self,
-        _offset: u64,
-        _expected: &[u8],
-        _data: &[u8],
+        offset: u64,
+        expected: &[u8],
+        data: &[u8],
     ) -> Result<(), DataError> {
-        Err(DataError::Unavailable(
-            "compare-and-write must run on the vdisk's owner".into(),
-        ))
+        if expected.len() != data.len() {
+            return Err(DataError::Invalid(
+                "compare and write buffers differ in length".into(),
+            ));
+        }
+        // Forwarded whole: the owner's lock makes it atomic.
+        let both = [expected, data].concat();
+        self.call(
+            vdisk_io::Op::CompareAndWrite,
+            offset,
+            data.len() as u64,
+            both,
+            true,
+        )
+        .await
+        .map(|_| ())
     }
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
         Ok(vec![Extent {
