@@ -173,7 +173,7 @@ impl DataReplica for ReplicaServer {
                 .await
                 .map(|_| VdiskIoReply::default()),
             vdisk_io::Op::CompareAndWrite => {
-                if r.data.len() % 2 != 0 {
+                if !r.data.len().is_multiple_of(2) {
                     return Err(Status::invalid_argument("compare and write halves differ"));
                 }
                 let (expected, data) = r.data.split_at(r.data.len() / 2);
