@@ -684,6 +684,29 @@ impl BlockClient {
         )
         .map(|_| ())
     }
+    /// (offset, length, mapped) runs of a range (thin provisioning).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        let mut c = self.client.clone();
+        let req = cairn_api::data::v1::VdiskIo {
+            format_version: 1,
+            vdisk_id: self.vdisk_id.clone(),
+            op: cairn_api::data::v1::vdisk_io::Op::BlockStatus as i32,
+            offset,
+            length: len,
+            data: Vec::new(),
+            fua: false,
+            forwarded: false,
+        };
+        let r = self
+            .rt
+            .block_on(c.forward(req))
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
+        Ok(r.into_inner()
+            .extents
+            .into_iter()
+            .map(|e| (e.offset, e.length, e.mapped))
+            .collect())
+    }
     pub fn unmap(&self, offset: u64, len: u64) -> Result<()> {
         use cairn_api::data::v1::vdisk_io::Op;
         self.call(Op::Unmap, offset, len, Vec::new()).map(|_| ())

@@ -107,6 +107,22 @@ fn replicated_writes_read_back_export_and_repair_byte_flips() -> Result<()> {
     check_block(&io.read(off, BS as u64)?, off, 5);
     latest.insert(off, 5);
 
+    // Thin: block status (asked through the forwarding node) shows exactly
+    // what was written.
+    assert_eq!(
+        via.block_status(15 * MIB, MIB)?,
+        vec![(15 * MIB, MIB, false)]
+    );
+    let st = via.block_status(off - BS as u64, 3 * BS as u64)?;
+    assert_eq!(
+        st,
+        vec![
+            (off - BS as u64, BS as u64, false),
+            (off, BS as u64, true),
+            (off + BS as u64, BS as u64, false)
+        ]
+    );
+
     // Unwritten space reads as zeros.
     assert!(io.read(15 * MIB, MIB)?.iter().all(|b| *b == 0));
 

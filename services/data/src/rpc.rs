@@ -155,10 +155,10 @@ impl DataReplica for ReplicaServer {
         let op =
             vdisk_io::Op::try_from(r.op).map_err(|_| Status::invalid_argument("unknown op"))?;
         let res = match op {
-            vdisk_io::Op::Read => dev
-                .read(r.offset, r.length)
-                .await
-                .map(|data| VdiskIoReply { data }),
+            vdisk_io::Op::Read => dev.read(r.offset, r.length).await.map(|data| VdiskIoReply {
+                data,
+                extents: Vec::new(),
+            }),
             vdisk_io::Op::Write => dev
                 .write(r.offset, &r.data, r.fua)
                 .await
@@ -172,6 +172,21 @@ impl DataReplica for ReplicaServer {
                 .write_zeroes(r.offset, r.length, false)
                 .await
                 .map(|_| VdiskIoReply::default()),
+            vdisk_io::Op::BlockStatus => {
+                dev.block_status(r.offset, r.length)
+                    .await
+                    .map(|ex| VdiskIoReply {
+                        data: Vec::new(),
+                        extents: ex
+                            .into_iter()
+                            .map(|e| cairn_api::data::v1::ExtentRun {
+                                offset: e.offset,
+                                length: e.length,
+                                mapped: e.mapped,
+                            })
+                            .collect(),
+                    })
+            }
             vdisk_io::Op::CompareAndWrite => {
                 if !r.data.len().is_multiple_of(2) {
                     return Err(Status::invalid_argument("compare and write halves differ"));

@@ -1497,10 +1497,29 @@ impl BlockDevice for Forwarded {
         .map(|_| ())
     }
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
-        Ok(vec![Extent {
-            offset,
-            length: len,
-            mapped: true,
-        }])
+        let mut c = self.client.clone();
+        let reply = c
+            .forward(VdiskIo {
+                format_version: cairn_api::FORMAT_VERSION,
+                vdisk_id: self.vdisk_id.clone(),
+                op: vdisk_io::Op::BlockStatus as i32,
+                offset,
+                length: len,
+                data: Vec::new(),
+                fua: false,
+                forwarded: true,
+            })
+            .await
+            .map_err(|s| from_status(&s, self.node))?
+            .into_inner();
+        Ok(reply
+            .extents
+            .into_iter()
+            .map(|e| Extent {
+                offset: e.offset,
+                length: e.length,
+                mapped: e.mapped,
+            })
+            .collect())
     }
 }
