@@ -148,6 +148,16 @@ impl LocalPool {
         let (disk, group) = self.find(req.extent_group_id).ok_or_else(|| {
             DataError::NotFound(format!("extent group {} on this node", req.extent_group_id))
         })?;
+        // A damaged file stopped indexing at the damage: blocks rewritten
+        // after it would read as their older version. Never serve it.
+        if let Some((path, why)) = group.with(|f| {
+            f.report()
+                .damage
+                .clone()
+                .map(|d| (f.path().to_path_buf(), d))
+        }) {
+            return Err(DataError::Corrupt { path, reason: why });
+        }
         let epoch = group.with(|f| f.epoch());
         if req.epoch != 0 && req.epoch < epoch {
             return Err(DataError::StaleEpoch {
