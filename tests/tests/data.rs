@@ -34,24 +34,20 @@ fn check_block(got: &[u8], offset: u64, gen: u64) {
     }
 }
 
+/// Runs `cairn ARGS <every node's disk folder>`; an error if it fails.
+fn on_all_disks(c: &Cluster, args: &[&str]) -> Result<String> {
+    let dirs: Vec<String> = c
+        .disk_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    let mut all = args.to_vec();
+    all.extend(dirs.iter().map(String::as_str));
+    c.cli_ok(&all)
+}
+
 fn extent_files(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "ceg") {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
+    cairn_data::store::group_files(dir)
 }
 
 #[test]
@@ -143,26 +139,20 @@ fn replicated_writes_read_back_export_and_repair_byte_flips() -> Result<()> {
     );
 
     // Offline: verify all files, and export the image from files alone.
-    let dirs: Vec<String> = c
-        .disk_dirs()
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect();
-    let mut args = vec!["extent", "verify"];
-    args.extend(dirs.iter().map(String::as_str));
-    c.cli_ok(&args)?;
+    on_all_disks(&c, &["extent", "verify"])?;
     let img = c.root.path().join("export.img");
     let img_s = img.display().to_string();
-    let mut args = vec![
-        "extent",
-        "export",
-        "--vdisk",
-        vd.as_str(),
-        "-o",
-        img_s.as_str(),
-    ];
-    args.extend(dirs.iter().map(String::as_str));
-    c.cli_ok(&args)?;
+    on_all_disks(
+        &c,
+        &[
+            "extent",
+            "export",
+            "--vdisk",
+            vd.as_str(),
+            "-o",
+            img_s.as_str(),
+        ],
+    )?;
     let exported = std::fs::read(&img)?;
     assert_eq!(exported.len() as u64, size);
     let live = io.read(0, size)?;
@@ -416,14 +406,7 @@ fn wiped_node_is_rebuilt_to_full_replication() -> Result<()> {
 
     // Every byte still reads back, and every replica verifies.
     assert!(io.read(0, size)? == data, "data differs after the rebuild");
-    let dirs: Vec<String> = c
-        .disk_dirs()
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect();
-    let mut args = vec!["extent", "verify"];
-    args.extend(dirs.iter().map(String::as_str));
-    c.cli_ok(&args)?;
+    on_all_disks(&c, &["extent", "verify"])?;
     Ok(())
 }
 
@@ -486,36 +469,22 @@ fn snapshot_overwrite_clone_each_see_their_data() -> Result<()> {
     );
 
     // Offline: the snapshot's generation exports the snapshot's bytes.
-    let dirs: Vec<String> = c
-        .disk_dirs()
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect();
     let img = c.root.path().join("snap.img").display().to_string();
     let g = gen1.to_string();
-    let mut args = vec![
-        "extent",
-        "export",
-        "--vdisk",
-        vd.as_str(),
-        "--generation",
-        g.as_str(),
-        "-o",
-        img.as_str(),
-    ];
-    args.extend(dirs.iter().map(String::as_str));
-    c.cli_ok(&args)?;
+    let export = ["extent", "export", "--vdisk"];
+    on_all_disks(
+        &c,
+        &[
+            &export[..],
+            &[vd.as_str(), "--generation", g.as_str(), "-o", img.as_str()],
+        ]
+        .concat(),
+    )?;
     assert!(std::fs::read(&img)? == v1, "exported snapshot differs");
-    let mut args = vec![
-        "extent",
-        "export",
-        "--vdisk",
-        clone_id.as_str(),
-        "-o",
-        img.as_str(),
-    ];
-    args.extend(dirs.iter().map(String::as_str));
-    c.cli_ok(&args)?;
+    on_all_disks(
+        &c,
+        &[&export[..], &[clone_id.as_str(), "-o", img.as_str()]].concat(),
+    )?;
     assert!(std::fs::read(&img)? == v3, "exported clone differs");
 
     // The snapshot cannot go while the clone needs it; once the clone is
@@ -726,14 +695,7 @@ fn corrupt_header_truncation_and_eio_are_survived_and_repaired() -> Result<()> {
     assert!(io.read(0, size)? == v1);
     let t0 = Instant::now();
     loop {
-        let dirs: Vec<String> = c
-            .disk_dirs()
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect();
-        let mut args = vec!["extent", "verify"];
-        args.extend(dirs.iter().map(String::as_str));
-        let verified = c.cli(&args)?.status.success();
+        let verified = on_all_disks(&c, &["extent", "verify"]).is_ok();
         if verified && count(&c) == 16 {
             break;
         }

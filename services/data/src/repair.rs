@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_api::data::v1::{RecordKind, ReplicaListRequest, ReplicaRead, ReplicaWrite};
+use cairn_api::data::v1::{RecordKind, ReplicaListRequest, ReplicaWrite};
 use cairn_api::metadata::v1::{
     command::Op, ExtentGroupRecord, PutKv, ReplicaLocation, SetVdiskOwner, TaskRecord, TaskState,
     UpdateExtentGroup,
@@ -31,7 +31,7 @@ use prost::Message as _;
 use tokio::sync::watch;
 
 use crate::format::{self, BLOCK_SIZE};
-use crate::volume::{lock, meta_err, DataService, GroupState, Target, Volume};
+use crate::volume::{group_block_count, lock, meta_err, DataService, GroupState, Target, Volume};
 use crate::DataError;
 
 /// A node that has not answered pings for this long is dead.
@@ -420,20 +420,13 @@ impl DataService {
         let _gate = gs.gate.write().await;
         let _c = gs.change.lock().await;
         let rec = gs.rec_snapshot();
-        let blocks = rec.vblock_size.max(BLOCK_SIZE as u32) / BLOCK_SIZE as u32;
+        let blocks = group_block_count(&rec);
         // A healthy source: the local replica if we have one.
         let mut sources: Vec<u64> = rec.replicas.iter().map(|r| r.node_id).collect();
         sources.sort_by_key(|n| *n != self.node_id);
         let mut src = None;
         for n in sources {
-            let req = ReplicaRead {
-                format_version: cairn_api::FORMAT_VERSION,
-                extent_group_id: gs.id,
-                first_block: 0,
-                block_count: blocks,
-                epoch: 0,
-            };
-            if let Ok(r) = self.replica_read(n, req).await {
+            if let Ok(r) = self.replica_read(n, gs.id, 0, blocks).await {
                 src = Some(r);
                 break;
             }
@@ -566,16 +559,9 @@ impl DataService {
         let count = (budget / per_group).max(1) as usize;
         for k in 0..count.min(groups.len()) {
             let g = &groups[(st.scrub_cursor + k) % groups.len()];
-            let blocks = g.vblock_size.max(BLOCK_SIZE as u32) / BLOCK_SIZE as u32;
+            let blocks = group_block_count(g);
             for r in &g.replicas {
-                let req = ReplicaRead {
-                    format_version: cairn_api::FORMAT_VERSION,
-                    extent_group_id: g.id,
-                    first_block: 0,
-                    block_count: blocks,
-                    epoch: 0,
-                };
-                match self.replica_read(r.node_id, req).await {
+                match self.replica_read(r.node_id, g.id, 0, blocks).await {
                     Ok(_) => {}
                     Err(e) if e.is_replica_fault() || matches!(e, DataError::NotFound(_)) => {
                         tracing::warn!(group = g.id, node = r.node_id, error = %e,

@@ -224,10 +224,7 @@ impl Peers {
     }
 
     fn down(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
-        match self.down.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        cairn_util::sync::lock(&self.down)
     }
 
     /// Records the outcome of a call to `id`.
@@ -250,10 +247,7 @@ impl Peers {
 
     /// A client for node `id` at `addr` (cached; reconnects by itself).
     pub fn client(&self, id: u64, addr: &str) -> Result<DataReplicaClient<Channel>, DataError> {
-        let mut m = match self.clients.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut m = cairn_util::sync::lock(&self.clients);
         if let Some(c) = m.get(&(id, addr.to_string())) {
             return Ok(c.clone());
         }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_api::data::v1::{ExtentGroupHeader, RecordKind};
@@ -29,12 +29,7 @@ pub const FAULT_EIO_FILE: &str = "FAULT-EIO";
 /// Free bytes kept back on the file system: below this the disk is full for placement.
 pub const DEFAULT_RESERVE: u64 = 32 << 20;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use cairn_util::sync::lock;
 
 /// One extent group open on this disk.
 #[derive(Debug)]

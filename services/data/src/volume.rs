@@ -46,12 +46,8 @@ use crate::pool::LocalPool;
 use crate::rpc::{from_status, Peers};
 use crate::DataError;
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+pub(crate) use cairn_util::sync::lock;
+use cairn_util::sync::{read, write};
 
 pub(crate) fn meta_err(e: cairn_metadata::MetaError) -> DataError {
     DataError::Unavailable(format!("metadata: {e}"))
@@ -80,6 +76,11 @@ pub struct DataService {
     pub(crate) volumes: Mutex<HashMap<String, Arc<Volume>>>,
     forwarders: Mutex<HashMap<String, (Arc<Forwarded>, Instant)>>,
     pub stats: Stats,
+}
+
+/// Blocks in a group of this record's vblock size.
+pub(crate) fn group_block_count(rec: &ExtentGroupRecord) -> u32 {
+    rec.vblock_size.max(BLOCK_SIZE as u32) / BLOCK_SIZE as u32
 }
 
 /// What a primary knows about one group it writes.
@@ -165,11 +166,21 @@ impl DataService {
         }
     }
 
+    /// Reads verified blocks `[first, first + count)` of a group from `node`.
     pub(crate) async fn replica_read(
         &self,
         node: u64,
-        req: ReplicaRead,
+        group: u64,
+        first: u32,
+        count: u32,
     ) -> Result<ReplicaReadReply, DataError> {
+        let req = ReplicaRead {
+            format_version: cairn_api::FORMAT_VERSION,
+            extent_group_id: group,
+            first_block: first,
+            block_count: count,
+            epoch: 0,
+        };
         match self.target(node)? {
             Target::Local => self.pool.read(req).await,
             Target::Remote(id, addr) => {
@@ -447,10 +458,7 @@ struct Piece {
 
 impl Volume {
     pub(crate) fn rec(&self) -> VdiskRecord {
-        match self.vdisk.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        read(&self.vdisk).clone()
     }
 
     pub(crate) fn owned(&self) -> bool {
@@ -459,9 +467,7 @@ impl Volume {
         match self.svc.meta.vdisk_by_id(&self.rec().id) {
             Ok(Some(vd)) => {
                 let owned = vd.owner_node_id == self.svc.node_id;
-                if let Ok(mut g) = self.vdisk.write() {
-                    *g = vd;
-                }
+                *write(&self.vdisk) = vd;
                 owned
             }
             _ => false,
@@ -661,10 +667,7 @@ impl Volume {
         let mut excluded: Vec<u64> = Vec::new();
         for _attempt in 0..4 {
             let rec = gs.rec_snapshot();
-            let header = match gs.create.read() {
-                Ok(g) => g.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
+            let header = read(&gs.create).clone();
             let sends = rec.replicas.iter().map(|r| {
                 let req = ReplicaWrite {
                     format_version: cairn_api::FORMAT_VERSION,
@@ -749,10 +752,7 @@ impl Volume {
             } else {
                 gs.next_seq.fetch_add(1, Ordering::SeqCst)
             };
-            let create = match gs.create.read() {
-                Ok(g) => g.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
+            let create = read(&gs.create).clone();
             let sends = rec.replicas.iter().map(|r| {
                 let req = ReplicaWrite {
                     format_version: cairn_api::FORMAT_VERSION,
@@ -778,9 +778,7 @@ impl Volume {
             drop(_gate);
             if failed.is_empty() {
                 if create.is_some() {
-                    if let Ok(mut c) = gs.create.write() {
-                        *c = None;
-                    }
+                    *write(&gs.create) = None;
                 }
                 self.svc
                     .stats
@@ -986,17 +984,10 @@ impl Volume {
     /// Gives every replica the newest version of every block any of them has.
     async fn reconcile(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
         let rec = gs.rec_snapshot();
-        let blocks = rec.vblock_size.max(BLOCK_SIZE as u32) / BLOCK_SIZE as u32;
+        let blocks = group_block_count(&rec);
         let mut views = Vec::new();
         for r in &rec.replicas {
-            let req = ReplicaRead {
-                format_version: cairn_api::FORMAT_VERSION,
-                extent_group_id: gs.id,
-                first_block: 0,
-                block_count: blocks,
-                epoch: 0,
-            };
-            if let Ok(v) = self.svc.replica_read(r.node_id, req).await {
+            if let Ok(v) = self.svc.replica_read(r.node_id, gs.id, 0, blocks).await {
                 views.push((r.node_id, v));
             }
         }
@@ -1066,14 +1057,7 @@ impl Volume {
         let mut bad_local: Option<DataError> = None;
         let mut last = None;
         for node in order {
-            let req = ReplicaRead {
-                format_version: cairn_api::FORMAT_VERSION,
-                extent_group_id: gs.id,
-                first_block: first,
-                block_count: count,
-                epoch: 0,
-            };
-            match self.svc.replica_read(node, req).await {
+            match self.svc.replica_read(node, gs.id, first, count).await {
                 Ok(reply) => {
                     if let Some(e) = bad_local.take() {
                         self.repair_local(gs, first, &reply, &e).await;
@@ -1265,16 +1249,10 @@ impl Volume {
 
 impl GroupState {
     pub(crate) fn rec_snapshot(&self) -> ExtentGroupRecord {
-        match self.rec.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        read(&self.rec).clone()
     }
     pub(crate) fn set_rec(&self, r: ExtentGroupRecord) {
-        match self.rec.write() {
-            Ok(mut g) => *g = r,
-            Err(p) => *p.into_inner() = r,
-        }
+        *write(&self.rec) = r;
     }
 }
 
@@ -1409,6 +1387,20 @@ impl Forwarded {
         data: Vec<u8>,
         fua: bool,
     ) -> Result<Vec<u8>, DataError> {
+        self.call_reply(op, offset, length, data, fua)
+            .await
+            .map(|r| r.data)
+    }
+
+    /// Sends one call to the owner; forgets the owner when it refuses.
+    async fn call_reply(
+        &self,
+        op: vdisk_io::Op,
+        offset: u64,
+        length: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<cairn_api::data::v1::VdiskIoReply, DataError> {
         let mut c = self.client.clone();
         c.forward(VdiskIo {
             format_version: cairn_api::FORMAT_VERSION,
@@ -1421,7 +1413,7 @@ impl Forwarded {
             forwarded: true,
         })
         .await
-        .map(|r| r.into_inner().data)
+        .map(|r| r.into_inner())
         .map_err(|s| {
             let e = from_status(&s, self.node);
             if matches!(e, DataError::Unavailable(_) | DataError::NotFound(_)) {
@@ -1497,21 +1489,9 @@ impl BlockDevice for Forwarded {
         .map(|_| ())
     }
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
-        let mut c = self.client.clone();
-        let reply = c
-            .forward(VdiskIo {
-                format_version: cairn_api::FORMAT_VERSION,
-                vdisk_id: self.vdisk_id.clone(),
-                op: vdisk_io::Op::BlockStatus as i32,
-                offset,
-                length: len,
-                data: Vec::new(),
-                fua: false,
-                forwarded: true,
-            })
-            .await
-            .map_err(|s| from_status(&s, self.node))?
-            .into_inner();
+        let reply = self
+            .call_reply(vdisk_io::Op::BlockStatus, offset, len, Vec::new(), false)
+            .await?;
         Ok(reply
             .extents
             .into_iter()

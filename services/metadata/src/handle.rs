@@ -195,10 +195,7 @@ impl MetadataHandle {
     }
 
     pub(crate) fn send(&self, msg: Msg) -> Result<(), MetaError> {
-        let tx = match self.inner.inbox.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let tx = cairn_util::sync::lock(&self.inner.inbox).clone();
         tx.send(msg).map_err(|_| MetaError::Stopped)
     }
 

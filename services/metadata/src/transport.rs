@@ -58,17 +58,11 @@ impl Transport {
     }
 
     fn inbox(&self) -> Sender<Msg> {
-        match self.inbox.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        cairn_util::sync::lock(&self.inbox).clone()
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
-        match self.peers.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        cairn_util::sync::lock(&self.peers)
     }
 
     /// A gRPC channel to `addr` with this node's client certificate.

@@ -4,6 +4,7 @@
 
 pub mod durable;
 pub mod error_code;
+pub mod sync;
 
 pub use error_code::{ErrorCode, HasErrorCode};
 
