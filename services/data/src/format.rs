@@ -23,7 +23,7 @@ pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"CRC1");
 /// Bytes before a record's header: magic, header length, header checksum.
 pub const RECORD_PREFIX: usize = 12;
 /// The block size every format version so far uses.
-pub const BLOCK_SIZE: usize = 4096;
+pub const BLOCK_SIZE: usize = cairn_blockdev::BLOCK_SIZE;
 /// Format versions this build reads.
 pub const READABLE_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
 /// Largest record header accepted (a 64 MiB group's block checksums fit).

@@ -1,0 +1,182 @@
+//! The block front-end contract: the one door from the protocol front ends
+//! (iSCSI, NFS) into the data service. Front ends see a vdisk as a
+//! byte-addressed device and nothing else: no extent groups, no replicas, no
+//! metadata. Keeping it in its own small crate keeps the front ends from
+//! reaching into the data service's internals (and keeps them quick to build
+//! and test on their own).
+//!
+//! Every write is durable on all live replicas before it returns, so `fua`
+//! needs no extra work and `flush` is a barrier with nothing to flush; both
+//! are kept in the contract so that a later write-back cache cannot forget
+//! them.
+
+pub mod mem;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cairn_util::error_code::{ErrorCode, HasErrorCode};
+
+/// The checksum block: the preferred I/O unit.
+pub const BLOCK_SIZE: usize = 4096;
+
+/// Stable codes of the data path.
+pub mod codes {
+    use cairn_util::error_code::ErrorCode;
+    pub const IO: ErrorCode = ErrorCode::new("CAIRN:DATA:Io", 500);
+    pub const NO_SPACE: ErrorCode = ErrorCode::new("CAIRN:DATA:NoSpace", 507);
+    pub const CORRUPT: ErrorCode = ErrorCode::new("CAIRN:DATA:Corrupt", 500);
+    pub const CHECKSUM: ErrorCode = ErrorCode::new("CAIRN:DATA:Checksum", 500);
+    pub const STALE_EPOCH: ErrorCode = ErrorCode::new("CAIRN:DATA:StaleEpoch", 409);
+    pub const NOT_FOUND: ErrorCode = ErrorCode::new("CAIRN:DATA:NotFound", 404);
+    pub const INVALID: ErrorCode = ErrorCode::new("CAIRN:DATA:Invalid", 400);
+    pub const MISCOMPARE: ErrorCode = ErrorCode::new("CAIRN:DATA:Miscompare", 409);
+    pub const UNAVAILABLE: ErrorCode = ErrorCode::new("CAIRN:DATA:Unavailable", 503);
+}
+
+/// Errors of the data path, as the data service and the front ends see them.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: no space left on the disk")]
+    NoSpace { path: PathBuf },
+    #[error("{path}: corrupt extent group file: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: checksum mismatch in extent group {group} block {block}")]
+    Checksum {
+        path: PathBuf,
+        group: u64,
+        block: u32,
+    },
+    #[error("extent group {group}: epoch {got} is older than this replica's {have}")]
+    StaleEpoch { group: u64, got: u64, have: u64 },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("compare failed at byte {offset}")]
+    Miscompare { offset: u64 },
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl DataError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return DataError::NoSpace {
+                path: path.to_path_buf(),
+            };
+        }
+        DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    pub fn corrupt(path: &Path, reason: impl std::fmt::Display) -> Self {
+        DataError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+    /// Whether this replica's copy is unusable (repair from another replica).
+    pub fn is_replica_fault(&self) -> bool {
+        matches!(
+            self,
+            DataError::Io { .. } | DataError::Corrupt { .. } | DataError::Checksum { .. }
+        )
+    }
+}
+
+impl HasErrorCode for DataError {
+    fn error_code(&self) -> ErrorCode {
+        match self {
+            DataError::Io { .. } => codes::IO,
+            DataError::NoSpace { .. } => codes::NO_SPACE,
+            DataError::Corrupt { .. } => codes::CORRUPT,
+            DataError::Checksum { .. } => codes::CHECKSUM,
+            DataError::StaleEpoch { .. } => codes::STALE_EPOCH,
+            DataError::NotFound(_) => codes::NOT_FOUND,
+            DataError::Invalid(_) => codes::INVALID,
+            DataError::Miscompare { .. } => codes::MISCOMPARE,
+            DataError::Unavailable(_) => codes::UNAVAILABLE,
+        }
+    }
+}
+
+/// A run of blocks that are all mapped or all unmapped (thin provisioning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    pub mapped: bool,
+}
+
+/// A vdisk as the front ends see it. Offsets and lengths are in bytes and
+/// must be multiples of [`BlockDevice::sector_size`]; sub-block writes are
+/// read-modify-written by the implementation.
+#[async_trait]
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Smallest addressable unit (512).
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    /// Preferred I/O unit (the 4 KiB checksum block).
+    fn block_size(&self) -> u32 {
+        BLOCK_SIZE as u32
+    }
+    /// Reads `len` bytes; unwritten ranges read as zeros.
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DataError>;
+    /// Writes `data`; durable on every live replica when it returns.
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError>;
+    /// Makes every completed write durable (a barrier: writes already are).
+    async fn flush(&self) -> Result<(), DataError>;
+    /// Deallocates a range; it reads as zeros afterwards.
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError>;
+    /// Writes zeros, deallocating whole blocks when `unmap` allows it.
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DataError>;
+    /// Atomically: if the range equals `expected`, writes `data` there;
+    /// otherwise fails with [`DataError::Miscompare`] naming the first
+    /// differing byte and writes nothing.
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        expected: &[u8],
+        data: &[u8],
+    ) -> Result<(), DataError>;
+    /// Which parts of a range hold data.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError>;
+}
+
+/// Finds the device behind a vdisk id (front ends hold no other handle).
+#[async_trait]
+pub trait BlockService: Send + Sync {
+    async fn open(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError>;
+    /// Opens only a vdisk this node serves itself (for requests another
+    /// node already forwarded: never forward twice).
+    async fn open_owned(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
+        self.open(vdisk_id).await
+    }
+}
+
+/// Checks that a byte range is sector-aligned and inside the device.
+pub fn check_range(dev_size: u64, offset: u64, len: u64) -> Result<(), DataError> {
+    if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
+        return Err(DataError::Invalid(format!(
+            "range {offset}+{len} is not aligned to 512 bytes"
+        )));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= dev_size => Ok(()),
+        _ => Err(DataError::Invalid(format!(
+            "range {offset}+{len} is beyond the device's {dev_size} bytes"
+        ))),
+    }
+}

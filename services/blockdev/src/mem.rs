@@ -1,0 +1,163 @@
+//! A vdisk in memory: bytes plus the set of mapped 4 KiB blocks. For the
+//! front ends' own tests and development targets, where a cluster would
+//! only add start-up time; everything that claims durability is tested on
+//! the real data service.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use cairn_util::sync::lock;
+
+use crate::{check_range, BlockDevice, BlockService, DataError, Extent, BLOCK_SIZE};
+
+pub struct MemDevice {
+    data: Mutex<Vec<u8>>,
+    mapped: Mutex<BTreeSet<u64>>,
+    /// Makes every read fail with a checksum error (to test error paths).
+    pub fail_reads: AtomicBool,
+}
+
+impl MemDevice {
+    pub fn new(size: usize) -> Arc<MemDevice> {
+        Arc::new(MemDevice {
+            data: Mutex::new(vec![0; size]),
+            mapped: Mutex::new(BTreeSet::new()),
+            fail_reads: AtomicBool::new(false),
+        })
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), DataError> {
+        check_range(self.size(), offset, len)
+    }
+
+    fn range(offset: u64, len: u64) -> std::ops::Range<usize> {
+        offset as usize..(offset + len) as usize
+    }
+}
+
+#[async_trait]
+impl BlockDevice for MemDevice {
+    fn size(&self) -> u64 {
+        lock(&self.data).len() as u64
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DataError> {
+        self.check(offset, len)?;
+        if self.fail_reads.load(Ordering::Relaxed) {
+            return Err(DataError::Checksum {
+                path: "mem".into(),
+                group: 0,
+                block: 0,
+            });
+        }
+        Ok(lock(&self.data)[Self::range(offset, len)].to_vec())
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), DataError> {
+        self.check(offset, data.len() as u64)?;
+        lock(&self.data)[Self::range(offset, data.len() as u64)].copy_from_slice(data);
+        let bs = BLOCK_SIZE as u64;
+        let mut m = lock(&self.mapped);
+        for b in offset / bs..(offset + data.len() as u64).div_ceil(bs) {
+            m.insert(b);
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), DataError> {
+        Ok(())
+    }
+
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError> {
+        self.check(offset, len)?;
+        lock(&self.data)[Self::range(offset, len)].fill(0);
+        let bs = BLOCK_SIZE as u64;
+        let mut m = lock(&self.mapped);
+        for b in offset.div_ceil(bs)..(offset + len) / bs {
+            m.remove(&b);
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DataError> {
+        if unmap {
+            return self.unmap(offset, len).await;
+        }
+        self.write(offset, &vec![0; len as usize], false).await
+    }
+
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        expected: &[u8],
+        data: &[u8],
+    ) -> Result<(), DataError> {
+        self.check(offset, expected.len().max(data.len()) as u64)?;
+        {
+            // One lock for compare and write: that is the atomicity.
+            let mut d = lock(&self.data);
+            let cur = &d[Self::range(offset, expected.len() as u64)];
+            if let Some(i) = cur.iter().zip(expected).position(|(a, b)| a != b) {
+                return Err(DataError::Miscompare { offset: i as u64 });
+            }
+            d[Self::range(offset, data.len() as u64)].copy_from_slice(data);
+        }
+        let bs = BLOCK_SIZE as u64;
+        let mut m = lock(&self.mapped);
+        for b in offset / bs..(offset + data.len() as u64).div_ceil(bs) {
+            m.insert(b);
+        }
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
+        self.check(offset, len)?;
+        let bs = BLOCK_SIZE as u64;
+        let m = lock(&self.mapped);
+        let mut out: Vec<Extent> = Vec::new();
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let b = at / bs;
+            let next = ((b + 1) * bs).min(end);
+            let mapped = m.contains(&b);
+            match out.last_mut() {
+                Some(e) if e.mapped == mapped => e.length += next - at,
+                _ => out.push(Extent {
+                    offset: at,
+                    length: next - at,
+                    mapped,
+                }),
+            }
+            at = next;
+        }
+        Ok(out)
+    }
+}
+
+/// Memory vdisks by id.
+#[derive(Default)]
+pub struct MemService {
+    pub devices: Mutex<HashMap<String, Arc<MemDevice>>>,
+}
+
+impl MemService {
+    pub fn with(devices: impl IntoIterator<Item = (String, Arc<MemDevice>)>) -> Arc<Self> {
+        Arc::new(MemService {
+            devices: Mutex::new(devices.into_iter().collect()),
+        })
+    }
+}
+
+#[async_trait]
+impl BlockService for MemService {
+    async fn open(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
+        lock(&self.devices)
+            .get(vdisk_id)
+            .cloned()
+            .map(|d| d as Arc<dyn BlockDevice>)
+            .ok_or_else(|| DataError::NotFound(format!("vdisk {vdisk_id}")))
+    }
+}
