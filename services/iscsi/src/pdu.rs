@@ -56,8 +56,6 @@ pub enum PduError {
     Io(#[from] std::io::Error),
     #[error("data segment of {len} bytes exceeds the {max} bytes this target accepts")]
     DataTooLong { len: u32, max: u32 },
-    #[error("additional header segments of {0} bytes are too long")]
-    AhsTooLong(usize),
     #[error("header digest mismatch (got {got:#010x}, computed {want:#010x})")]
     HeaderDigest { got: u32, want: u32 },
 }
@@ -225,6 +223,14 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
 ) -> Result<Pdu, PduError> {
     let mut bhs = [0u8; BHS_LEN];
     read_full(r, &mut bhs, true).await?;
+    // Refuse an oversized PDU before reading any more of it.
+    let dlen = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]);
+    if dlen > limits.max_data {
+        return Err(PduError::DataTooLong {
+            len: dlen,
+            max: limits.max_data,
+        });
+    }
     let ahs_len = usize::from(bhs[4]) * 4;
     let mut ahs = vec![0u8; ahs_len];
     read_full(r, &mut ahs, false).await?;
@@ -239,13 +245,6 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
         if got != want {
             return Err(PduError::HeaderDigest { got, want });
         }
-    }
-    let dlen = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]);
-    if dlen > limits.max_data {
-        return Err(PduError::DataTooLong {
-            len: dlen,
-            max: limits.max_data,
-        });
     }
     let mut data = Vec::new();
     let mut data_digest_bad = false;

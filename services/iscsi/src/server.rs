@@ -67,7 +67,7 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            _ = stop_wait.wait_for(|s| *s) => break,
+            _ = async { stop_wait.wait_for(|s| *s).await.is_ok() } => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
