@@ -3,6 +3,8 @@
 # scratch folder), CAIRN_IPS (3 addresses), CAIRN_RPC_PORT, CAIRN_API_PORT,
 # OUT, the PIDS array (stopped by the caller's exit trap), and the log, die
 # and alive functions. Sets CDIRS, CPIDS, C1 and SEED.
+# Optional: CAIRN_ISCSI_PORT (each node's iSCSI portal is its address and this
+# port; unset: the CLI's default, port 3260 on the RPC address).
 
 voters_of() {
     if command -v jq >/dev/null; then
@@ -33,6 +35,11 @@ check_cairn_alive() {
     done
 }
 
+iscsi_args() { # index -> the --iscsi-addr argument, if CAIRN_ISCSI_PORT is set
+    [[ -n ${CAIRN_ISCSI_PORT:-} ]] && echo "--iscsi-addr=${CAIRN_IPS[$1]}:$CAIRN_ISCSI_PORT"
+    return 0
+}
+
 start_cairn_cluster() { # cluster name
     local i voters
     for i in 0 1 2; do
@@ -42,7 +49,7 @@ start_cairn_cluster() { # cluster name
     C1=${CDIRS[0]}
     SEED=${CAIRN_IPS[0]}:$CAIRN_API_PORT
     "$CAIRN" --data-dir "$C1" cluster init --name "$1" \
-        --rpc-addr "${CAIRN_IPS[0]}:$CAIRN_RPC_PORT" --api-addr "$SEED" >/dev/null
+        --rpc-addr "${CAIRN_IPS[0]}:$CAIRN_RPC_PORT" --api-addr "$SEED" $(iscsi_args 0) >/dev/null
     start_cairn 0
     for _ in $(seq 1 300); do
         check_cairn_alive
@@ -53,7 +60,8 @@ start_cairn_cluster() { # cluster name
     for i in 1 2; do
         "$CAIRN" --data-dir "${CDIRS[$i]}" --token "$(cat "$C1/admin.token")" --ca "$C1/tls/ca.pem" \
             cluster join --seed "$SEED" \
-            --rpc-addr "${CAIRN_IPS[$i]}:$CAIRN_RPC_PORT" --api-addr "${CAIRN_IPS[$i]}:$CAIRN_API_PORT" >/dev/null
+            --rpc-addr "${CAIRN_IPS[$i]}:$CAIRN_RPC_PORT" --api-addr "${CAIRN_IPS[$i]}:$CAIRN_API_PORT" \
+            $(iscsi_args "$i") >/dev/null
         start_cairn "$i"
     done
     voters=0

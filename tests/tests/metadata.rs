@@ -625,7 +625,9 @@ fn openapi_contract_matches_the_server() -> Result<()> {
             .replace("{name}", "no-such-vdisk")
             .replace("{id}", "999")
             .replace("{snap}", "no-such-snap")
-            .replace("{task}", "no-such-task");
+            .replace("{task}", "no-such-task")
+            .replace("{iqn}", "iqn.2000-01.com.example:no-such-target")
+            .replace("{lun}", "0");
         let r = c.raw(
             0,
             method,

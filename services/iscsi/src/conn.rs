@@ -811,7 +811,9 @@ impl Conn {
             })
             .filter(|t| {
                 t.allowed_initiators.is_empty()
-                    || t.allowed_initiators.iter().any(|i| i == initiator)
+                    || t.allowed_initiators
+                        .iter()
+                        .any(|i| i.eq_ignore_ascii_case(initiator))
             })
             .flat_map(|t| {
                 [

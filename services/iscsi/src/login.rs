@@ -324,7 +324,10 @@ impl State<'_> {
             .map_err(|e| fail(status::SERVICE_UNAVAILABLE, e.to_string()))?
             .ok_or_else(|| fail(status::NOT_FOUND, format!("no target {name:.224}")))?;
         if !target.allowed_initiators.is_empty()
-            && !target.allowed_initiators.iter().any(|i| i == &initiator)
+            && !target
+                .allowed_initiators
+                .iter()
+                .any(|i| i.eq_ignore_ascii_case(&initiator))
         {
             return Err(fail(
                 status::FORBIDDEN,

@@ -4,6 +4,7 @@
 //! problem documents carrying Cairn's stable error codes. The contract is
 //! `api/openapi.yaml`.
 
+mod iscsi;
 mod problem;
 mod routes;
 

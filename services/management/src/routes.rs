@@ -36,7 +36,7 @@ pub struct ApiState {
     pub node_stats: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
-type ApiResult<T> = Result<T, Problem>;
+pub(crate) type ApiResult<T> = Result<T, Problem>;
 
 /// The REST router (serve it with `cairn_rpc::serve::serve_tls`).
 pub fn router(state: ApiState) -> Router {
@@ -81,6 +81,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/node/stats", get(node_stats))
         .route("/v1/tasks/:id", get(get_task))
+        .merge(crate::iscsi::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -143,6 +144,8 @@ struct NodeJson {
     id: u64,
     rpc_addr: String,
     api_addr: String,
+    /// Empty for a node that has not reported its iSCSI portal.
+    iscsi_addr: String,
     role: &'static str,
     version: String,
 }
@@ -162,6 +165,7 @@ impl From<NodeRecord> for NodeJson {
             id: n.id,
             rpc_addr: n.rpc_addr,
             api_addr: n.api_addr,
+            iscsi_addr: n.iscsi_addr,
             role: role_name(n.role),
             version: n.version,
         }
@@ -235,12 +239,12 @@ impl VdiskJson {
     }
 }
 
-fn decode<M: prost::Message + Default>(bytes: &[u8]) -> ApiResult<M> {
+pub(crate) fn decode<M: prost::Message + Default>(bytes: &[u8]) -> ApiResult<M> {
     M::decode(bytes)
         .map_err(|e| Problem::from_code(codes::INTERNAL, format!("undecodable record: {e}")))
 }
 
-fn missing(what: &str) -> Problem {
+pub(crate) fn missing(what: &str) -> Problem {
     Problem::from_code(codes::NOT_FOUND, format!("{what} not found"))
 }
 
@@ -338,6 +342,9 @@ struct AddMember {
     api_addr: String,
     #[serde(default)]
     version: String,
+    /// The node's iSCSI portal (absent from nodes older than issue 5).
+    #[serde(default)]
+    iscsi_addr: String,
 }
 
 async fn add_member(
@@ -346,6 +353,9 @@ async fn add_member(
 ) -> ApiResult<Json<serde_json::Value>> {
     parse_addr("rpc_addr", &body.rpc_addr)?;
     parse_addr("api_addr", &body.api_addr)?;
+    if !body.iscsi_addr.is_empty() {
+        parse_addr("iscsi_addr", &body.iscsi_addr)?;
+    }
     if body.node_id == 0 {
         return Err(Problem::from_code(
             codes::INVALID,
@@ -358,6 +368,7 @@ async fn add_member(
         rpc_addr: body.rpc_addr,
         api_addr: body.api_addr,
         version: body.version,
+        iscsi_addr: body.iscsi_addr,
         ..Default::default()
     };
     st.meta.add_member(node, Duration::from_secs(120)).await?;

@@ -442,4 +442,18 @@ impl MetadataHandle {
     pub fn snapshots(&self, vdisk_id: &str) -> Result<Vec<SnapshotRecord>, MetaError> {
         self.list(&state::snapshot_prefix(vdisk_id))
     }
+    /// Every iSCSI target, in name order (records hold CHAP secrets: never
+    /// hand them to a client as they are).
+    pub fn iscsi_targets(
+        &self,
+    ) -> Result<Vec<cairn_api::metadata::v1::IscsiTargetRecord>, MetaError> {
+        self.list(crate::iscsi::PREFIX_ISCSI_TARGET)
+    }
+    /// One iSCSI target by its normalised name.
+    pub fn iscsi_target(
+        &self,
+        iqn: &str,
+    ) -> Result<Option<cairn_api::metadata::v1::IscsiTargetRecord>, MetaError> {
+        self.get(&crate::iscsi::target_key(iqn))
+    }
 }

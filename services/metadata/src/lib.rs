@@ -1,7 +1,8 @@
 //! The metadata service: Cairn's linearizable store of cluster configuration,
 //! membership, datastores, vdisks and the vblock → extent-group map.
 //!
-//! - [`state`]: the replicated state machine, pure (no I/O).
+//! - [`state`]: the replicated state machine, pure (no I/O); [`iscsi`]: its
+//!   iSCSI target rules and commands.
 //! - [`engine`] / [`log`]: RocksDB storage of the raft log and the state.
 //! - [`node`]: the raft-rs driver thread (Ready loop, apply, ReadIndex,
 //!   snapshots, compaction, membership changes).
@@ -12,6 +13,7 @@
 pub mod bootstrap;
 pub mod engine;
 pub mod handle;
+pub mod iscsi;
 pub mod log;
 pub mod node;
 pub mod service;

@@ -13,6 +13,7 @@
 //! - `p/<vdisk id>/<name>`    SnapshotRecord
 //! - `g/<egroup id be64>`     ExtentGroupRecord
 //! - `b/<vdisk id>/<vblock be64>/<generation be64>`  VblockMapping
+//! - `t/<iqn>`                IscsiTargetRecord (rules and commands in [`crate::iscsi`])
 //! - `k/<key>`                raw value of the key-value interface
 //! - `m/...`                  bookkeeping of the apply loop (applied index, conf state)
 
@@ -373,6 +374,17 @@ pub fn apply(
                 ));
             };
             let rec = Record::<VdiskRecord>::decode(&bytes)?;
+            // Refused rather than unmapped behind the hosts' back: a host
+            // logged in to the target may be using the disk right now.
+            if let Some((iqn, lun)) = crate::iscsi::exported_as(view, &rec.msg.id)? {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!(
+                        "vdisk {:?} is LUN {lun} of iSCSI target {iqn:?}; unmap it or delete the target first",
+                        d.name
+                    ),
+                ));
+            }
             let snaps = view.scan(&snapshot_prefix(&rec.msg.id))?;
             if !snaps.is_empty() {
                 return Ok(fail(
@@ -716,6 +728,10 @@ pub fn apply(
             out.put(vkey, bytes.clone());
             ok_record(bytes)
         }
+        Op::CreateIscsiTarget(c) => crate::iscsi::create(view, out, c, now)?,
+        Op::DeleteIscsiTarget(d) => crate::iscsi::delete(view, out, d)?,
+        Op::MapIscsiLun(m) => crate::iscsi::map_lun(view, out, m)?,
+        Op::UnmapIscsiLun(u) => crate::iscsi::unmap_lun(view, out, u)?,
         Op::SetNodeVersion(s) => {
             let key = node_key(s.node_id);
             let Some(bytes) = view.get(&key)? else {
@@ -758,6 +774,9 @@ pub fn apply_membership(
     }
     if !node.version.is_empty() {
         rec.msg.version = node.version.clone();
+    }
+    if !node.iscsi_addr.is_empty() {
+        rec.msg.iscsi_addr = node.iscsi_addr.clone();
     }
     rec.msg.role = role as i32;
     out.put(key, rec.encode());
@@ -868,6 +887,104 @@ mod tests {
             codes::CONFLICT.code,
             "non-empty datastore"
         );
+    }
+
+    #[test]
+    fn iscsi_target_rules() {
+        use cairn_api::metadata::v1::{
+            CreateIscsiTarget, DeleteIscsiTarget, DeleteVdisk, IscsiLun, IscsiTargetRecord,
+            MapIscsiLun, UnmapIscsiLun,
+        };
+        let mut s = init();
+        run(
+            &mut s,
+            Op::CreateDatastore(CreateDatastore {
+                name: "ds".into(),
+                replication_factor: 1,
+                ..Default::default()
+            }),
+        );
+        for (name, id) in [("a", "vd-a"), ("b", "vd-b")] {
+            let r = run(
+                &mut s,
+                Op::CreateVdisk(CreateVdisk {
+                    datastore: "ds".into(),
+                    name: name.into(),
+                    size_bytes: 1 << 30,
+                    id: id.into(),
+                    ..Default::default()
+                }),
+            );
+            assert_eq!(r.error_code, "");
+        }
+        let lun = |lun, vdisk: &str| IscsiLun {
+            lun,
+            vdisk_id: vdisk.into(),
+        };
+        let target = |iqn: &str, luns: Vec<IscsiLun>| {
+            Op::CreateIscsiTarget(CreateIscsiTarget {
+                target: Some(IscsiTargetRecord {
+                    iqn: iqn.into(),
+                    luns,
+                    chap_user: "host".into(),
+                    chap_secret: "twelve-bytes".into(),
+                    ..Default::default()
+                }),
+            })
+        };
+        let iqn = "iqn.2026-11.io.cairn:t";
+        let code = |s: &mut BTreeMap<Vec<u8>, Vec<u8>>, op| run(s, op).error_code;
+        assert_eq!(code(&mut s, target("bad", vec![])), codes::INVALID.code);
+        assert_eq!(
+            code(&mut s, target(iqn, vec![lun(0, "nope")])),
+            codes::INVALID.code
+        );
+        assert_eq!(
+            code(&mut s, target(iqn, vec![lun(0, "vd-a"), lun(0, "vd-b")])),
+            codes::CONFLICT.code
+        );
+        assert_eq!(
+            code(&mut s, target(iqn, vec![lun(0, "vd-a"), lun(1, "vd-a")])),
+            codes::CONFLICT.code
+        );
+        assert_eq!(
+            code(&mut s, target(iqn, vec![lun(256, "vd-a")])),
+            codes::INVALID.code
+        );
+        let before = s.clone();
+        assert_eq!(code(&mut s, target(iqn, vec![lun(0, "vd-a")])), "");
+        assert_ne!(s, before);
+        assert_eq!(
+            code(&mut s, target(iqn, vec![lun(0, "vd-b")])),
+            codes::CONFLICT.code
+        );
+        let map = |l| {
+            Op::MapIscsiLun(MapIscsiLun {
+                iqn: iqn.into(),
+                lun: Some(l),
+            })
+        };
+        assert_eq!(code(&mut s, map(lun(0, "vd-b"))), codes::CONFLICT.code);
+        assert_eq!(code(&mut s, map(lun(1, "vd-b"))), "");
+        let del_vdisk = Op::DeleteVdisk(DeleteVdisk {
+            datastore: "ds".into(),
+            name: "b".into(),
+        });
+        let r = run(&mut s, del_vdisk.clone());
+        assert_eq!(r.error_code, codes::CONFLICT.code);
+        assert!(r.error_message.contains("LUN 1"), "{}", r.error_message);
+        let unmap = |l| {
+            Op::UnmapIscsiLun(UnmapIscsiLun {
+                iqn: iqn.into(),
+                lun: l,
+            })
+        };
+        assert_eq!(code(&mut s, unmap(7)), codes::NOT_FOUND.code);
+        assert_eq!(code(&mut s, unmap(1)), "");
+        assert_eq!(code(&mut s, del_vdisk), "");
+        let del = || Op::DeleteIscsiTarget(DeleteIscsiTarget { iqn: iqn.into() });
+        assert_eq!(code(&mut s, del()), "");
+        assert_eq!(code(&mut s, del()), codes::NOT_FOUND.code);
     }
 
     #[test]

@@ -20,6 +20,11 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub rpc_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The iSCSI portal. Absent from config files written before iSCSI
+    /// existed: [`NodeConfig::load`] fills in [`default_iscsi_addr`], so
+    /// after loading it is always set (use [`NodeConfig::iscsi_addr`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi_addr: Option<SocketAddr>,
     /// Hex SHA-256 of the admin bearer token.
     pub admin_token_sha256: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,7 +102,21 @@ impl Default for RaftConfig {
     }
 }
 
+/// The standard iSCSI port (RFC 7143 13.2), on the RPC address's IP.
+pub const ISCSI_PORT: u16 = 3260;
+
+/// A node's iSCSI portal when none is configured: its RPC IP, port 3260.
+pub fn default_iscsi_addr(rpc_addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(rpc_addr.ip(), ISCSI_PORT)
+}
+
 impl NodeConfig {
+    /// Where this node serves iSCSI.
+    pub fn iscsi_addr(&self) -> SocketAddr {
+        self.iscsi_addr
+            .unwrap_or_else(|| default_iscsi_addr(self.rpc_addr))
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -109,6 +128,7 @@ impl NodeConfig {
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from("."));
         }
+        cfg.iscsi_addr = Some(cfg.iscsi_addr());
         if cfg.node_id == 0 {
             bail!(
                 "invalid config {}: node_id must be positive",
@@ -164,4 +184,29 @@ pub fn read_token(data_dir: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("cannot read token file {}", p.display()))?
         .trim()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config written before iSCSI existed still loads, with the portal
+    /// on the RPC IP and the standard port.
+    #[test]
+    fn old_config_gets_the_default_iscsi_portal() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("cairn-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(CONFIG_FILE);
+        std::fs::write(
+            &path,
+            "node_id = 2\ncluster_id = \"c\"\nrpc_addr = \"127.0.0.2:7100\"\n\
+             api_addr = \"127.0.0.2:8443\"\nadmin_token_sha256 = \"00\"\n",
+        )?;
+        let cfg = NodeConfig::load(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = cfg?;
+        assert_eq!(cfg.iscsi_addr(), "127.0.0.2:3260".parse()?);
+        assert_eq!(cfg.iscsi_addr, Some("127.0.0.2:3260".parse()?));
+        Ok(())
+    }
 }

@@ -10,12 +10,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::client::Api;
+use serde_json::json;
+
+use crate::client::{Api, ApiError};
 use crate::config::{read_token, NodeConfig, CONFIG_FILE};
 use crate::setup;
 
 const RPC_PORT: u16 = 7100;
 const API_PORT: u16 = 8443;
+const ISCSI_PORT: u16 = crate::config::ISCSI_PORT;
+/// What the demo exports: one thin vdisk as LUN 0 of one target.
+pub const DEMO_IQN: &str = "iqn.2026-11.io.cairn:demo";
+const DEMO_DATASTORE: &str = "demo";
+const DEMO_VDISK: &str = "demo";
+const DEMO_VDISK_BYTES: u64 = 4 << 30;
 
 struct Node {
     id: usize,
@@ -88,6 +96,45 @@ fn stop_all(nodes: &mut [Node]) {
     }
 }
 
+/// Creates the demo datastore, vdisk and target unless they exist (a
+/// restarted demo keeps what it had).
+fn export_demo_vdisk(api: &Api, nodes: usize) -> anyhow::Result<()> {
+    // A restarted cluster has its voters at once but elects a leader a
+    // moment later: retry what is transient, for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let create = |path: &str, body: serde_json::Value| loop {
+        match api.post(path, &body) {
+            Ok(_) | Err(ApiError::Problem { status: 409, .. }) => return Ok(()),
+            Err(ApiError::Problem { status: 503, .. } | ApiError::Unreachable { .. })
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let rf = nodes.clamp(1, 2);
+    create(
+        "/v1/datastores",
+        json!({ "name": DEMO_DATASTORE, "replication_factor": rf }),
+    )
+    .context("cannot create the demo datastore")?;
+    create(
+        &format!("/v1/datastores/{DEMO_DATASTORE}/vdisks"),
+        json!({ "name": DEMO_VDISK, "size_bytes": DEMO_VDISK_BYTES }),
+    )
+    .context("cannot create the demo vdisk")?;
+    create(
+        "/v1/iscsi/targets",
+        json!({
+            "iqn": DEMO_IQN,
+            "luns": [{ "lun": 0, "vdisk": format!("{DEMO_DATASTORE}/{DEMO_VDISK}") }],
+        }),
+    )
+    .context("cannot create the demo iSCSI target")?;
+    Ok(())
+}
+
 pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
     if !(1..=9).contains(&count) {
         bail!("--nodes must be between 1 and 9");
@@ -105,7 +152,13 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
             "creating a new {count}-node cluster under {}",
             root.display()
         );
-        setup::init(&dirs[0], "demo", addr(1, RPC_PORT)?, addr(1, API_PORT)?)?;
+        setup::init(
+            &dirs[0],
+            "demo",
+            addr(1, RPC_PORT)?,
+            addr(1, API_PORT)?,
+            addr(1, ISCSI_PORT)?,
+        )?;
     } else {
         println!("restarting the cluster under {}", root.display());
     }
@@ -128,6 +181,7 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
                     &token,
                     addr(n, RPC_PORT)?,
                     addr(n, API_PORT)?,
+                    addr(n, ISCSI_PORT)?,
                 )?;
             }
             nodes.push(spawn(&exe, dir, n)?);
@@ -156,7 +210,7 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(300));
         }
-        Ok(())
+        export_demo_vdisk(&seed_api, count)
     })();
     if let Err(e) = result {
         stop_all(&mut nodes);
@@ -169,6 +223,7 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
         println!("node {}:", i + 1);
         println!("  REST API   https://{}/v1/health", cfg.api_addr);
         println!("  node RPC   {} (mTLS, cluster CA)", cfg.rpc_addr);
+        println!("  iSCSI      {} (portal)", cfg.iscsi_addr());
         println!("  data       {}", dir.display());
         for (disk, _) in cfg.data_disks() {
             println!(
@@ -178,6 +233,14 @@ pub fn run(root: &Path, count: usize) -> anyhow::Result<()> {
         }
         println!("  log        {}", dir.join("node.log").display());
     }
+    let portal = NodeConfig::load(&dirs[0].join(CONFIG_FILE))?.iscsi_addr();
+    println!(
+        "\niSCSI target {DEMO_IQN}: LUN 0 is vdisk {DEMO_DATASTORE}/{DEMO_VDISK} ({} GiB, thin); \
+         log in through any node's portal",
+        DEMO_VDISK_BYTES >> 30
+    );
+    println!("  URL        iscsi://{portal}/{DEMO_IQN}/0");
+    println!("  try        qemu-img info iscsi://{portal}/{DEMO_IQN}/0");
     println!("\nCA certificate: {}", dirs[0].join("tls/ca.pem").display());
     println!(
         "Admin token:    {} (mode 0600)",

@@ -5,6 +5,7 @@
 mod client;
 mod config;
 mod demo;
+mod iscsi;
 mod run;
 mod setup;
 
@@ -85,6 +86,9 @@ enum Cmd {
     /// Follow long operations (rebuilds, ...).
     #[command(subcommand)]
     Task(TaskCmd),
+    /// Export vdisks over iSCSI: targets, LUNs, CHAP, initiator allow lists.
+    #[command(subcommand)]
+    Iscsi(IscsiCmd),
     /// Offline tools on extent group files (no cluster needed).
     #[command(subcommand)]
     Extent(ExtentCmd),
@@ -119,6 +123,9 @@ enum ClusterCmd {
         rpc_addr: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:8443")]
         api_addr: SocketAddr,
+        /// iSCSI portal (default: the RPC address's IP, port 3260).
+        #[arg(long)]
+        iscsi_addr: Option<SocketAddr>,
     },
     /// Prepare --data-dir as a new node of an existing cluster (needs --seed, --ca, --token).
     Join {
@@ -129,6 +136,9 @@ enum ClusterCmd {
         rpc_addr: SocketAddr,
         #[arg(long)]
         api_addr: SocketAddr,
+        /// iSCSI portal (default: the RPC address's IP, port 3260).
+        #[arg(long)]
+        iscsi_addr: Option<SocketAddr>,
     },
     /// Show the cluster, its leader and its members.
     Status,
@@ -221,6 +231,77 @@ enum VdiskCmd {
         /// Name of the new vdisk.
         #[arg(long = "to")]
         clone: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum IscsiCmd {
+    /// iSCSI targets: every node exports each of them.
+    #[command(subcommand)]
+    Target(TargetCmd),
+}
+
+#[derive(Subcommand)]
+enum TargetCmd {
+    /// Create a target. Secrets are read from files or the environment
+    /// rather than typed on the command line, where `ps` shows them.
+    Create {
+        /// iqn.YYYY-MM.reversed.domain[:name] or eui.<16 hex digits>.
+        iqn: String,
+        /// LUN=VDISK (vdisk id, datastore/name, or a unique name); repeatable.
+        #[arg(long = "lun", value_name = "LUN=VDISK")]
+        luns: Vec<String>,
+        /// CHAP user the initiators must log in as (one-way CHAP).
+        #[arg(long, requires = "chap_secret_source")]
+        chap_user: Option<String>,
+        /// CHAP secret (12-16 characters); prefer --chap-secret-file.
+        #[arg(
+            long,
+            env = "CAIRN_CHAP_SECRET",
+            hide_env_values = true,
+            group = "chap_secret_source",
+            conflicts_with = "chap_secret_file"
+        )]
+        chap_secret: Option<String>,
+        /// File holding the CHAP secret (one line; the newline is dropped).
+        #[arg(long, group = "chap_secret_source")]
+        chap_secret_file: Option<PathBuf>,
+        /// Mutual CHAP: the user the target proves itself as (needs --chap-user).
+        #[arg(long, requires = "mutual_secret_source")]
+        mutual_user: Option<String>,
+        /// Mutual CHAP secret (12-16 characters, not the one-way secret).
+        #[arg(
+            long,
+            env = "CAIRN_MUTUAL_SECRET",
+            hide_env_values = true,
+            group = "mutual_secret_source",
+            conflicts_with = "mutual_secret_file"
+        )]
+        mutual_secret: Option<String>,
+        /// File holding the mutual CHAP secret.
+        #[arg(long, group = "mutual_secret_source")]
+        mutual_secret_file: Option<PathBuf>,
+        /// Initiator name allowed to log in; repeatable (default: any).
+        #[arg(long = "allow", value_name = "INITIATOR_IQN")]
+        allow: Vec<String>,
+    },
+    /// List targets (secrets are never shown; CHAP yes/no and the user are).
+    List,
+    /// Show one target.
+    Get { iqn: String },
+    /// Delete a target (its vdisks stay).
+    Delete { iqn: String },
+    /// Add a LUN to a target.
+    Map {
+        iqn: String,
+        #[arg(long = "lun", value_name = "LUN=VDISK")]
+        lun: String,
+    },
+    /// Remove a LUN from a target (the vdisk stays).
+    Unmap {
+        iqn: String,
+        #[arg(long)]
+        lun: u64,
     },
 }
 
@@ -415,7 +496,93 @@ fn watch_task(api: &client::Api, id: Option<String>, out: Output) -> anyhow::Res
         std::thread::sleep(Duration::from_millis(500));
     }
 }
-const NODE_COLS: &[&str] = &["id", "role", "rpc_addr", "api_addr", "version"];
+const NODE_COLS: &[&str] = &[
+    "id",
+    "role",
+    "rpc_addr",
+    "api_addr",
+    "iscsi_addr",
+    "version",
+];
+const TARGET_COLS: &[&str] = &["iqn", "luns", "chap", "chap_user", "mutual_chap", "allowed"];
+
+/// `0=VDISK` → the JSON of one LUN.
+fn parse_lun(s: &str) -> anyhow::Result<Value> {
+    let (lun, vdisk) = s
+        .split_once('=')
+        .with_context(|| format!("invalid --lun {s:?}: use LUN=VDISK, e.g. 0=vm1"))?;
+    let lun: u64 = lun
+        .trim()
+        .parse()
+        .with_context(|| format!("invalid --lun {s:?}: the LUN must be a number"))?;
+    if vdisk.trim().is_empty() {
+        bail!("invalid --lun {s:?}: name the vdisk after '='");
+    }
+    Ok(json!({ "lun": lun, "vdisk": vdisk.trim() }))
+}
+
+/// A secret from the command line/environment or from a file. The error
+/// names the file, never its content.
+fn read_secret(value: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    match (value, file) {
+        (Some(v), _) => Ok(v),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read secret file {}", f.display()))?;
+            Ok(text.trim_end_matches(['\n', '\r']).to_string())
+        }
+        (None, None) => Ok(String::new()),
+    }
+}
+
+/// Targets as table rows: LUNs as `0=ds/vdisk`, allow list joined.
+fn target_rows(v: &Value) -> Value {
+    let row = |t: &Value| {
+        let luns: Vec<String> = t["luns"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|l| {
+                        format!(
+                            "{}={}/{}",
+                            l["lun"],
+                            l["datastore"].as_str().unwrap_or(""),
+                            l["vdisk"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let allowed: Vec<&str> = t["allowed_initiators"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        json!({
+            "iqn": t["iqn"],
+            "luns": luns.join(","),
+            "chap": t["chap"],
+            "chap_user": t["chap_user"],
+            "mutual_chap": t["mutual_chap"],
+            "allowed": if allowed.is_empty() { "any".to_string() } else { allowed.join(",") },
+        })
+    };
+    match v {
+        Value::Array(a) => Value::Array(a.iter().map(row).collect()),
+        other => row(other),
+    }
+}
+
+fn print_targets(out: Output, v: &Value) {
+    if out == Output::Json {
+        print(out, v, TARGET_COLS);
+    } else {
+        print(out, &target_rows(v), TARGET_COLS);
+    }
+}
+
+fn target_path(iqn: &str) -> String {
+    format!("/v1/iscsi/targets/{}", seg(iqn))
+}
 
 fn seg(s: &str) -> String {
     // Names are validated server-side to [A-Za-z0-9._-]; percent-encode anything else.
@@ -451,13 +618,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             name,
             rpc_addr,
             api_addr,
+            iscsi_addr,
         }) => {
             let dir = cli
                 .conn
                 .data_dir
                 .as_deref()
                 .context("cluster init needs --data-dir")?;
-            let cfg = setup::init(dir, &name, rpc_addr, api_addr)?;
+            let iscsi_addr = iscsi_addr.unwrap_or_else(|| config::default_iscsi_addr(rpc_addr));
+            let cfg = setup::init(dir, &name, rpc_addr, api_addr, iscsi_addr)?;
             let v = json!({ "cluster_id": cfg.cluster_id, "node_id": cfg.node_id,
                 "config": dir.join(CONFIG_FILE), "token_file": dir.join(config::TOKEN_FILE),
                 "ca": dir.join("tls/ca.pem") });
@@ -479,6 +648,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             seed,
             rpc_addr,
             api_addr,
+            iscsi_addr,
         }) => {
             let dir = cli
                 .conn
@@ -497,7 +667,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .context("cluster join needs --ca (the cluster CA certificate)")?;
             let ca = std::fs::read_to_string(&ca_path)
                 .with_context(|| format!("cannot read CA {}", ca_path.display()))?;
-            let cfg = setup::join(dir, &seed, &ca, &token, rpc_addr, api_addr)?;
+            let iscsi_addr = iscsi_addr.unwrap_or_else(|| config::default_iscsi_addr(rpc_addr));
+            let cfg = setup::join(dir, &seed, &ca, &token, rpc_addr, api_addr, iscsi_addr)?;
             if out == Output::Json {
                 println!(
                     "{}",
@@ -674,9 +845,63 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo { root, nodes } => {
             demo::run(Path::new(&root), nodes)?;
         }
+        Cmd::Iscsi(IscsiCmd::Target(c)) => iscsi_target(&api()?, c, out)?,
         Cmd::Task(TaskCmd::List) => print(out, &api()?.get("/v1/tasks")?, TASK_COLS),
         Cmd::Task(TaskCmd::Watch { id }) => watch_task(&api()?, id, out)?,
         Cmd::Extent(c) => extent(c, out, image)?,
+    }
+    Ok(())
+}
+
+fn iscsi_target(api: &Api, c: TargetCmd, out: Output) -> anyhow::Result<()> {
+    match c {
+        TargetCmd::Create {
+            iqn,
+            luns,
+            chap_user,
+            chap_secret,
+            chap_secret_file,
+            mutual_user,
+            mutual_secret,
+            mutual_secret_file,
+            allow,
+        } => {
+            let luns = luns
+                .iter()
+                .map(|l| parse_lun(l))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let body = json!({
+                "iqn": iqn,
+                "luns": luns,
+                "chap_user": chap_user.unwrap_or_default(),
+                "chap_secret": read_secret(chap_secret, chap_secret_file)?,
+                "mutual_user": mutual_user.unwrap_or_default(),
+                "mutual_secret": read_secret(mutual_secret, mutual_secret_file)?,
+                "allowed_initiators": allow,
+            });
+            print_targets(out, &api.post("/v1/iscsi/targets", &body)?);
+        }
+        TargetCmd::List => print_targets(out, &api.get("/v1/iscsi/targets")?),
+        TargetCmd::Get { iqn } => print_targets(out, &api.get(&target_path(&iqn))?),
+        TargetCmd::Delete { iqn } => {
+            api.delete(&target_path(&iqn))?;
+            if out == Output::Table {
+                println!("iSCSI target {iqn} deleted");
+            }
+        }
+        TargetCmd::Map { iqn, lun } => {
+            let body = parse_lun(&lun)?;
+            print_targets(
+                out,
+                &api.post(&format!("{}/luns", target_path(&iqn)), &body)?,
+            );
+        }
+        TargetCmd::Unmap { iqn, lun } => {
+            api.delete(&format!("{}/luns/{lun}", target_path(&iqn)))?;
+            if out == Output::Table {
+                println!("LUN {lun} of iSCSI target {iqn} unmapped");
+            }
+        }
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! SIGINT/SIGTERM (clean stop, RocksDB flushed) or until the metadata engine
 //! fails (the process exits non-zero rather than serve stale metadata).
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,10 @@ use crate::client::{Api, ApiError};
 use crate::config::{read_token, NodeConfig};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// At most this long between SIGTERM and the metadata stop for iSCSI
+/// initiators to log out (below the test harness's 20 s SIGTERM patience).
+const ISCSI_STOP_WAIT: Duration = Duration::from_secs(15);
 
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let cfg = NodeConfig::load(config_path)?;
@@ -50,6 +55,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let api_listener = TcpListener::bind(cfg.api_addr)
         .await
         .with_context(|| format!("cannot listen for the REST API on {}", cfg.api_addr))?;
+    let iscsi_addr = cfg.iscsi_addr();
+    let iscsi_listener = TcpListener::bind(iscsi_addr).await.with_context(|| {
+        format!(
+            "cannot listen for iSCSI on {iscsi_addr} (ports below 1024 need root or \
+             CAP_NET_BIND_SERVICE; set iscsi_addr in the config to use another)"
+        )
+    })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let pool = Arc::new(
@@ -69,8 +81,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         meta.clone(),
         cfg.cluster_id.clone(),
         VERSION.to_string(),
-        |routes| routes.add_service(cairn_data::rpc::service(pool.clone(), frontend)),
+        |routes| routes.add_service(cairn_data::rpc::service(pool.clone(), frontend.clone())),
     );
+    let iscsi_task = tokio::spawn(cairn_iscsi::server::serve(
+        iscsi_listener,
+        cairn_iscsi::server::ServerConfig {
+            portal: portal_addr(iscsi_addr, cfg.rpc_addr),
+            // The node id is unique in the cluster, so every node is its own
+            // portal group (tag 0 is reserved: clamp to 1..=65535).
+            portal_group_tag: u16::try_from(cfg.node_id).unwrap_or(u16::MAX).max(1),
+        },
+        frontend,
+        crate::iscsi::MetaTargetDirectory::new(meta.clone()),
+        stop_rx.clone(),
+    ));
     tokio::spawn(data.clone().run_monitor(
         cairn_data::repair::MonitorConfig {
             rebuild_bytes_per_sec: cfg.data.rebuild_bytes_per_sec.max(1 << 20),
@@ -110,8 +134,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         "api",
         stop_rx,
     ));
-    tracing::info!(node = cfg.node_id, rpc = %cfg.rpc_addr, api = %cfg.api_addr, version = VERSION,
-        "cairn node serving");
+    tracing::info!(node = cfg.node_id, rpc = %cfg.rpc_addr, api = %cfg.api_addr,
+        iscsi = %iscsi_addr, version = VERSION, "cairn node serving");
 
     if cfg.join.is_some() {
         let status = meta.status().await?;
@@ -135,6 +159,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
+    // The iSCSI server asks its initiators to log out and lets them finish
+    // (bounded inside `serve`); their last writes may still need metadata,
+    // so metadata stops only after it, or after this cap.
+    if tokio::time::timeout(ISCSI_STOP_WAIT, iscsi_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("iSCSI sessions did not end in time; stopping anyway");
+    }
     meta.shutdown();
     // Give the raft thread a moment to flush RocksDB.
     for _ in 0..50 {
@@ -145,6 +178,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// The address SendTargets reports: the iSCSI listener's, unless it listens
+/// on every interface, in which case the RPC address's IP (the one the
+/// cluster already knows this node by).
+fn portal_addr(listen: SocketAddr, rpc: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        SocketAddr::new(rpc.ip(), listen.port())
+    } else {
+        listen
+    }
 }
 
 /// The JSON of `GET /v1/node/stats`.
@@ -195,6 +239,7 @@ async fn auto_join(cfg: NodeConfig, ca_pem: String) {
         "node_id": cfg.node_id,
         "rpc_addr": cfg.rpc_addr.to_string(),
         "api_addr": cfg.api_addr.to_string(),
+        "iscsi_addr": cfg.iscsi_addr().to_string(),
         "version": VERSION,
     });
     loop {

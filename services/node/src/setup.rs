@@ -48,6 +48,7 @@ pub fn init(
     name: &str,
     rpc_addr: SocketAddr,
     api_addr: SocketAddr,
+    iscsi_addr: SocketAddr,
 ) -> anyhow::Result<NodeConfig> {
     prepare_dir(data_dir)?;
     let cluster_id = uuid::Uuid::new_v4().to_string();
@@ -74,6 +75,7 @@ pub fn init(
         data_dir: data_dir.to_path_buf(),
         rpc_addr,
         api_addr,
+        iscsi_addr: Some(iscsi_addr),
         admin_token_sha256: cairn_util::sha256_hex(token.as_bytes()),
         join: None,
         raft: RaftConfig::default(),
@@ -94,6 +96,7 @@ pub fn init(
             id: node_id,
             rpc_addr: rpc_addr.to_string(),
             api_addr: api_addr.to_string(),
+            iscsi_addr: iscsi_addr.to_string(),
             added_unix_ms: cairn_util::now_unix_ms(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             ..Default::default()
@@ -112,6 +115,7 @@ pub fn join(
     token: &str,
     rpc_addr: SocketAddr,
     api_addr: SocketAddr,
+    iscsi_addr: SocketAddr,
 ) -> anyhow::Result<NodeConfig> {
     prepare_dir(data_dir)?;
     let api = Api::new(seed, ca_pem, token.to_string(), Duration::from_secs(30))?;
@@ -156,6 +160,7 @@ pub fn join(
         data_dir: data_dir.to_path_buf(),
         rpc_addr,
         api_addr,
+        iscsi_addr: Some(iscsi_addr),
         admin_token_sha256: cairn_util::sha256_hex(token.as_bytes()),
         join: Some(JoinConfig {
             seed_api: seed.to_string(),
