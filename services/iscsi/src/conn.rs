@@ -898,11 +898,27 @@ async fn execute(
         // expected length is not transferred"); the residual says so.
         let wanted = unit.data_out_len(cdb);
         data_out.truncate(edtl as usize);
-        let r = unit.execute(&session.nexus, cdb, &data_out).await;
+        let r = busy_if_transient(unit.execute(&session.nexus, cdb, &data_out).await);
         return (r, i64::from(edtl) - i64::from(wanted));
     }
-    let r = unit.execute(&session.nexus, cdb, &[]).await;
+    let r = busy_if_transient(unit.execute(&session.nexus, cdb, &[]).await);
     data_in_residual(r, edtl, read)
+}
+
+/// A vdisk that is failing over (owner change, replica set change, stale
+/// epoch) answers NOT READY / BECOMING READY. QEMU's initiator turns that
+/// into an I/O error in the guest, while every initiator retries BUSY: so a
+/// transient state goes out as BUSY.
+fn busy_if_transient(mut r: ScsiResponse) -> ScsiResponse {
+    let becoming_ready = r.status == status::CHECK_CONDITION
+        && r.sense.get(2).map(|k| k & 0x0f) == Some(0x02)
+        && r.sense.get(12..14) == Some(&[0x04, 0x01][..]);
+    if becoming_ready {
+        r.status = status::BUSY;
+        r.sense.clear();
+        r.data_in.clear();
+    }
+    r
 }
 
 fn data_in_residual(mut r: ScsiResponse, edtl: u32, read: bool) -> (ScsiResponse, i64) {
@@ -995,6 +1011,22 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn becoming_ready_goes_out_as_busy() {
+        let r = busy_if_transient(ScsiResponse {
+            status: status::CHECK_CONDITION,
+            sense: sense(0x02, 0x04, 0x01),
+            data_in: Vec::new(),
+        });
+        assert_eq!((r.status, r.sense.len()), (status::BUSY, 0));
+        let r = busy_if_transient(ScsiResponse {
+            status: status::CHECK_CONDITION,
+            sense: sense(0x03, 0x11, 0x00),
+            data_in: Vec::new(),
+        });
+        assert_eq!(r.status, status::CHECK_CONDITION);
+    }
 
     #[test]
     fn lun_encoding_round_trips() {
