@@ -41,9 +41,12 @@ pub fn node_bin() -> PathBuf {
         .join("cairn-testnode")
 }
 
+/// Runs a command to its end (stdin closed: QEMU and friends would
+/// otherwise read the test's terminal).
 pub fn sh(cmd: &str, args: &[&str]) -> Result<Output> {
     let out = Command::new(cmd)
         .args(args)
+        .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {cmd}"))?;
     Ok(out)

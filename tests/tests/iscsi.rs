@@ -4,11 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cairn_tests::{serial, Cluster};
+use cairn_tests::{serial, sh, Cluster};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -93,17 +92,10 @@ fn classify(log: &str, family: &str, into: &mut Conformance) {
 fn run_conformance(tests: &[&str], urls: &[String], log: &std::path::Path) -> Result<Conformance> {
     let mut all = Conformance::default();
     for family in tests {
-        let mut cmd = Command::new("iscsi-test-cu");
-        cmd.args(["-d", "-v", "-t", family]).args(urls);
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
+        let mut args = vec!["-d", "-v", "-t", family];
+        args.extend(urls.iter().map(String::as_str));
+        let (_, text) = tool("iscsi-test-cu", &args)
             .context("iscsi-test-cu (Debian libiscsi-bin) is not installed")?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
         std::fs::write(log.join(format!("conformance-{family}.log")), &text)?;
         let fam = family.split('.').next().unwrap_or(family);
         classify(&text, fam, &mut all);
@@ -173,12 +165,9 @@ fn conformance_suite_passes_on_a_three_node_cluster() -> Result<()> {
     Ok(())
 }
 
+/// (success, stdout + stderr) of a command.
 fn tool(cmd: &str, args: &[&str]) -> Result<(bool, String)> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cmd}"))?;
+    let out = sh(cmd, args)?;
     Ok((
         out.status.success(),
         format!(

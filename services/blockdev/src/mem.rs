@@ -32,6 +32,12 @@ impl MemDevice {
         check_range(self.size(), offset, len)
     }
 
+    /// Every 4 KiB block the range touches now holds data.
+    fn mark_mapped(&self, offset: u64, len: u64) {
+        let bs = BLOCK_SIZE as u64;
+        lock(&self.mapped).extend(offset / bs..(offset + len).div_ceil(bs));
+    }
+
     fn range(offset: u64, len: u64) -> std::ops::Range<usize> {
         offset as usize..(offset + len) as usize
     }
@@ -58,11 +64,7 @@ impl BlockDevice for MemDevice {
     async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), DataError> {
         self.check(offset, data.len() as u64)?;
         lock(&self.data)[Self::range(offset, data.len() as u64)].copy_from_slice(data);
-        let bs = BLOCK_SIZE as u64;
-        let mut m = lock(&self.mapped);
-        for b in offset / bs..(offset + data.len() as u64).div_ceil(bs) {
-            m.insert(b);
-        }
+        self.mark_mapped(offset, data.len() as u64);
         Ok(())
     }
 
@@ -104,11 +106,7 @@ impl BlockDevice for MemDevice {
             }
             d[Self::range(offset, data.len() as u64)].copy_from_slice(data);
         }
-        let bs = BLOCK_SIZE as u64;
-        let mut m = lock(&self.mapped);
-        for b in offset / bs..(offset + data.len() as u64).div_ceil(bs) {
-            m.insert(b);
-        }
+        self.mark_mapped(offset, data.len() as u64);
         Ok(())
     }
 

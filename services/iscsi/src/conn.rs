@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::pdu::{self, op, reject, Pdu, PduError, ReadLimits, RESERVED_TAG};
+use crate::scsi::sense::Sense;
 use crate::scsi::{self, status, LogicalUnit, ScsiResponse};
 use crate::server::Shared;
 use crate::session::{CmdSnCheck, Params, Session, SessionKind};
@@ -238,7 +239,7 @@ async fn writer(
                         p.set_u32(28, w.exp_cmdsn);
                         p.set_u32(32, w.max_cmdsn);
                     }
-                    buf.extend_from_slice(&p.encode(params.header_digest, params.data_digest));
+                    p.encode_into(&mut buf, params.header_digest, params.data_digest);
                 }
             }
             if buf.len() < 1 << 20 {
@@ -253,39 +254,6 @@ async fn writer(
             return;
         }
     }
-}
-
-/// Decodes the LUN field (SAM-5 peripheral or flat space addressing).
-pub fn decode_lun(raw: u64) -> Option<u64> {
-    let b = raw.to_be_bytes();
-    if b[2..].iter().any(|x| *x != 0) {
-        return None;
-    }
-    match b[0] >> 6 {
-        0 if b[0] & 0x3f == 0 => Some(u64::from(b[1])),
-        1 => Some((u64::from(b[0] & 0x3f) << 8) | u64::from(b[1])),
-        _ => None,
-    }
-}
-
-/// Encodes a LUN the way REPORT LUNS lists it.
-pub fn encode_lun(lun: u64) -> u64 {
-    if lun < 256 {
-        lun << 48
-    } else {
-        (0x4000 | (lun & 0x3fff)) << 48
-    }
-}
-
-/// Fixed-format sense data.
-pub fn sense(key: u8, asc: u8, ascq: u8) -> Vec<u8> {
-    let mut s = vec![0u8; 18];
-    s[0] = 0x70;
-    s[2] = key;
-    s[7] = 10;
-    s[12] = asc;
-    s[13] = ascq;
-    s
 }
 
 impl Conn {
@@ -402,7 +370,7 @@ impl Conn {
             return; // an answer to a ping of ours
         }
         let mut r = Pdu::new(op::NOP_IN, 0x80);
-        r.set_lun_raw(p.lun_raw());
+        r.set_lun(p.lun());
         r.set_itt(p.itt());
         r.set_u32(20, RESERVED_TAG);
         let n = p.data.len().min(self.params.max_xmit_data_segment as usize);
@@ -430,7 +398,7 @@ impl Conn {
                 cdb.extend_from_slice(ext);
             }
         }
-        let lun = decode_lun(p.lun_raw()).unwrap_or(u64::MAX);
+        let lun = scsi::decode_lun(p.lun()).unwrap_or(u64::MAX);
         if lock(&self.running).contains_key(&itt) || self.writes.contains_key(&itt) {
             self.reject(&p, reject::PROTOCOL_ERROR);
             return Err(fatal(format!("task tag {itt:#x} already in use")));
@@ -505,7 +473,7 @@ impl Conn {
                 self.next_ttt = 1;
             }
             let mut r = Pdu::new(op::R2T, 0x80);
-            r.set_lun_raw(encode_lun(w.lun));
+            r.set_lun(scsi::encode_lun(w.lun));
             r.set_itt(itt);
             r.set_u32(20, ttt);
             r.set_u32(36, w.r2tsn);
@@ -587,20 +555,22 @@ impl Conn {
         Ok(true)
     }
 
+    /// A write dropped before it ran: its CmdSN slot is free again.
+    fn release_slot(&self, w: &PendingWrite) {
+        if !w.immediate {
+            lock(&self.session.window).complete();
+        }
+    }
+
     /// Ends a write whose Data-Out broke the sequence rules: the command
     /// fails with ABORTED COMMAND / DATA PHASE ERROR and the connection
     /// stays (what else the initiator still sends for it is dropped). Other
     /// commands, and the data of earlier writes, are untouched.
     fn fail_write(&mut self, itt: u32, w: PendingWrite, problem: &str) -> bool {
         tracing::warn!(peer = %self.peer, itt, problem, "write failed: bad Data-Out");
-        if !w.immediate {
-            lock(&self.session.window).complete();
-        }
-        let resp = ScsiResponse {
-            status: status::CHECK_CONDITION,
-            sense: sense(0x0b, 0x4b, 0x00),
-            data_in: Vec::new(),
-        };
+        self.release_slot(&w);
+        // ABORTED COMMAND / DATA PHASE ERROR
+        let resp = ScsiResponse::check(&Sense::new(0x0b, 0x4b, 0x00));
         for o in respond(itt, w.lun, w.edtl, false, resp, 0, &self.params) {
             let _ = self.out.send(o);
         }
@@ -657,7 +627,7 @@ impl Conn {
             return;
         }
         let function = p.flags() & 0x7f;
-        let lun = decode_lun(p.lun_raw()).unwrap_or(u64::MAX);
+        let lun = scsi::decode_lun(p.lun()).unwrap_or(u64::MAX);
         let reference = p.u32_at(20);
         let lun_known = self.session.luns.contains_key(&lun);
         // Tasks still collecting data are dropped here (we own them);
@@ -665,9 +635,7 @@ impl Conn {
         let (response, waits): (u8, Vec<watch::Receiver<bool>>) = match function {
             1 => {
                 if let Some(w) = self.writes.remove(&reference) {
-                    if !w.immediate {
-                        lock(&self.session.window).complete();
-                    }
+                    self.release_slot(&w);
                     (0, Vec::new())
                 } else if let Some(r) = lock(&self.running)
                     .get(&reference)
@@ -678,10 +646,7 @@ impl Conn {
                     // RFC 7143 11.5.1: a command not received yet (RefCmdSN
                     // still ahead in the window) counts as aborted; one that
                     // already answered no longer exists.
-                    let ref_cmdsn = p.u32_at(32);
-                    let w = lock(&self.session.window);
-                    let ahead = !crate::session::sn_lt(ref_cmdsn, w.exp_cmdsn)
-                        && !crate::session::sn_lt(w.max_cmdsn, ref_cmdsn);
+                    let ahead = lock(&self.session.window).in_window(p.u32_at(32));
                     (if ahead { 0 } else { 1 }, Vec::new())
                 }
             }
@@ -698,9 +663,7 @@ impl Conn {
                         .collect();
                     for k in dropped {
                         if let Some(w) = self.writes.remove(&k) {
-                            if !w.immediate {
-                                lock(&self.session.window).complete();
-                            }
+                            self.release_slot(&w);
                         }
                     }
                     let waits = lock(&self.running)
@@ -809,12 +772,7 @@ impl Conn {
                 "" => t.iqn == self.session.target_name,
                 name => t.iqn == name,
             })
-            .filter(|t| {
-                t.allowed_initiators.is_empty()
-                    || t.allowed_initiators
-                        .iter()
-                        .any(|i| i.eq_ignore_ascii_case(initiator))
-            })
+            .filter(|t| t.admits(initiator))
             .flat_map(|t| {
                 [
                     ("TargetName".to_string(), t.iqn),
@@ -845,10 +803,8 @@ impl Conn {
             for mut w in waits {
                 let _ = w.wait_for(|d| *d).await;
             }
-            for (_, w) in self.writes.drain() {
-                if !w.immediate {
-                    lock(&self.session.window).complete();
-                }
+            for (_, w) in std::mem::take(&mut self.writes) {
+                self.release_slot(&w);
             }
         }
         let mut r = Pdu::new(op::LOGOUT_RESP, 0x80);
@@ -980,7 +936,7 @@ fn respond(
             stat = Stat::Advance;
         }
         p.bhs[1] = flags;
-        p.set_lun_raw(encode_lun(lun));
+        p.set_lun(scsi::encode_lun(lun));
         p.set_itt(itt);
         p.set_u32(20, RESERVED_TAG);
         p.set_u32(36, datasn);
@@ -1014,27 +970,10 @@ mod tests {
 
     #[test]
     fn becoming_ready_goes_out_as_busy() {
-        let r = busy_if_transient(ScsiResponse {
-            status: status::CHECK_CONDITION,
-            sense: sense(0x02, 0x04, 0x01),
-            data_in: Vec::new(),
-        });
+        let r = busy_if_transient(ScsiResponse::check(&Sense::new(0x02, 0x04, 0x01)));
         assert_eq!((r.status, r.sense.len()), (status::BUSY, 0));
-        let r = busy_if_transient(ScsiResponse {
-            status: status::CHECK_CONDITION,
-            sense: sense(0x03, 0x11, 0x00),
-            data_in: Vec::new(),
-        });
+        let r = busy_if_transient(ScsiResponse::check(&Sense::new(0x03, 0x11, 0x00)));
         assert_eq!(r.status, status::CHECK_CONDITION);
-    }
-
-    #[test]
-    fn lun_encoding_round_trips() {
-        for lun in [0u64, 1, 255, 256, 16383] {
-            assert_eq!(decode_lun(encode_lun(lun)), Some(lun));
-        }
-        assert_eq!(decode_lun(0x0100_0000_0000_0000), None); // bus 1
-        assert_eq!(decode_lun(0x0000_0000_0000_0001), None); // second level
     }
 
     #[test]
@@ -1068,11 +1007,7 @@ mod tests {
 
     #[test]
     fn check_condition_goes_in_a_response_with_sense() {
-        let resp = ScsiResponse {
-            status: status::CHECK_CONDITION,
-            sense: sense(5, 0x20, 0),
-            data_in: Vec::new(),
-        };
+        let resp = ScsiResponse::check(&Sense::invalid_opcode());
         let outs = respond(9, 0, 512, true, resp, 512, &Params::default());
         assert_eq!(outs.len(), 1);
         let Out::Pdu(p, _) = &outs[0] else { panic!() };

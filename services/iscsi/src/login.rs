@@ -323,12 +323,7 @@ impl State<'_> {
             .await
             .map_err(|e| fail(status::SERVICE_UNAVAILABLE, e.to_string()))?
             .ok_or_else(|| fail(status::NOT_FOUND, format!("no target {name:.224}")))?;
-        if !target.allowed_initiators.is_empty()
-            && !target
-                .allowed_initiators
-                .iter()
-                .any(|i| i.eq_ignore_ascii_case(&initiator))
-        {
+        if !target.admits(&initiator) {
             return Err(fail(
                 status::FORBIDDEN,
                 format!("initiator {initiator:.224} is not on {name}'s allow list"),
@@ -683,8 +678,9 @@ impl State<'_> {
             .map(|f| (f.statsn, f.cmdsn))
             .unwrap_or((req.exp_statsn(), req.cmdsn()));
         p.set_u32(24, statsn);
-        p.set_u32(28, cmdsn);
-        p.set_u32(32, cmdsn.wrapping_add(crate::session::QUEUE_DEPTH - 1));
+        let w = crate::session::Window::new(cmdsn);
+        p.set_u32(28, w.exp_cmdsn);
+        p.set_u32(32, w.max_cmdsn);
         p.set_u16(36, code);
         p.data = data;
         p

@@ -131,13 +131,14 @@ impl Pdu {
     pub fn set_u16(&mut self, at: usize, v: u16) {
         self.bhs[at..at + 2].copy_from_slice(&v.to_be_bytes());
     }
-    pub fn lun_raw(&self) -> u64 {
+    /// The LUN field, as encoded on the wire (`scsi::decode_lun`).
+    pub fn lun(&self) -> [u8; 8] {
         let mut b = [0u8; 8];
         b.copy_from_slice(&self.bhs[8..16]);
-        u64::from_be_bytes(b)
+        b
     }
-    pub fn set_lun_raw(&mut self, v: u64) {
-        self.bhs[8..16].copy_from_slice(&v.to_be_bytes());
+    pub fn set_lun(&mut self, lun: [u8; 8]) {
+        self.bhs[8..16].copy_from_slice(&lun);
     }
     pub fn itt(&self) -> u32 {
         self.u32_at(16)
@@ -159,17 +160,26 @@ impl Pdu {
 
     /// Serialises the PDU, with digests when negotiated.
     pub fn encode(&self, header_digest: bool, data_digest: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out, header_digest, data_digest);
+        out
+    }
+
+    /// Appends the serialised PDU to `out` (the writer batches several PDUs
+    /// into one buffer without an intermediate copy each).
+    pub fn encode_into(&self, out: &mut Vec<u8>, header_digest: bool, data_digest: bool) {
         let dlen = self.data.len();
         let pad = (4 - dlen % 4) % 4;
-        let mut out = Vec::with_capacity(BHS_LEN + self.ahs.len() + dlen + pad + 8);
+        out.reserve(BHS_LEN + self.ahs.len() + dlen + pad + 8);
+        let head = out.len();
         out.extend_from_slice(&self.bhs);
         // The lengths are derived from the contents so they cannot disagree.
-        out[4] = (self.ahs.len() / 4) as u8;
+        out[head + 4] = (self.ahs.len() / 4) as u8;
         let d = (dlen as u32).to_be_bytes();
-        out[5..8].copy_from_slice(&d[1..4]);
+        out[head + 5..head + 8].copy_from_slice(&d[1..4]);
         out.extend_from_slice(&self.ahs);
         if header_digest {
-            let crc = crc32c::crc32c(&out);
+            let crc = crc32c::crc32c(&out[head..]);
             out.extend_from_slice(&crc.to_le_bytes());
         }
         if dlen > 0 {
@@ -181,7 +191,6 @@ impl Pdu {
                 out.extend_from_slice(&crc.to_le_bytes());
             }
         }
-        out
     }
 }
 

@@ -93,9 +93,14 @@ impl Window {
         }
     }
 
+    /// Whether `cmdsn` lies in [ExpCmdSN, MaxCmdSN].
+    pub fn in_window(&self, cmdsn: u32) -> bool {
+        !sn_lt(cmdsn, self.exp_cmdsn) && !sn_lt(self.max_cmdsn, cmdsn)
+    }
+
     /// Accounts for a non-immediate command.
     pub fn receive(&mut self, cmdsn: u32) -> CmdSnCheck {
-        if sn_lt(cmdsn, self.exp_cmdsn) || sn_lt(self.max_cmdsn, cmdsn) {
+        if !self.in_window(cmdsn) {
             return CmdSnCheck::Ignore;
         }
         if cmdsn != self.exp_cmdsn {

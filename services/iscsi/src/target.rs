@@ -45,6 +45,18 @@ pub struct TargetConfig {
     pub allowed_initiators: Vec<String>,
 }
 
+impl TargetConfig {
+    /// Whether `initiator` may log in (names compare case-insensitively:
+    /// the management side stores them normalised).
+    pub fn admits(&self, initiator: &str) -> bool {
+        self.allowed_initiators.is_empty()
+            || self
+                .allowed_initiators
+                .iter()
+                .any(|i| i.eq_ignore_ascii_case(initiator))
+    }
+}
+
 /// Why the directory could not answer.
 #[derive(Debug, thiserror::Error)]
 #[error("target directory unavailable: {0}")]

@@ -168,11 +168,7 @@ impl LogicalUnit {
                     ascq = s.ascq,
                     "check condition"
                 );
-                ScsiResponse {
-                    status: status::CHECK_CONDITION,
-                    sense: s.to_bytes(),
-                    data_in: Vec::new(),
-                }
+                ScsiResponse::check(&s)
             }
             Err(Fail::Conflict) => ScsiResponse {
                 status: status::RESERVATION_CONFLICT,

@@ -8,8 +8,9 @@ use super::sense::Sense;
 use super::{status, LunIdentity, ScsiResponse};
 
 /// SAM-5 single level LUN: peripheral addressing below 256, flat space
-/// below 16384; larger values are taken as already encoded.
-fn encode_lun(lun: u64) -> [u8; 8] {
+/// below 16384; larger values are taken as already encoded. The same
+/// encoding goes into REPORT LUNS and the LUN field of target PDUs.
+pub fn encode_lun(lun: u64) -> [u8; 8] {
     let mut b = [0u8; 8];
     if lun < 256 {
         b[1] = lun as u8;
@@ -22,6 +23,19 @@ fn encode_lun(lun: u64) -> [u8; 8] {
     b
 }
 
+/// Decodes a LUN field (SAM-5 peripheral or flat space addressing, single
+/// level); `None` for anything else.
+pub fn decode_lun(raw: [u8; 8]) -> Option<u64> {
+    if raw[2..].iter().any(|x| *x != 0) {
+        return None;
+    }
+    match raw[0] >> 6 {
+        0 if raw[0] & 0x3f == 0 => Some(u64::from(raw[1])),
+        1 => Some((u64::from(raw[0] & 0x3f) << 8) | u64::from(raw[1])),
+        _ => None,
+    }
+}
+
 fn good(data_in: Vec<u8>) -> ScsiResponse {
     ScsiResponse {
         status: status::GOOD,
@@ -31,11 +45,7 @@ fn good(data_in: Vec<u8>) -> ScsiResponse {
 }
 
 fn check(s: Sense) -> ScsiResponse {
-    ScsiResponse {
-        status: status::CHECK_CONDITION,
-        sense: s.to_bytes(),
-        data_in: Vec::new(),
-    }
+    ScsiResponse::check(&s)
 }
 
 /// REPORT LUNS over the LUNs of the target the nexus logged in to.

@@ -44,7 +44,7 @@ pub mod sense;
 mod tests;
 
 pub use lu::LogicalUnit;
-pub use luns::{no_such_lun, report_luns};
+pub use luns::{decode_lun, encode_lun, no_such_lun, report_luns};
 
 /// SAM status codes.
 pub mod status {
@@ -78,6 +78,17 @@ pub struct ScsiResponse {
     /// Data-In, at the length the CDB asked for (the transport truncates
     /// to the initiator's expected length and reports the residual).
     pub data_in: Vec<u8>,
+}
+
+impl ScsiResponse {
+    /// CHECK CONDITION with `sense`, no data.
+    pub fn check(sense: &sense::Sense) -> Self {
+        ScsiResponse {
+            status: status::CHECK_CONDITION,
+            sense: sense.to_bytes(),
+            data_in: Vec::new(),
+        }
+    }
 }
 
 /// What identifies a LUN to initiators. The same vdisk must look the same

@@ -579,3 +579,12 @@ proptest! {
         let _ = no_such_lun(&cdb);
     }
 }
+
+#[test]
+fn lun_encoding_round_trips() {
+    for lun in [0u64, 1, 255, 256, 16383] {
+        assert_eq!(decode_lun(encode_lun(lun)), Some(lun));
+    }
+    assert_eq!(decode_lun([1, 0, 0, 0, 0, 0, 0, 0]), None); // bus 1
+    assert_eq!(decode_lun([0, 0, 0, 0, 0, 0, 0, 1]), None); // second level
+}
