@@ -181,6 +181,10 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> CommandResult {
     }
 }
 
+fn vdisk_not_found(id: &str) -> CommandResult {
+    fail(codes::NOT_FOUND, format!("vdisk {id} not found"))
+}
+
 fn ok_record(bytes: Vec<u8>) -> CommandResult {
     CommandResult {
         record: bytes,
@@ -444,10 +448,7 @@ pub fn apply(
         Op::AllocateExtentGroup(a) => {
             let g = a.group.clone().unwrap_or_default();
             let Some((_, vd)) = vdisk_by_id(view, &g.vdisk_id)? else {
-                return Ok(fail(
-                    codes::NOT_FOUND,
-                    format!("vdisk {} not found", g.vdisk_id),
-                ));
+                return Ok(vdisk_not_found(&g.vdisk_id));
             };
             if vd.msg.generation != g.generation {
                 return Ok(fail(
@@ -541,10 +542,7 @@ pub fn apply(
                 return Ok(fail(codes::INVALID, e));
             }
             let Some((vkey, mut vd)) = vdisk_by_id(view, &c.vdisk_id)? else {
-                return Ok(fail(
-                    codes::NOT_FOUND,
-                    format!("vdisk {} not found", c.vdisk_id),
-                ));
+                return Ok(vdisk_not_found(&c.vdisk_id));
             };
             let skey = snapshot_key(&c.vdisk_id, &c.name);
             if view.get(&skey)?.is_some() {
@@ -702,10 +700,7 @@ pub fn apply(
         }
         Op::SetVdiskOwner(o) => {
             let Some((vkey, mut vd)) = vdisk_by_id(view, &o.vdisk_id)? else {
-                return Ok(fail(
-                    codes::NOT_FOUND,
-                    format!("vdisk {} not found", o.vdisk_id),
-                ));
+                return Ok(vdisk_not_found(&o.vdisk_id));
             };
             if vd.msg.owner_epoch != o.expect_owner_epoch {
                 return Ok(fail(
