@@ -679,6 +679,7 @@ impl BlockClient {
             data,
             fua: true,
             forwarded: false,
+            cached: false,
         };
         self.rt
             .block_on(c.forward(req))
@@ -717,6 +718,7 @@ impl BlockClient {
             data: Vec::new(),
             fua: false,
             forwarded: false,
+            cached: false,
         };
         let r = self
             .rt

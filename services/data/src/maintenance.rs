@@ -78,3 +78,23 @@ pub async fn register_disks(
         }
     }
 }
+
+/// The longest an acknowledged write stays in the page cache only (when
+/// its client did not ask for durability): the syncer's period.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Makes deferred writes durable every [`SYNC_INTERVAL`] until `stop` (the
+/// node syncs once more after its front ends have stopped).
+pub async fn sync_deferred(pool: Arc<LocalPool>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        match pool.sync_dirty().await {
+            Ok(0) => {}
+            Ok(n) => tracing::trace!(groups = n, "synced deferred writes"),
+            Err(e) => tracing::error!(error = %e, "cannot sync deferred writes"),
+        }
+    }
+}

@@ -13,7 +13,7 @@ use cairn_api::data::v1::{
 
 use crate::egroup::Slot;
 use crate::format::{self, BLOCK_SIZE};
-use crate::store::{DiskStore, Group};
+use crate::store::{Append, DiskStore, Group};
 use crate::DataError;
 
 /// All local disks of this node.
@@ -126,16 +126,17 @@ impl LocalPool {
             });
         let g = group.clone();
         blocking(move || {
-            disk.write(
-                &g,
+            let rec = Append {
                 kind,
-                req.sequence,
-                req.epoch,
-                req.first_block,
-                req.block_count,
-                &req.data,
+                sequence: req.sequence,
+                epoch: req.epoch,
+                first_block: req.first_block,
+                block_count: req.block_count,
+                data: &req.data,
                 compress,
-            )
+                durable: !req.deferred_sync,
+            };
+            disk.write(&g, rec)
         })
         .await?;
         Ok(ReplicaWriteReply {
@@ -167,7 +168,11 @@ impl LocalPool {
             });
         }
         blocking(move || {
-            let data = disk.read(&group, req.first_block, req.block_count)?;
+            let data = if req.states_only {
+                Vec::new()
+            } else {
+                disk.read(&group, req.first_block, req.block_count)?
+            };
             let blocks = disk
                 .slots(&group, req.first_block, req.block_count)
                 .into_iter()
@@ -189,8 +194,11 @@ impl LocalPool {
             .ok_or_else(|| DataError::NotFound(format!("extent group {id} on this node")))?;
         let g = group.clone();
         blocking(move || {
+            // A new primary takes over from here: what the old one wrote
+            // without a sync becomes durable first.
+            disk.sync_group(&g)?;
             if g.with(|f| f.epoch()) < epoch {
-                disk.write(&g, RecordKind::RecordEpoch, 0, epoch, 0, 0, &[], false)?;
+                disk.write(&g, Append::epoch(epoch))?;
             }
             Ok(())
         })
@@ -199,6 +207,41 @@ impl LocalPool {
             epoch: f.epoch(),
             max_sequence: f.max_sequence(),
         }))
+    }
+
+    /// Makes every record appended to these groups durable. A group this
+    /// node does not hold is an error: the caller believed it did.
+    pub async fn sync(&self, ids: &[u64]) -> Result<(), DataError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for &id in ids {
+            found.push(
+                self.find(id).ok_or_else(|| {
+                    DataError::NotFound(format!("extent group {id} on this node"))
+                })?,
+            );
+        }
+        blocking(move || {
+            for (disk, group) in found {
+                disk.sync_group(&group)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Syncs every group with records not yet durable, on every disk (the
+    /// background syncer: it bounds how long a deferred write stays
+    /// volatile). Returns how many groups it synced.
+    pub async fn sync_dirty(&self) -> Result<usize, DataError> {
+        let disks = self.disks.clone();
+        blocking(move || {
+            let mut n = 0;
+            for d in disks {
+                n += d.sync_dirty()?;
+            }
+            Ok(n)
+        })
+        .await
     }
 
     pub async fn delete(&self, id: u64) -> Result<(), DataError> {

@@ -426,7 +426,7 @@ impl DataService {
         sources.sort_by_key(|n| *n != self.node_id);
         let mut src = None;
         for n in sources {
-            if let Ok(r) = self.replica_read(n, gs.id, 0, blocks).await {
+            if let Ok(r) = self.replica_read(n, gs.id, 0, blocks, false).await {
                 src = Some(r);
                 break;
             }
@@ -456,6 +456,7 @@ impl DataService {
                     data,
                     create: create.then(|| header.clone()),
                     copy: true,
+                    deferred_sync: false,
                 }
             };
         self.replica_write(
@@ -561,7 +562,7 @@ impl DataService {
             let g = &groups[(st.scrub_cursor + k) % groups.len()];
             let blocks = group_block_count(g);
             for r in &g.replicas {
-                match self.replica_read(r.node_id, g.id, 0, blocks).await {
+                match self.replica_read(r.node_id, g.id, 0, blocks, false).await {
                     Ok(_) => {}
                     Err(e) if e.is_replica_fault() || matches!(e, DataError::NotFound(_)) => {
                         tracing::warn!(group = g.id, node = r.node_id, error = %e,

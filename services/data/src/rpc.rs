@@ -10,8 +10,8 @@ use cairn_api::data::v1::data_replica_client::DataReplicaClient;
 use cairn_api::data::v1::data_replica_server::{DataReplica, DataReplicaServer};
 use cairn_api::data::v1::{
     vdisk_io, ReplicaDelete, ReplicaDeleteReply, ReplicaEpochReply, ReplicaListReply,
-    ReplicaListRequest, ReplicaRead, ReplicaReadReply, ReplicaSetEpoch, ReplicaWrite,
-    ReplicaWriteReply, VdiskIo, VdiskIoReply,
+    ReplicaListRequest, ReplicaRead, ReplicaReadReply, ReplicaSetEpoch, ReplicaSync,
+    ReplicaSyncReply, ReplicaWrite, ReplicaWriteReply, VdiskIo, VdiskIoReply,
 };
 use rustls::ClientConfig;
 use tonic::transport::Channel;
@@ -138,6 +138,13 @@ impl DataReplica for ReplicaServer {
             .map(|_| Response::new(ReplicaDeleteReply {}))
             .map_err(|e| logged("delete", e))
     }
+    async fn sync(&self, r: Request<ReplicaSync>) -> Result<Response<ReplicaSyncReply>, Status> {
+        self.pool
+            .sync(&r.into_inner().extent_group_ids)
+            .await
+            .map(|_| Response::new(ReplicaSyncReply {}))
+            .map_err(|e| logged("sync", e))
+    }
     async fn list(
         &self,
         _: Request<ReplicaListRequest>,
@@ -159,19 +166,25 @@ impl DataReplica for ReplicaServer {
                 data,
                 extents: Vec::new(),
             }),
+            // A sender that predates `cached` promised its clients
+            // durable writes: without the field, every write is FUA.
             vdisk_io::Op::Write => dev
-                .write(r.offset, &r.data, r.fua)
+                .write(r.offset, &r.data, r.fua || !r.cached)
                 .await
                 .map(|_| VdiskIoReply::default()),
             vdisk_io::Op::Flush => dev.flush().await.map(|_| VdiskIoReply::default()),
-            vdisk_io::Op::Unmap => dev
-                .unmap(r.offset, r.length)
-                .await
-                .map(|_| VdiskIoReply::default()),
-            vdisk_io::Op::WriteZeroes => dev
-                .write_zeroes(r.offset, r.length, false)
-                .await
-                .map(|_| VdiskIoReply::default()),
+            vdisk_io::Op::Unmap | vdisk_io::Op::WriteZeroes => {
+                let done = if op == vdisk_io::Op::Unmap {
+                    dev.unmap(r.offset, r.length).await
+                } else {
+                    dev.write_zeroes(r.offset, r.length, false).await
+                };
+                match done {
+                    Ok(()) if !r.cached => dev.flush().await,
+                    other => other,
+                }
+                .map(|_| VdiskIoReply::default())
+            }
             vdisk_io::Op::BlockStatus => {
                 dev.block_status(r.offset, r.length)
                     .await

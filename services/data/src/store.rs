@@ -58,6 +58,38 @@ impl Group {
     }
 }
 
+/// One record to append to a group: the record header's fields, the
+/// data, and whether to wait until it is durable.
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    pub kind: RecordKind,
+    pub sequence: u64,
+    pub epoch: u64,
+    pub first_block: u32,
+    pub block_count: u32,
+    /// `block_count` uncompressed blocks (DATA records only).
+    pub data: &'a [u8],
+    /// Compress with zstd when it pays.
+    pub compress: bool,
+    pub durable: bool,
+}
+
+impl Append<'_> {
+    /// A durable record that carries no blocks (a new epoch).
+    pub fn epoch(epoch: u64) -> Append<'static> {
+        Append {
+            kind: RecordKind::RecordEpoch,
+            sequence: 0,
+            epoch,
+            first_block: 0,
+            block_count: 0,
+            data: &[],
+            compress: false,
+            durable: true,
+        }
+    }
+}
+
 /// Usage and health of one disk, as registered in metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskUsage {
@@ -252,38 +284,60 @@ impl DiskStore {
         Ok(g)
     }
 
-    /// Appends a record and returns once it is durable (group commit).
-    #[allow(clippy::too_many_arguments)]
-    pub fn write(
-        &self,
-        group: &Group,
-        kind: RecordKind,
-        seq: u64,
-        epoch: u64,
-        first_block: u32,
-        block_count: u32,
-        data: &[u8],
-        compress: bool,
-    ) -> Result<(), DataError> {
+    /// Appends a record; returns once it is durable when `rec.durable`
+    /// (group commit: concurrent writers share one sync), else once it is in
+    /// the page cache, where it survives a crash of this process but not of
+    /// the machine until [`Self::sync_group`] or the syncer runs.
+    pub fn write(&self, group: &Group, rec: Append<'_>) -> Result<(), DataError> {
         self.check_fault()?;
         let end = {
             let mut f = lock(&group.file);
-            if epoch < f.epoch() {
+            if rec.epoch < f.epoch() {
                 return Err(DataError::StaleEpoch {
                     group: f.header().extent_group_id,
-                    got: epoch,
+                    got: rec.epoch,
                     have: f.epoch(),
                 });
             }
             let before = f.file_len();
-            f.append(kind, seq, epoch, first_block, block_count, data, compress)
-                .map_err(|e| self.note(e))?;
+            f.append(
+                rec.kind,
+                rec.sequence,
+                rec.epoch,
+                rec.first_block,
+                rec.block_count,
+                rec.data,
+                rec.compress,
+            )
+            .map_err(|e| self.note(e))?;
             self.used
                 .fetch_add(f.file_len() - before, Ordering::Relaxed);
             f.end()
         };
-        self.sync_to(group, end)?;
+        if rec.durable {
+            self.sync_to(group, end)?;
+        }
         self.maybe_compact(group)
+    }
+
+    /// Makes everything appended to a group so far durable.
+    pub fn sync_group(&self, group: &Group) -> Result<(), DataError> {
+        let end = lock(&group.file).end();
+        self.sync_to(group, end)
+    }
+
+    /// Syncs every group holding records that are not durable yet; returns
+    /// how many it synced.
+    pub fn sync_dirty(&self) -> Result<usize, DataError> {
+        let groups: Vec<Arc<Group>> = lock(&self.groups).values().cloned().collect();
+        let mut n = 0;
+        for g in groups {
+            if g.synced.load(Ordering::Acquire) < lock(&g.file).end() {
+                self.sync_group(&g)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Compacts a group whose file is mostly superseded records. Runs with
@@ -466,18 +520,19 @@ mod tests {
                         for i in 0..16u32 {
                             let b = t * 16 + i;
                             let data = vec![(b + round) as u8; BLOCK_SIZE];
-                            store
-                                .write(
-                                    &g,
-                                    RecordKind::RecordData,
-                                    u64::from(round * 1000 + b) + 1,
-                                    1,
-                                    b,
-                                    1,
-                                    &data,
-                                    false,
-                                )
-                                .unwrap();
+                            // Half the writers wait for durability, half
+                            // leave it to a later sync.
+                            let rec = Append {
+                                kind: RecordKind::RecordData,
+                                sequence: u64::from(round * 1000 + b) + 1,
+                                epoch: 1,
+                                first_block: b,
+                                block_count: 1,
+                                data: &data,
+                                compress: false,
+                                durable: t % 2 == 0,
+                            };
+                            store.write(&g, rec).unwrap();
                         }
                     }
                 })
@@ -486,6 +541,21 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        // One more deferred write (the threads' last sync may have covered theirs).
+        let last = Append {
+            kind: RecordKind::RecordData,
+            sequence: 100_000,
+            epoch: 1,
+            first_block: 0,
+            block_count: 1,
+            data: &[7u8; BLOCK_SIZE],
+            compress: false,
+            durable: false,
+        };
+        store.write(&g, last).unwrap();
+        assert!(g.synced.load(Ordering::Acquire) < lock(&g.file).end());
+        assert_eq!(store.sync_dirty().unwrap(), 1, "the deferred record");
+        assert_eq!(store.sync_dirty().unwrap(), 0, "nothing left to sync");
         let id = store.id().to_string();
         drop((store, g));
         let store = DiskStore::open(dir.path(), 0).unwrap();
@@ -509,21 +579,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 0).unwrap();
         let g = store.create_group(header(1)).unwrap();
-        store
-            .write(&g, RecordKind::RecordEpoch, 0, 5, 0, 0, &[], false)
-            .unwrap();
-        let err = store
-            .write(
-                &g,
-                RecordKind::RecordData,
-                1,
-                4,
-                0,
-                1,
-                &[0; BLOCK_SIZE],
-                false,
-            )
-            .unwrap_err();
+        store.write(&g, Append::epoch(5)).unwrap();
+        let rec = Append {
+            kind: RecordKind::RecordData,
+            sequence: 1,
+            epoch: 4,
+            first_block: 0,
+            block_count: 1,
+            data: &[0; BLOCK_SIZE],
+            compress: false,
+            durable: true,
+        };
+        let err = store.write(&g, rec).unwrap_err();
         assert!(
             matches!(err, DataError::StaleEpoch { have: 5, .. }),
             "{err}"

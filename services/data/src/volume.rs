@@ -21,7 +21,7 @@
 //!   its epoch in metadata and on every replica, which then refuse the older
 //!   epoch, so a stale primary can no longer complete a write.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -173,6 +173,7 @@ impl DataService {
         group: u64,
         first: u32,
         count: u32,
+        states_only: bool,
     ) -> Result<ReplicaReadReply, DataError> {
         let req = ReplicaRead {
             format_version: cairn_api::FORMAT_VERSION,
@@ -180,6 +181,7 @@ impl DataService {
             first_block: first,
             block_count: count,
             epoch: 0,
+            states_only,
         };
         match self.target(node)? {
             Target::Local => self.pool.read(req).await,
@@ -217,6 +219,29 @@ impl DataService {
                 .await
                 .map(|r| r.into_inner().max_sequence)
                 .map_err(|s| from_status(&s, id))
+            }
+        }
+    }
+
+    /// Makes `groups` durable on `node`.
+    pub(crate) async fn replica_sync(&self, node: u64, groups: Vec<u64>) -> Result<(), DataError> {
+        match self.target(node)? {
+            Target::Local => self.pool.sync(&groups).await,
+            Target::Remote(id, addr) => {
+                let mut c = self.peers.client(id, &addr)?;
+                let r = match c
+                    .sync(cairn_api::data::v1::ReplicaSync {
+                        extent_group_ids: groups,
+                    })
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    // A replica that predates Sync wrote every record durably.
+                    Err(s) if s.code() == tonic::Code::Unimplemented => Ok(()),
+                    Err(s) => Err(from_status(&s, id)),
+                };
+                self.peers.observe(id, &r);
+                r
             }
         }
     }
@@ -428,6 +453,7 @@ impl DataService {
             compression: ds.compression,
             caw: tokio::sync::RwLock::new(()),
             alloc: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(HashSet::new()),
         });
         lock(&self.volumes).insert(vdisk_id, v.clone());
         Ok(v)
@@ -444,6 +470,9 @@ pub struct Volume {
     caw: tokio::sync::RwLock<()>,
     /// One allocation per vblock at a time.
     alloc: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Groups with acknowledged writes that may not be durable yet (the
+    /// write-back cache a flush empties).
+    dirty: Mutex<HashSet<u64>>,
 }
 
 /// One vblock-sized piece of a request.
@@ -628,7 +657,7 @@ impl Volume {
                     b += 1;
                 }
                 let bytes = data[start as usize * BLOCK_SIZE..b as usize * BLOCK_SIZE].to_vec();
-                self.replicate(&gs, RecordKind::RecordData, start, b - start, bytes)
+                self.replicate(&gs, RecordKind::RecordData, start, b - start, bytes, true)
                     .await?;
             }
         }
@@ -681,6 +710,7 @@ impl Volume {
                     block_crc32c: Vec::new(),
                     create: header.clone(),
                     copy: false,
+                    deferred_sync: false,
                 };
                 let node = r.node_id;
                 async move { (node, self.svc.replica_write(node, req).await) }
@@ -736,6 +766,7 @@ impl Volume {
         first: u32,
         count: u32,
         data: Vec<u8>,
+        durable: bool,
     ) -> Result<(), DataError> {
         self.ensure_ready(gs).await?;
         let crcs = if kind == RecordKind::RecordData {
@@ -766,6 +797,7 @@ impl Volume {
                     block_crc32c: crcs.clone(),
                     create: create.clone(),
                     copy: false,
+                    deferred_sync: !durable,
                 };
                 let node = r.node_id;
                 async move { (node, self.svc.replica_write(node, req).await) }
@@ -776,6 +808,10 @@ impl Volume {
                 .filter_map(|(n, r)| r.err().map(|e| (n, e)))
                 .collect();
             drop(_gate);
+            if !durable && failed.len() < rec.replicas.len() {
+                // Acknowledged, not yet durable: the next flush syncs it.
+                lock(&self.dirty).insert(gs.id);
+            }
             if failed.is_empty() {
                 if create.is_some() {
                     *write(&gs.create) = None;
@@ -987,7 +1023,11 @@ impl Volume {
         let blocks = group_block_count(&rec);
         let mut views = Vec::new();
         for r in &rec.replicas {
-            if let Ok(v) = self.svc.replica_read(r.node_id, gs.id, 0, blocks).await {
+            if let Ok(v) = self
+                .svc
+                .replica_read(r.node_id, gs.id, 0, blocks, false)
+                .await
+            {
                 views.push((r.node_id, v));
             }
         }
@@ -1030,6 +1070,7 @@ impl Volume {
                     data,
                     create: None,
                     copy: true,
+                    deferred_sync: false,
                 };
                 self.svc.replica_write(*n, req).await?;
             }
@@ -1048,6 +1089,29 @@ impl Volume {
         count: u32,
         live: bool,
     ) -> Result<(Vec<u8>, Vec<bool>), DataError> {
+        self.query_group(gs, first, count, live, false).await
+    }
+
+    /// Which blocks of a group are mapped, from the first replica that
+    /// answers (every replica in the record is current), without reading
+    /// their data: allocation queries come before most large reads.
+    async fn group_states(
+        &self,
+        gs: &Arc<GroupState>,
+        first: u32,
+        count: u32,
+    ) -> Result<Vec<bool>, DataError> {
+        Ok(self.query_group(gs, first, count, false, true).await?.1)
+    }
+
+    async fn query_group(
+        &self,
+        gs: &Arc<GroupState>,
+        first: u32,
+        count: u32,
+        live: bool,
+        states_only: bool,
+    ) -> Result<(Vec<u8>, Vec<bool>), DataError> {
         if live {
             self.ensure_ready(gs).await?;
         }
@@ -1057,9 +1121,13 @@ impl Volume {
         let mut bad_local: Option<DataError> = None;
         let mut last = None;
         for node in order {
-            match self.svc.replica_read(node, gs.id, first, count).await {
+            match self
+                .svc
+                .replica_read(node, gs.id, first, count, states_only)
+                .await
+            {
                 Ok(reply) => {
-                    if let Some(e) = bad_local.take() {
+                    if let Some(e) = bad_local.take().filter(|_| !states_only) {
                         self.repair_local(gs, first, &reply, &e).await;
                     }
                     self.svc
@@ -1111,6 +1179,7 @@ impl Volume {
                 data,
                 create: None,
                 copy: true,
+                deferred_sync: false,
             };
             match self.svc.pool.write(req).await {
                 Ok(_) => repaired += 1,
@@ -1146,13 +1215,18 @@ impl Volume {
         let live = m.vdisk_id == self.rec().id && m.generation == self.rec().generation;
         let first = (p.off / BLOCK_SIZE as u64) as u32;
         let last = (p.off + p.len).div_ceil(BLOCK_SIZE as u64) as u32;
-        let (data, _) = self.read_group(&gs, first, last - first, live).await?;
+        let (mut data, _) = self.read_group(&gs, first, last - first, live).await?;
         let skip = (p.off - u64::from(first) * BLOCK_SIZE as u64) as usize;
-        Ok(data[skip..skip + p.len as usize].to_vec())
+        // Block-aligned pieces (nearly all) are handed on without a copy.
+        if skip > 0 {
+            data.drain(..skip);
+        }
+        data.truncate(p.len as usize);
+        Ok(data)
     }
 
     /// Writes part of one vblock (read-modify-write at the block edges).
-    async fn write_piece(&self, p: &Piece, buf: &[u8]) -> Result<(), DataError> {
+    async fn write_piece(&self, p: &Piece, buf: &[u8], durable: bool) -> Result<(), DataError> {
         let first = (p.off / BLOCK_SIZE as u64) as u32;
         let last = (p.off + p.len).div_ceil(BLOCK_SIZE as u64) as u32;
         let aligned =
@@ -1172,8 +1246,15 @@ impl Volume {
             d
         };
         let gs = self.group_for_write(p.vblock).await?;
-        self.replicate(&gs, RecordKind::RecordData, first, last - first, data)
-            .await
+        self.replicate(
+            &gs,
+            RecordKind::RecordData,
+            first,
+            last - first,
+            data,
+            durable,
+        )
+        .await
     }
 
     async fn unmap_piece(&self, p: &Piece) -> Result<(), DataError> {
@@ -1188,7 +1269,8 @@ impl Volume {
                 len: head,
                 buf_off: 0,
             };
-            self.write_piece(&z, &vec![0u8; head as usize]).await?;
+            self.write_piece(&z, &vec![0u8; head as usize], false)
+                .await?;
         }
         let tail_start = (last * BLOCK_SIZE as u64).max(p.off + head);
         if tail_start < p.off + p.len {
@@ -1199,7 +1281,7 @@ impl Volume {
                 len: n,
                 buf_off: 0,
             };
-            self.write_piece(&z, &vec![0u8; n as usize]).await?;
+            self.write_piece(&z, &vec![0u8; n as usize], false).await?;
         }
         if last <= first {
             return Ok(());
@@ -1226,6 +1308,7 @@ impl Volume {
                     .await
                     .map_err(meta_err)?;
                 lock(&self.svc.groups).remove(&gs.id);
+                lock(&self.dirty).remove(&gs.id);
                 for r in gs.rec_snapshot().replicas {
                     if let Err(e) = self.svc.replica_delete(r.node_id, gs.id).await {
                         tracing::warn!(group = gs.id, node = r.node_id, error = %e,
@@ -1242,6 +1325,7 @@ impl Volume {
             first as u32,
             (last - first) as u32,
             Vec::new(),
+            false,
         )
         .await
     }
@@ -1265,6 +1349,9 @@ impl BlockDevice for Volume {
     async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DataError> {
         self.check(offset, len)?;
         let pieces = self.pieces(offset, len);
+        if let [p] = pieces.as_slice() {
+            return self.read_piece(p).await;
+        }
         let parts = join_all(pieces.iter().map(|p| self.read_piece(p))).await;
         let mut out = Vec::with_capacity(len as usize);
         for p in parts {
@@ -1273,14 +1360,14 @@ impl BlockDevice for Volume {
         Ok(out)
     }
 
-    async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), DataError> {
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError> {
         self.check(offset, data.len() as u64)?;
         let _shared = self.caw.read().await;
-        self.write_locked(offset, data).await
+        self.write_locked(offset, data, fua).await
     }
 
     async fn flush(&self) -> Result<(), DataError> {
-        Ok(())
+        self.sync_dirty().await
     }
 
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError> {
@@ -1317,7 +1404,7 @@ impl BlockDevice for Volume {
         if let Some(i) = current.iter().zip(expected).position(|(a, b)| a != b) {
             return Err(DataError::Miscompare { offset: i as u64 });
         }
-        self.write_locked(offset, data).await
+        self.write_locked(offset, data, true).await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
@@ -1339,7 +1426,7 @@ impl BlockDevice for Volume {
                     let gs = self.svc.load_group(m.extent_group_id).await?;
                     let first = (p.off / BLOCK_SIZE as u64) as u32;
                     let last = (p.off + p.len).div_ceil(BLOCK_SIZE as u64) as u32;
-                    let (_, mapped) = self.read_group(&gs, first, last - first, false).await?;
+                    let mapped = self.group_states(&gs, first, last - first).await?;
                     for (i, m) in mapped.iter().enumerate() {
                         let bstart = base + u64::from(first + i as u32) * BLOCK_SIZE as u64;
                         let s = bstart.max(base + p.off);
@@ -1354,14 +1441,79 @@ impl BlockDevice for Volume {
 }
 
 impl Volume {
-    async fn write_locked(&self, offset: u64, data: &[u8]) -> Result<(), DataError> {
-        let pieces = self.pieces(offset, data.len() as u64);
-        let results = join_all(
-            pieces
-                .iter()
-                .map(|p| self.write_piece(p, &data[p.buf_off..p.buf_off + p.len as usize])),
-        )
+    /// The flush: makes every write acknowledged so far durable on every
+    /// replica. A replica that cannot sync is dropped from its group like
+    /// one that failed a write, as long as another replica synced; when
+    /// none did, the flush fails and the groups stay dirty.
+    async fn sync_dirty(&self) -> Result<(), DataError> {
+        let ids: Vec<u64> = std::mem::take(&mut *lock(&self.dirty))
+            .into_iter()
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut groups = Vec::with_capacity(ids.len());
+        let mut by_node: HashMap<u64, Vec<u64>> = HashMap::new();
+        for id in ids {
+            let gs = match self.svc.load_group(id).await {
+                Ok(g) => g,
+                Err(DataError::NotFound(_)) => continue, // freed since: nothing to keep
+                Err(e) => {
+                    lock(&self.dirty).insert(id);
+                    return Err(e);
+                }
+            };
+            for r in gs.rec_snapshot().replicas {
+                by_node.entry(r.node_id).or_default().push(id);
+            }
+            groups.push(gs);
+        }
+        let results = join_all(by_node.into_iter().map(|(node, ids)| async move {
+            let r = self.svc.replica_sync(node, ids.clone()).await;
+            (node, ids, r)
+        }))
         .await;
+        let mut failed: HashMap<u64, Vec<u64>> = HashMap::new();
+        let mut errors: HashMap<u64, DataError> = HashMap::new();
+        let mut synced: HashSet<u64> = HashSet::new();
+        for (node, ids, r) in results {
+            match r {
+                Ok(()) => synced.extend(ids),
+                Err(e) => {
+                    tracing::warn!(node, groups = ids.len(), error = %e, "replica cannot sync");
+                    for id in ids {
+                        failed.entry(id).or_default().push(node);
+                    }
+                    errors.insert(node, e);
+                }
+            }
+        }
+        let mut first_err = None;
+        for gs in groups {
+            let Some(nodes) = failed.remove(&gs.id) else {
+                continue;
+            };
+            if !synced.contains(&gs.id) {
+                lock(&self.dirty).insert(gs.id);
+                if first_err.is_none() {
+                    first_err = nodes.first().and_then(|n| errors.remove(n));
+                }
+                continue;
+            }
+            tracing::warn!(group = gs.id, nodes = ?nodes,
+                "dropping replicas that cannot sync from the group");
+            self.drop_replicas(&gs, &nodes).await?;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    async fn write_locked(&self, offset: u64, data: &[u8], durable: bool) -> Result<(), DataError> {
+        let pieces = self.pieces(offset, data.len() as u64);
+        let results =
+            join_all(pieces.iter().map(|p| {
+                self.write_piece(p, &data[p.buf_off..p.buf_off + p.len as usize], durable)
+            }))
+            .await;
         for r in results {
             r?;
         }
@@ -1411,6 +1563,9 @@ impl Forwarded {
             data,
             fua,
             forwarded: true,
+            // Our front ends flush: writes may sit in the owner's write-back
+            // cache until then.
+            cached: true,
         })
         .await
         .map(|r| r.into_inner())

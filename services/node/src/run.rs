@@ -103,6 +103,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         },
         stop_rx.clone(),
     ));
+    tokio::spawn(cairn_data::maintenance::sync_deferred(
+        pool.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(cairn_data::maintenance::register_disks(
         meta.clone(),
         pool.clone(),
@@ -167,6 +171,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("iSCSI sessions did not end in time; stopping anyway");
+    }
+    // Writes acknowledged into the page cache become durable before we go.
+    if let Err(e) = pool.sync_dirty().await {
+        tracing::error!(error = %e, "cannot sync deferred writes at stop");
     }
     meta.shutdown();
     // Give the raft thread a moment to flush RocksDB.

@@ -317,6 +317,7 @@ fn vdisk_io(vdisk: &str, op: vdisk_io::Op, offset: u64, length: u64, data: Vec<u
         data,
         fua: true,
         forwarded: false,
+        cached: false,
     }
 }
 

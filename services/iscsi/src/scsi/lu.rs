@@ -285,6 +285,23 @@ impl LogicalUnit {
         }
     }
 
+    /// Whether the write-back cache is on (MODE SELECT can turn it off).
+    fn write_cache(&self) -> bool {
+        lock(&self.state).mode.wce
+    }
+
+    /// With the write cache off, a command that changed blocks completes
+    /// only once the change is durable (unmaps and zeroing carry no FUA).
+    async fn durable_unless_cached(&self) -> CmdResult {
+        if !self.write_cache() {
+            self.dev
+                .flush()
+                .await
+                .map_err(|e| self.dev_err(&e, IoDir::Write))?;
+        }
+        Ok(Vec::new())
+    }
+
     fn dev_err(&self, e: &DataError, dir: IoDir) -> Sense {
         let s = from_data_error(e, dir);
         if !matches!(e, DataError::Miscompare { .. }) {
@@ -354,7 +371,7 @@ impl LogicalUnit {
         let Some(data) = data_out.get(..n).filter(|d| !d.is_empty()) else {
             return Ok(Vec::new());
         };
-        let fua = c.opcode() != op::WRITE6 && c.u8(1) & 0x08 != 0;
+        let fua = (c.opcode() != op::WRITE6 && c.u8(1) & 0x08 != 0) || !self.write_cache();
         let _gate = self.write_gate.read().await;
         self.dev
             .write(r.lba * self.block(), data, fua)
@@ -436,19 +453,19 @@ impl LogicalUnit {
         let _gate = self.write_gate.read().await;
         let offset = r.lba * self.block();
         if pattern.iter().all(|b| *b == 0) {
-            return self
-                .dev
+            self.dev
                 .write_zeroes(offset, r.blocks * self.block(), unmap)
                 .await
-                .map(|_| Vec::new())
-                .map_err(|e| self.dev_err(&e, IoDir::Write).into());
+                .map_err(|e| self.dev_err(&e, IoDir::Write))?;
+            return self.durable_unless_cached().await;
         }
+        let fua = !self.write_cache();
         let mut done = 0u64;
         while done < r.blocks {
             let n = (r.blocks - done).min(WRITE_SAME_CHUNK_BLOCKS);
             let buf = pattern.repeat(n as usize);
             self.dev
-                .write(offset + done * self.block(), &buf, false)
+                .write(offset + done * self.block(), &buf, fua)
                 .await
                 .map_err(|e| self.dev_err(&e, IoDir::Write))?;
             done += n;
@@ -502,7 +519,7 @@ impl LogicalUnit {
                 .await
                 .map_err(|e| self.dev_err(&e, IoDir::Write))?;
         }
-        Ok(Vec::new())
+        self.durable_unless_cached().await
     }
 
     async fn compare_and_write(&self, c: &Cdb, data_out: &[u8]) -> CmdResult {
@@ -551,7 +568,7 @@ impl LogicalUnit {
         for (dst, src) in cur.iter_mut().zip(data) {
             *dst |= *src;
         }
-        let fua = c.u8(1) & 0x08 != 0;
+        let fua = c.u8(1) & 0x08 != 0 || !self.write_cache();
         self.dev
             .write(offset, &cur, fua)
             .await
@@ -647,7 +664,8 @@ impl LogicalUnit {
             for n in others {
                 st.queue_ua(&n, Sense::mode_parameters_changed());
             }
-            debug!(vdisk_id = %self.ident.vdisk_id, swp = next.swp, "mode parameters changed");
+            debug!(vdisk_id = %self.ident.vdisk_id, swp = next.swp, wce = next.wce,
+                "mode parameters changed");
         }
         Ok(Vec::new())
     }

@@ -1,8 +1,11 @@
 //! MODE SENSE and MODE SELECT (SPC-4 6.11-6.14, 7.5): the caching,
-//! control and informational exceptions pages. The only changeable bit is
-//! SWP (software write protect) in the control page; the rest reports what
-//! is true of the device (writes are durable when they return, so the
-//! write cache is off) and accepts exactly those values back.
+//! control and informational exceptions pages. Two bits can change: WCE
+//! (write cache enable) in the caching page, on by default — writes are
+//! acknowledged once on every replica but durable only after SYNCHRONIZE
+//! CACHE or with FUA, as on any disk with a write-back cache; with WCE off
+//! every write is durable when it completes — and SWP (software write
+//! protect) in the control page. The rest reports what is true of the
+//! device and accepts exactly those values back.
 
 use super::cdb::{op, truncate, Cdb};
 use super::sense::Sense;
@@ -14,11 +17,26 @@ const ALL_PAGES: u8 = 0x3F;
 /// SWP: byte 4, bit 3 of the control page.
 const SWP_BYTE: usize = 4;
 const SWP_BIT: u8 = 0x08;
+/// WCE: byte 2, bit 2 of the caching page.
+const WCE_BYTE: usize = 2;
+const WCE_BIT: u8 = 0x04;
 
 /// The mode parameters that can change.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModeState {
     pub swp: bool,
+    /// Write-back cache: writes without FUA may be volatile until
+    /// SYNCHRONIZE CACHE.
+    pub wce: bool,
+}
+
+impl Default for ModeState {
+    fn default() -> Self {
+        ModeState {
+            swp: false,
+            wce: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +48,18 @@ enum Pc {
 
 fn page(code: u8, pc: Pc, state: ModeState) -> Vec<u8> {
     let mut p = match code {
-        // Caching: WCE=0, RCD=0.
-        CACHING => vec![0u8; 20],
+        // Caching: WCE per the state (on by default), RCD=0.
+        CACHING => {
+            let mut p = vec![0u8; 20];
+            let on = match pc {
+                Pc::Current => state.wce,
+                _ => ModeState::default().wce,
+            };
+            if on {
+                p[WCE_BYTE] = WCE_BIT;
+            }
+            p
+        }
         CONTROL => {
             let mut p = vec![0u8; 12];
             // GLTSD: no log parameters are saved.
@@ -59,6 +87,9 @@ fn page(code: u8, pc: Pc, state: ModeState) -> Vec<u8> {
             }
             if code == CONTROL {
                 p[SWP_BYTE] = SWP_BIT;
+            }
+            if code == CACHING {
+                p[WCE_BYTE] = WCE_BIT;
             }
         }
         Pc::Current if code == CONTROL && state.swp => p[SWP_BYTE] |= SWP_BIT,
@@ -219,6 +250,9 @@ pub fn mode_select(
         }
         if code == CONTROL {
             next.swp = byte(sent, SWP_BYTE) & SWP_BIT != 0;
+        }
+        if code == CACHING {
+            next.wce = byte(sent, WCE_BYTE) & WCE_BIT != 0;
         }
         at += len;
     }
