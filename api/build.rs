@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Holds CHAP secrets: cairn-api implements a redacting `Debug` so that
         // no `{:?}` of a record or command can put a secret into a log.
         .skip_debug(".cairn.metadata.v1.IscsiTargetRecord")
+        // A primary sends one buffer to every replica: shared, not copied.
+        .bytes([".cairn.data.v1.ReplicaWrite.data"])
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

@@ -750,7 +750,7 @@ impl Cluster {
         let rpc = self.nodes[i].rpc_addr();
         let ch = {
             let _g = rt.enter();
-            cairn_rpc::dial::mtls_channel(&rpc, tls, Duration::from_secs(30))?
+            cairn_rpc::dial::mtls_channel(&rpc, tls, Some(Duration::from_secs(30)))?
         };
         let client = cairn_api::data::v1::data_replica_client::DataReplicaClient::new(ch)
             .max_decoding_message_size(64 << 20)

@@ -466,7 +466,8 @@ fn security_and_bad_input() -> Result<()> {
     let status_with = |id: &cairn_rpc::pki::NodeIdentity| {
         let tls = cairn_rpc::tls::mtls_client_config(id).unwrap();
         rt.block_on(async {
-            let ch = cairn_rpc::dial::mtls_channel(&rpc, tls, Duration::from_secs(3)).unwrap();
+            let ch =
+                cairn_rpc::dial::mtls_channel(&rpc, tls, Some(Duration::from_secs(3))).unwrap();
             let mut client =
                 cairn_api::rpc::v1::raft_transport_client::RaftTransportClient::new(ch);
             client
@@ -505,7 +506,7 @@ fn security_and_bad_input() -> Result<()> {
     // Malformed protobuf inside a well-formed RPC: refused, logged, node unaffected.
     let tls = cairn_rpc::tls::mtls_client_config(&own)?;
     let bad = rt.block_on(async {
-        let ch = cairn_rpc::dial::mtls_channel(&rpc, tls, Duration::from_secs(3)).unwrap();
+        let ch = cairn_rpc::dial::mtls_channel(&rpc, tls, Some(Duration::from_secs(3))).unwrap();
         let mut client = cairn_api::rpc::v1::raft_transport_client::RaftTransportClient::new(ch);
         client
             .send(cairn_api::rpc::v1::RaftBatch {

@@ -8,6 +8,7 @@
 //! records were appended in; so replicas that receive concurrent writes in
 //! different orders still agree, and a copy can be streamed under live writes.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,10 @@ use cairn_api::data::v1::{Codec, ExtentGroupHeader, RecordHeader, RecordKind};
 
 use crate::format::{self, FormatError, BLOCK_SIZE, RECORD_PREFIX, SUPERBLOCK_SIZE};
 use crate::DataError;
+
+/// Payloads at least this large are written with their own call instead of
+/// being copied behind the record header.
+const SEPARATE_PAYLOAD_WRITE: usize = 64 << 10;
 
 /// Where the newest version of one block lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +297,34 @@ impl ExtentGroupFile {
         data: &[u8],
         compress: bool,
     ) -> Result<(), DataError> {
+        self.append_summed(
+            kind,
+            sequence,
+            epoch,
+            first_block,
+            block_count,
+            data,
+            compress,
+            None,
+        )
+    }
+
+    /// [`Self::append`] with the blocks' checksums when the caller already
+    /// has them (a replica verified what arrived against them): one pass
+    /// over the data less. Wrong checksums make the record unreadable, never
+    /// wrong: readers verify every block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_summed(
+        &mut self,
+        kind: RecordKind,
+        sequence: u64,
+        epoch: u64,
+        first_block: u32,
+        block_count: u32,
+        data: &[u8],
+        compress: bool,
+        crcs: Option<&[u32]>,
+    ) -> Result<(), DataError> {
         let (codec, payload, crcs, payload_crc) = match kind {
             RecordKind::RecordData => {
                 if data.len() != block_count as usize * BLOCK_SIZE {
@@ -300,7 +333,10 @@ impl ExtentGroupFile {
                         data.len()
                     )));
                 }
-                let crcs = format::block_checksums(data);
+                let crcs = match crcs {
+                    Some(c) if c.len() == block_count as usize => c.to_vec(),
+                    _ => format::block_checksums(data),
+                };
                 let packed = if compress {
                     compress_payload(data)
                 } else {
@@ -309,12 +345,12 @@ impl ExtentGroupFile {
                 match packed {
                     Some(z) => {
                         let crc = crc32c::crc32c(&z);
-                        (Codec::Zstd, z, crcs, crc)
+                        (Codec::Zstd, Cow::Owned(z), crcs, crc)
                     }
-                    None => (Codec::None, data.to_vec(), crcs, 0),
+                    None => (Codec::None, Cow::Borrowed(data), crcs, 0),
                 }
             }
-            _ => (Codec::None, Vec::new(), Vec::new(), 0),
+            _ => (Codec::None, Cow::Borrowed(&[][..]), Vec::new(), 0),
         };
         let rh = RecordHeader {
             format_version: cairn_api::FORMAT_VERSION,
@@ -338,11 +374,19 @@ impl ExtentGroupFile {
         )
         .map_err(|e| DataError::Invalid(e.to_string()))?;
         let payload_off = self.end + rec.len() as u64;
-        rec.extend_from_slice(&payload);
+        // Large payloads go in a second write rather than a copy.
+        if payload.len() < SEPARATE_PAYLOAD_WRITE {
+            rec.extend_from_slice(&payload);
+        }
         self.file
             .write_all_at(&rec, self.end)
             .map_err(|e| DataError::io(&self.path, e))?;
-        self.end += rec.len() as u64;
+        if payload.len() >= SEPARATE_PAYLOAD_WRITE {
+            self.file
+                .write_all_at(&payload, payload_off)
+                .map_err(|e| DataError::io(&self.path, e))?;
+        }
+        self.end = payload_off + payload.len() as u64;
         self.index_record(&rh, payload_off);
         Ok(())
     }
@@ -378,6 +422,58 @@ impl ExtentGroupFile {
     /// Reads blocks `[first, first + count)`, verified; unmapped blocks are
     /// zeros. A checksum mismatch is an error naming the block, never data.
     pub fn read(&self, first: u32, count: u32) -> Result<Vec<u8>, DataError> {
+        self.read_from(first, count, false)?
+            .ok_or_else(|| DataError::Unavailable("blocking read would block".into()))
+    }
+
+    /// [`Self::read`] from the page cache only: `None` when some of the data
+    /// would have to come from the disk (the caller then reads on a thread
+    /// that may block). Lets cached reads skip the hop to a blocking thread.
+    pub fn read_cached(&self, first: u32, count: u32) -> Result<Option<Vec<u8>>, DataError> {
+        self.read_from(first, count, true)
+    }
+
+    /// Fills `buf` from `at`; with `nowait`, returns false instead of
+    /// waiting for the disk (RWF_NOWAIT).
+    fn pread(&self, buf: &mut [u8], at: u64, nowait: bool) -> Result<bool, DataError> {
+        if !nowait {
+            self.file
+                .read_exact_at(buf, at)
+                .map_err(|e| DataError::io(&self.path, e))?;
+            return Ok(true);
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf[done..])];
+            match rustix::io::preadv2(
+                &self.file,
+                &mut iov,
+                at + done as u64,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => {
+                    return Err(DataError::io(
+                        &self.path,
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::OPNOTSUPP) => {
+                    return Ok(false)
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(DataError::io(&self.path, e.into())),
+            }
+        }
+        Ok(true)
+    }
+
+    fn read_from(
+        &self,
+        first: u32,
+        count: u32,
+        nowait: bool,
+    ) -> Result<Option<Vec<u8>>, DataError> {
         let end = first as usize + count as usize;
         if end > self.slots.len() {
             return Err(DataError::Invalid(format!(
@@ -407,15 +503,18 @@ impl ExtentGroupFile {
                     run += 1;
                 }
                 let at = loc.payload_off + u64::from(loc.index) * BLOCK_SIZE as u64;
-                self.file
-                    .read_exact_at(&mut out[i * BLOCK_SIZE..run * BLOCK_SIZE], at)
-                    .map_err(|e| DataError::io(&self.path, e))?;
+                if !self.pread(&mut out[i * BLOCK_SIZE..run * BLOCK_SIZE], at, nowait)? {
+                    return Ok(None);
+                }
                 fetched_until = run;
             }
             let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
             if loc.compressed {
                 if cache.as_ref().map(|c| c.0) != Some(loc.payload_off) {
-                    cache = Some((loc.payload_off, self.read_compressed(loc, block)?));
+                    let Some(raw) = self.read_compressed(loc, block, nowait)? else {
+                        return Ok(None);
+                    };
+                    cache = Some((loc.payload_off, raw));
                 }
                 let Some((_, raw)) = cache.as_ref() else {
                     continue;
@@ -430,18 +529,24 @@ impl ExtentGroupFile {
                 return Err(self.mismatch(block));
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
-    fn read_compressed(&self, loc: &BlockLoc, block: u32) -> Result<Vec<u8>, DataError> {
+    fn read_compressed(
+        &self,
+        loc: &BlockLoc,
+        block: u32,
+        nowait: bool,
+    ) -> Result<Option<Vec<u8>>, DataError> {
         let mut z = vec![0u8; loc.payload_len as usize];
-        self.file
-            .read_exact_at(&mut z, loc.payload_off)
-            .map_err(|e| DataError::io(&self.path, e))?;
+        if !self.pread(&mut z, loc.payload_off, nowait)? {
+            return Ok(None);
+        }
         if crc32c::crc32c(&z) != loc.payload_crc {
             return Err(self.mismatch(block));
         }
         zstd::bulk::decompress(&z, format::MAX_GROUP_BYTES as usize)
+            .map(Some)
             .map_err(|_| self.mismatch(block))
     }
 

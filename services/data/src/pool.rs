@@ -4,6 +4,7 @@
 //! primary's own local replica and remote primaries over RPC).
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cairn_api::data::v1::{
@@ -90,7 +91,8 @@ impl LocalPool {
                     req.block_count
                 )));
             }
-            // End-to-end check: the primary's checksums must match what arrived.
+            // End-to-end check: the primary's checksums must match what
+            // arrived (the record then stores them as they are).
             if !req.block_crc32c.is_empty()
                 && format::block_checksums(&req.data) != req.block_crc32c
             {
@@ -124,8 +126,9 @@ impl LocalPool {
             .unwrap_or_else(|| {
                 group.with(|f| f.header().codec == cairn_api::data::v1::Codec::Zstd as i32)
             });
-        let g = group.clone();
-        blocking(move || {
+        let (d, g) = (disk.clone(), group.clone());
+        let deferred = req.deferred_sync;
+        let append = move || {
             let rec = Append {
                 kind,
                 sequence: req.sequence,
@@ -135,10 +138,29 @@ impl LocalPool {
                 data: &req.data,
                 compress,
                 durable: !req.deferred_sync,
+                crcs: Some(&req.block_crc32c)
+                    .filter(|c| !c.is_empty())
+                    .map(|c| &c[..]),
             };
-            disk.write(&g, rec)
-        })
-        .await?;
+            d.write(&g, rec)
+        };
+        if deferred {
+            // Only a copy into the page cache: cheaper here than the two
+            // thread hand-offs a blocking task costs.
+            append()?;
+        } else {
+            blocking(append).await?;
+        }
+        // Compaction rewrites the file: off the write's path, one at a time.
+        if disk.needs_compaction(&group) && !group.compacting.swap(true, Ordering::AcqRel) {
+            let g = group.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = disk.maybe_compact(&g) {
+                    tracing::warn!(error = %e, "compaction failed");
+                }
+                g.compacting.store(false, Ordering::Release);
+            });
+        }
         Ok(ReplicaWriteReply {
             epoch: group.with(|f| f.epoch()),
         })
@@ -167,20 +189,23 @@ impl LocalPool {
                 have: epoch,
             });
         }
+        let (first, count) = (req.first_block, req.block_count);
+        if req.states_only {
+            return Ok(ReplicaReadReply {
+                data: Vec::new(),
+                blocks: block_states(&disk, &group, first, count),
+            });
+        }
+        // From the page cache without leaving this thread when it can be.
+        if let Some(data) = disk.read_cached(&group, first, count)? {
+            return Ok(ReplicaReadReply {
+                data,
+                blocks: block_states(&disk, &group, first, count),
+            });
+        }
         blocking(move || {
-            let data = if req.states_only {
-                Vec::new()
-            } else {
-                disk.read(&group, req.first_block, req.block_count)?
-            };
-            let blocks = disk
-                .slots(&group, req.first_block, req.block_count)
-                .into_iter()
-                .map(|s| BlockState {
-                    mapped: s.is_mapped(),
-                    sequence: s.seq(),
-                })
-                .collect();
+            let data = disk.read(&group, first, count)?;
+            let blocks = block_states(&disk, &group, first, count);
             Ok(ReplicaReadReply { data, blocks })
         })
         .await
@@ -291,4 +316,15 @@ impl LocalPool {
     pub fn slots(&self, id: u64) -> Option<Vec<Slot>> {
         self.find(id).map(|(_, g)| g.with(|f| f.slots().to_vec()))
     }
+}
+
+/// Mapped or not, and the sequence, of each block of a range.
+fn block_states(disk: &DiskStore, group: &Group, first: u32, count: u32) -> Vec<BlockState> {
+    disk.slots(group, first, count)
+        .into_iter()
+        .map(|s| BlockState {
+            mapped: s.is_mapped(),
+            sequence: s.seq(),
+        })
+        .collect()
 }

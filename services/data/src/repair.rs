@@ -453,7 +453,7 @@ impl DataService {
                     } else {
                         format::block_checksums(&data)
                     },
-                    data,
+                    data: data.into(),
                     create: create.then(|| header.clone()),
                     copy: true,
                     deferred_sync: false,

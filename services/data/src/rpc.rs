@@ -264,7 +264,7 @@ impl Peers {
         if let Some(c) = m.get(&(id, addr.to_string())) {
             return Ok(c.clone());
         }
-        let ch = cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), self.timeout)
+        let ch = cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), Some(self.timeout))
             .map_err(|e| DataError::Unavailable(format!("node {id} at {addr}: {e}")))?;
         let c = DataReplicaClient::new(ch)
             .max_decoding_message_size(MAX_DATA_MESSAGE)

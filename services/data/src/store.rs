@@ -39,6 +39,8 @@ pub struct Group {
     synced: AtomicU64,
     /// Replaced when compaction swaps the file.
     fd: Mutex<Arc<File>>,
+    /// A compaction is queued or running (one at a time per group).
+    pub(crate) compacting: AtomicBool,
 }
 
 impl Group {
@@ -50,6 +52,7 @@ impl Group {
             sync_lock: Mutex::new(()),
             synced,
             fd: Mutex::new(Arc::new(fd)),
+            compacting: AtomicBool::new(false),
         })
     }
     /// Runs `f` on the open file.
@@ -72,6 +75,8 @@ pub struct Append<'a> {
     /// Compress with zstd when it pays.
     pub compress: bool,
     pub durable: bool,
+    /// The blocks' checksums, when already computed (else computed here).
+    pub crcs: Option<&'a [u32]>,
 }
 
 impl Append<'_> {
@@ -86,6 +91,7 @@ impl Append<'_> {
             data: &[],
             compress: false,
             durable: true,
+            crcs: None,
         }
     }
 }
@@ -300,7 +306,7 @@ impl DiskStore {
                 });
             }
             let before = f.file_len();
-            f.append(
+            f.append_summed(
                 rec.kind,
                 rec.sequence,
                 rec.epoch,
@@ -308,6 +314,7 @@ impl DiskStore {
                 rec.block_count,
                 rec.data,
                 rec.compress,
+                rec.crcs,
             )
             .map_err(|e| self.note(e))?;
             self.used
@@ -317,7 +324,7 @@ impl DiskStore {
         if rec.durable {
             self.sync_to(group, end)?;
         }
-        self.maybe_compact(group)
+        Ok(())
     }
 
     /// Makes everything appended to a group so far durable.
@@ -340,10 +347,16 @@ impl DiskStore {
         Ok(n)
     }
 
+    /// Whether [`Self::maybe_compact`] has work to do.
+    pub fn needs_compaction(&self, group: &Group) -> bool {
+        lock(&group.file).needs_compaction()
+    }
+
     /// Compacts a group whose file is mostly superseded records. Runs with
     /// the group's sync and file locks held (in that order, as `sync_to`
-    /// takes them): writers of this one group wait, others do not.
-    fn maybe_compact(&self, group: &Group) -> Result<(), DataError> {
+    /// takes them): writers of this one group wait, others do not. Blocks:
+    /// call it where blocking is allowed.
+    pub fn maybe_compact(&self, group: &Group) -> Result<(), DataError> {
         if !lock(&group.file).needs_compaction() {
             return Ok(());
         }
@@ -393,6 +406,20 @@ impl DiskStore {
         self.check_fault()?;
         lock(&group.file)
             .read(first, count)
+            .map_err(|e| self.note(e))
+    }
+
+    /// Reads verified blocks if they are all in the page cache; see
+    /// [`ExtentGroupFile::read_cached`].
+    pub fn read_cached(
+        &self,
+        group: &Group,
+        first: u32,
+        count: u32,
+    ) -> Result<Option<Vec<u8>>, DataError> {
+        self.check_fault()?;
+        lock(&group.file)
+            .read_cached(first, count)
             .map_err(|e| self.note(e))
     }
 
@@ -531,8 +558,10 @@ mod tests {
                                 data: &data,
                                 compress: false,
                                 durable: t % 2 == 0,
+                                crcs: None,
                             };
                             store.write(&g, rec).unwrap();
+                            store.maybe_compact(&g).unwrap();
                         }
                     }
                 })
@@ -551,6 +580,7 @@ mod tests {
             data: &[7u8; BLOCK_SIZE],
             compress: false,
             durable: false,
+            crcs: None,
         };
         store.write(&g, last).unwrap();
         assert!(g.synced.load(Ordering::Acquire) < lock(&g.file).end());
@@ -589,6 +619,7 @@ mod tests {
             data: &[0; BLOCK_SIZE],
             compress: false,
             durable: true,
+            crcs: None,
         };
         let err = store.write(&g, rec).unwrap_err();
         assert!(

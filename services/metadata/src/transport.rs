@@ -66,7 +66,7 @@ impl Transport {
     }
 
     /// A gRPC channel to `addr` with this node's client certificate.
-    pub fn channel(&self, addr: &str, timeout: Duration) -> Result<Channel, MetaError> {
+    pub fn channel(&self, addr: &str, timeout: Option<Duration>) -> Result<Channel, MetaError> {
         // Called from the raft thread too: tonic needs the runtime to build a channel.
         let _rt = self.rt.enter();
         cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), timeout)
@@ -107,7 +107,10 @@ impl Transport {
         if peers.get(&id).is_some_and(|p| p.addr == addr) {
             return;
         }
-        let channel = match self.channel(addr, Duration::from_secs(10)) {
+        // No channel-wide timeout: the raft stream is one call that lasts
+        // (with one, it was cut every 10 s and the peer marked unreachable);
+        // peer_loop bounds its unary calls itself.
+        let channel = match self.channel(addr, None) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(peer = id, addr, error = %e, "cannot dial raft peer");
@@ -145,7 +148,8 @@ impl Transport {
 
     /// Asks the node at `addr` for its raft status.
     pub async fn peer_status(&self, addr: &str) -> Result<NodeStatusReply, MetaError> {
-        let mut client = RaftTransportClient::new(self.channel(addr, Duration::from_secs(3))?);
+        let mut client =
+            RaftTransportClient::new(self.channel(addr, Some(Duration::from_secs(3)))?);
         client
             .status(NodeStatusRequest {})
             .await
@@ -153,6 +157,9 @@ impl Transport {
             .map_err(|s| MetaError::Rpc(format!("{addr}: {}", s.message())))
     }
 }
+
+/// Bound on one unary raft call (a batch, or a snapshot being installed).
+const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The task driving a peer's raft stream; it ends when the stream does.
 type StreamCall =
@@ -247,7 +254,11 @@ async fn peer_loop(
                 continue;
             }
         }
-        match client.send(req).await {
+        let sent = match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.send(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded("raft call timed out")),
+        };
+        match sent {
             Ok(_) => {
                 for to in snapshots {
                     let _ = inbox.send(Msg::SnapshotDone { to, ok: true });

@@ -16,19 +16,27 @@ use crate::pki::NODE_SERVER_NAME;
 use crate::TlsError;
 
 /// A channel to `addr` (host:port) that connects on first use and reconnects
-/// after failures.
+/// after failures. `request_timeout` bounds every call; `None` for channels
+/// that carry long-lived streams (a stream is a call that lasts), whose
+/// callers bound their unary calls themselves. Keep-alives find dead peers
+/// either way.
 pub fn mtls_channel(
     addr: &str,
     tls: Arc<ClientConfig>,
-    request_timeout: Duration,
+    request_timeout: Option<Duration>,
 ) -> Result<Channel, TlsError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    let mut endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| TlsError::BadAddress(addr.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(request_timeout)
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(t) = request_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    let endpoint = endpoint
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(crate::STREAM_WINDOW)
+        .initial_connection_window_size(crate::CONNECTION_WINDOW);
     let connector = tower::service_fn(move |uri: Uri| {
         let tls = tls.clone();
         async move {

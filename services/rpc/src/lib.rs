@@ -8,6 +8,16 @@
 //! management service).
 
 pub mod dial;
+
+// HTTP/2 flow control, both directions: with h2's 64 KiB defaults a 1 MiB
+// replica write waited for 16 window updates, a round trip each, and RF2
+// writes ran at a quarter of RF1's speed.
+/// Per-stream receive window (one replica write or read in flight).
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// Per-connection receive window (all streams to or from one peer).
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame accepted (fewer frames per megabyte).
+pub const MAX_FRAME: u32 = 1 << 20;
 pub mod pki;
 pub mod serve;
 pub mod tls;

@@ -57,7 +57,13 @@ pub async fn serve_tls(
             };
             let svc = TowerToHyperService::new(router);
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http2().max_concurrent_streams(1024);
+            builder
+                .http2()
+                .max_concurrent_streams(1024)
+                .initial_stream_window_size(crate::STREAM_WINDOW)
+                .initial_connection_window_size(crate::CONNECTION_WINDOW)
+                .max_frame_size(crate::MAX_FRAME)
+                .max_send_buf_size(crate::CONNECTION_WINDOW as usize);
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
                 tracing::debug!(listener = listener_name, %peer, error = %e, "connection ended with error");
             }

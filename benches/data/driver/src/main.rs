@@ -395,7 +395,7 @@ async fn run_cairn(args: &Args, plan: &Arc<Plan>) -> anyhow::Result<(Vec<WorkerR
     let mut tasks = Vec::with_capacity(args.qd);
     for w in 0..args.qd {
         // One connection per worker (the channel connects lazily, on the warm-up).
-        let ch = cairn_rpc::dial::mtls_channel(endpoint, tls.clone(), timeout)?;
+        let ch = cairn_rpc::dial::mtls_channel(endpoint, tls.clone(), Some(timeout))?;
         let client = DataReplicaClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);

@@ -153,7 +153,7 @@ impl Setup {
                     .tls
                     .clone()
                     .context("Cairn needs --data-dir for its TLS identity")?;
-                let ch = cairn_rpc::dial::mtls_channel(endpoint, tls, self.timeout)?;
+                let ch = cairn_rpc::dial::mtls_channel(endpoint, tls, Some(self.timeout))?;
                 Ok(Conn::Cairn(KvClient::new(ch)))
             }
             Target::Etcd => {
@@ -180,7 +180,7 @@ impl Setup {
                         .tls
                         .clone()
                         .context("Cairn needs --data-dir for its TLS identity")?;
-                    let ch = cairn_rpc::dial::mtls_channel(ep, tls, self.timeout)?;
+                    let ch = cairn_rpc::dial::mtls_channel(ep, tls, Some(self.timeout))?;
                     let s = RaftTransportClient::new(ch)
                         .status(NodeStatusRequest {})
                         .await
