@@ -134,9 +134,12 @@ pub trait BlockDevice: Send + Sync {
     }
     /// Reads `len` bytes; unwritten ranges read as zeros.
     async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DataError>;
-    /// Writes `data`; durable on every live replica when it returns.
+    /// Writes `data`. When it returns the data is on every live replica
+    /// and survives a crash of any process; with `fua` it is also durable
+    /// on their disks, otherwise only after [`Self::flush`] (a write-back
+    /// cache, as SCSI WCE=1 and NFS UNSTABLE writes expect).
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError>;
-    /// Makes every completed write durable (a barrier: writes already are).
+    /// Makes every write completed before it durable on every replica.
     async fn flush(&self) -> Result<(), DataError>;
     /// Deallocates a range; it reads as zeros afterwards.
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError>;

@@ -604,9 +604,18 @@ impl ExtentGroupFile {
                     {
                         b += 1;
                     }
+                    // Read back verified, so the checksums in the slots
+                    // are the data's: the copy reuses them.
                     let data = self.read(start as u32, (b - start) as u32)?;
+                    let crcs: Vec<u32> = self.slots[start..b]
+                        .iter()
+                        .filter_map(|s| match s {
+                            Slot::Data(l) => Some(l.crc),
+                            _ => None,
+                        })
+                        .collect();
                     let compress = self.header.codec == Codec::Zstd as i32;
-                    out.append(
+                    out.append_summed(
                         RecordKind::RecordData,
                         loc.seq,
                         self.epoch,
@@ -614,6 +623,7 @@ impl ExtentGroupFile {
                         (b - start) as u32,
                         &data,
                         compress,
+                        Some(&crcs),
                     )?;
                 }
             }
@@ -658,7 +668,7 @@ fn compress_payload(data: &[u8]) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn header(id: u64) -> ExtentGroupHeader {

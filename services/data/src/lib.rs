@@ -23,6 +23,7 @@ pub mod repair;
 pub mod rpc;
 pub mod store;
 pub mod volume;
+pub mod wire;
 
 pub use format::BLOCK_SIZE;
 

@@ -233,6 +233,14 @@ impl DataService {
         if owned.is_empty() {
             return Ok(false);
         }
+        // Groups that exist before the listings are taken: one allocated
+        // after a node was listed is not missing from it, only newer.
+        let mut known_before: HashSet<u64> = HashSet::new();
+        for vd in &owned {
+            for m in self.meta.mappings(&vd.id).map_err(meta_err)? {
+                known_before.insert(m.extent_group_id);
+            }
+        }
         // What each live node actually holds (a wiped node holds nothing).
         let mut holdings: HashMap<u64, HashMap<u64, (bool, u64)>> = HashMap::new();
         for id in members.iter().filter(|id| !dead.contains(id)) {
@@ -255,19 +263,31 @@ impl DataService {
                 // A replica behind what its peers already had a pass ago
                 // missed acknowledged writes (e.g. its file lost its tail).
                 let behind = st.seen_max.get(&g.id).copied().unwrap_or(0);
-                let lost: Vec<u64> = g
-                    .replicas
-                    .iter()
-                    .map(|r| r.node_id)
-                    .filter(|n| {
-                        dead.contains(n)
-                            || !members.contains(n)
-                            || holdings.get(n).is_some_and(|h| {
-                                h.get(&g.id)
-                                    .is_none_or(|(damaged, seq)| *damaged || *seq < behind)
-                            })
-                    })
-                    .collect();
+                let why_lost = |n: u64| -> Option<String> {
+                    if dead.contains(&n) {
+                        return Some("node dead".into());
+                    }
+                    if !members.contains(&n) {
+                        return Some("not a member".into());
+                    }
+                    match holdings.get(&n).map(|h| h.get(&g.id)) {
+                        Some(None) if known_before.contains(&g.id) => {
+                            Some("replica missing".into())
+                        }
+                        Some(Some((true, _))) => Some("replica damaged".into()),
+                        Some(Some((_, seq))) if *seq < behind => Some(format!(
+                            "replica behind: sequence {seq}, peers had {behind}"
+                        )),
+                        _ => None,
+                    }
+                };
+                let mut lost = Vec::new();
+                for n in g.replicas.iter().map(|r| r.node_id) {
+                    if let Some(why) = why_lost(n) {
+                        tracing::warn!(group = g.id, node = n, reason = %why, "replica lost");
+                        lost.push(n);
+                    }
+                }
                 let now_max = g
                     .replicas
                     .iter()

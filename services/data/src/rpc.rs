@@ -19,6 +19,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::frontend::BlockService;
 use crate::pool::LocalPool;
+use crate::wire::WireClient;
 use crate::DataError;
 
 /// Largest data RPC: a whole extent group in one copy.
@@ -221,7 +222,22 @@ pub struct Peers {
     timeout: Duration,
     clients: Mutex<HashMap<(u64, String), DataReplicaClient<Channel>>>,
     down: Mutex<HashMap<u64, Instant>>,
+    wire: Mutex<HashMap<u64, Wire>>,
 }
+
+/// What we know of a peer's replica fast path.
+enum Wire {
+    Up(String, Arc<WireClient>),
+    /// It does not speak it (an older version): gRPC until this time.
+    Unsupported(Instant),
+    /// Connecting failed: gRPC until this time (it gives the real error).
+    Failed(Instant),
+}
+
+/// How long a peer without the fast path is not asked again.
+const WIRE_RECHECK: Duration = Duration::from_secs(60);
+/// How long after a failed fast-path connect calls go by gRPC.
+const WIRE_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a peer that failed with a transport error is avoided for placement.
 pub const DOWN_FOR: Duration = Duration::from_secs(15);
@@ -233,7 +249,47 @@ impl Peers {
             timeout,
             clients: Mutex::new(HashMap::new()),
             down: Mutex::new(HashMap::new()),
+            wire: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The request timeout of replica calls.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The fast-path connection to node `id` at `addr`, connecting if
+    /// needed; `None` when calls should use gRPC instead.
+    pub async fn wire(&self, id: u64, addr: &str) -> Option<Arc<WireClient>> {
+        {
+            let m = cairn_util::sync::lock(&self.wire);
+            match m.get(&id) {
+                Some(Wire::Up(a, c)) if a == addr && !c.is_dead() => return Some(c.clone()),
+                Some(Wire::Unsupported(until)) | Some(Wire::Failed(until))
+                    if Instant::now() < *until =>
+                {
+                    return None
+                }
+                _ => {}
+            }
+        }
+        let state = match WireClient::connect(id, addr, &self.tls, Duration::from_secs(2)).await {
+            Ok(Some(c)) => Wire::Up(addr.to_string(), c),
+            Ok(None) => {
+                tracing::info!(node = id, addr, "peer has no replica fast path; using gRPC");
+                Wire::Unsupported(Instant::now() + WIRE_RECHECK)
+            }
+            Err(e) => {
+                tracing::debug!(node = id, error = %e, "replica fast path unavailable");
+                Wire::Failed(Instant::now() + WIRE_RETRY)
+            }
+        };
+        let c = match &state {
+            Wire::Up(_, c) => Some(c.clone()),
+            _ => None,
+        };
+        cairn_util::sync::lock(&self.wire).insert(id, state);
+        c
     }
 
     fn down(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {

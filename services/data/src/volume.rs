@@ -152,8 +152,13 @@ impl DataService {
         req: ReplicaWrite,
     ) -> Result<(), DataError> {
         match self.target(node)? {
-            Target::Local => self.pool.write(req).await.map(|_| ()),
+            Target::Local => self.pool.write_local(req).await.map(|_| ()),
             Target::Remote(id, addr) => {
+                if let Some(w) = self.peers.wire(id, &addr).await {
+                    let r = w.write(&req, self.peers.timeout()).await.map(|_| ());
+                    self.peers.observe(id, &r);
+                    return r;
+                }
                 let mut c = self.peers.client(id, &addr)?;
                 let r = c
                     .write(req)
@@ -186,6 +191,11 @@ impl DataService {
         match self.target(node)? {
             Target::Local => self.pool.read(req).await,
             Target::Remote(id, addr) => {
+                if let Some(w) = self.peers.wire(id, &addr).await {
+                    let r = w.read(&req, self.peers.timeout()).await;
+                    self.peers.observe(id, &r);
+                    return r;
+                }
                 let mut c = self.peers.client(id, &addr)?;
                 let r = c
                     .read(req)

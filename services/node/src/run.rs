@@ -113,10 +113,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         cfg.node_id,
         stop_rx.clone(),
     ));
-    tokio::spawn(cairn_rpc::serve::serve_tls(
+    // The RPC port also speaks the replica fast path, chosen by ALPN.
+    let mut rpc_tls = (*cairn_rpc::tls::server_config(&identity, true)?).clone();
+    rpc_tls.alpn_protocols.push(cairn_data::wire::ALPN.to_vec());
+    tokio::spawn(cairn_rpc::serve::serve_tls_with(
         rpc_listener,
-        cairn_rpc::tls::server_config(&identity, true)?,
+        Arc::new(rpc_tls),
         rpc_router,
+        Some(cairn_data::wire::WireServer::new(pool.clone())),
         "rpc",
         stop_rx.clone(),
     ));

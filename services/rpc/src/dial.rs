@@ -52,3 +52,53 @@ pub fn mtls_channel(
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
+
+/// A client-side TLS connection, handshake done.
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Opens a mutually authenticated TLS connection to `addr` offering only
+/// the ALPN id `alpn`. `Ok(None)`: the peer does not speak it (an older
+/// version refuses the handshake, or completes it without choosing it).
+pub async fn connect_alpn(
+    addr: &str,
+    tls: &ClientConfig,
+    alpn: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Option<ClientStream>> {
+    let mut cfg = tls.clone();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let name = ServerName::try_from(NODE_SERVER_NAME)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let connect = async {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await
+    };
+    let stream = match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let refused = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| {
+                    matches!(
+                        r,
+                        rustls::Error::AlertReceived(
+                            rustls::AlertDescription::NoApplicationProtocol
+                        )
+                    )
+                });
+            return if refused { Ok(None) } else { Err(e) };
+        }
+        Err(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to {addr} timed out"),
+            ))
+        }
+    };
+    if stream.get_ref().1.alpn_protocol() != Some(alpn) {
+        return Ok(None);
+    }
+    Ok(Some(stream))
+}

@@ -1,8 +1,12 @@
 //! One accept loop for every TLS listener (node RPC and REST API): TLS
-//! handshake with a deadline, then HTTP/1.1 or HTTP/2 on the same socket.
-//! A client that fails the handshake (plaintext, wrong CA, garbage) is logged
-//! and dropped; nothing else is disturbed.
+//! handshake with a deadline, then HTTP/1.1 or HTTP/2 on the same socket,
+//! or a [`RawProtocol`] when the handshake chose its ALPN id. A client that
+//! fails the handshake (plaintext, wrong CA, garbage) is logged and dropped;
+//! nothing else is disturbed.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +20,40 @@ use tokio_rustls::TlsAcceptor;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A server-side TLS connection, handshake done.
+pub type ServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// A protocol other than HTTP served on a TLS listener: a connection whose
+/// handshake negotiated [`RawProtocol::alpn`] is handed to it whole.
+pub trait RawProtocol: Send + Sync + 'static {
+    /// The ALPN id; the listener's TLS config must offer it too.
+    fn alpn(&self) -> &'static [u8];
+    /// Serves one connection to its end.
+    fn serve(
+        &self,
+        stream: ServerStream,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+}
+
 /// Serves `router` on `listener` over TLS until `shutdown` turns true.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     router: axum::Router,
+    listener_name: &'static str,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_tls_with(listener, tls, router, None, listener_name, shutdown).await
+}
+
+/// [`serve_tls`] that also hands connections that chose `raw`'s ALPN id
+/// to it.
+pub async fn serve_tls_with(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    router: axum::Router,
+    raw: Option<Arc<dyn RawProtocol>>,
     listener_name: &'static str,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -41,6 +74,7 @@ pub async fn serve_tls(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let raw = raw.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -55,6 +89,10 @@ pub async fn serve_tls(
                     return;
                 }
             };
+            if let Some(raw) = raw.filter(|r| tls.get_ref().1.alpn_protocol() == Some(r.alpn())) {
+                raw.serve(tls, peer).await;
+                return;
+            }
             let svc = TowerToHyperService::new(router);
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder

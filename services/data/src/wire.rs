@@ -1,0 +1,476 @@
+//! The replica fast path: replica writes and reads between nodes over one
+//! mutually authenticated TLS connection per peer, chosen by ALPN
+//! ([`ALPN`]) on the node's RPC port, beside the `DataReplica` gRPC service.
+//!
+//! Why: a gRPC call crosses about six tasks (tower buffer, hyper dispatch,
+//! the h2 connection, a task per stream, and back); on a 2-core VM a 4 KiB
+//! replica write took ~350 µs round trip that way, which made every RF2
+//! write four times slower than RF1. Here a request is written straight to
+//! the socket by its caller, and a page-cache write is applied by the
+//! connection's reader as it arrives.
+//!
+//! Frames, both ways: `u32` big-endian length of the rest, `u8` kind, `u64`
+//! big-endian request id, then a protobuf message. Requests: [`KIND_WRITE`]
+//! (`ReplicaWrite`), [`KIND_READ`] (`ReplicaRead`). Answers: [`KIND_OK`] with
+//! the reply message, or [`KIND_ERR`] with a `WireError`. Bodies are the
+//! versioned messages of `cairn.data.v1`; the ALPN id versions the framing.
+//! A peer that predates the protocol refuses the ALPN id and callers use
+//! gRPC for it. A malformed frame or message drops the connection, logged;
+//! other connections are not disturbed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use cairn_api::data::v1::{
+    ReplicaRead, ReplicaReadReply, ReplicaWrite, ReplicaWriteReply, WireError,
+};
+use cairn_rpc::serve::{RawProtocol, ServerStream};
+use cairn_util::sync::lock;
+use prost::Message;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+
+use crate::pool::LocalPool;
+use crate::rpc::{from_status, to_status, MAX_DATA_MESSAGE};
+use crate::DataError;
+
+/// The ALPN id of the protocol, version 1.
+pub const ALPN: &[u8] = b"cairn-replica/1";
+pub const KIND_WRITE: u8 = 1;
+pub const KIND_READ: u8 = 2;
+pub const KIND_OK: u8 = 0x80;
+pub const KIND_ERR: u8 = 0x81;
+/// Kind and request id, after the length.
+const HEAD: usize = 1 + 8;
+/// The largest frame accepted: a whole extent group's data and its header.
+const MAX_FRAME: usize = MAX_DATA_MESSAGE + (1 << 20);
+
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes (allowed {HEAD}..={MAX_FRAME})")]
+    Length(usize),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<(u8, u64, Bytes), FrameError> {
+    let mut len = [0u8; 4];
+    match rd.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if !(HEAD..=MAX_FRAME).contains(&len) {
+        return Err(FrameError::Length(len));
+    }
+    // Filled straight from the socket: no zeroing of what is overwritten.
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let mut part = (&mut *rd).take((len - buf.len()) as u64);
+        if part.read_buf(&mut buf).await? == 0 {
+            return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    let mut buf = buf.freeze();
+    let kind = buf[0];
+    let id = u64::from_be_bytes([
+        buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8],
+    ]);
+    Ok((kind, id, buf.split_off(HEAD)))
+}
+
+fn frame(kind: u8, id: u64, body: &impl Message) -> Vec<u8> {
+    let n = HEAD + body.encoded_len();
+    let mut out = Vec::with_capacity(4 + n);
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+    out.push(kind);
+    out.extend_from_slice(&id.to_be_bytes());
+    // A Vec grows as needed: encoding into it cannot fail.
+    let _ = body.encode(&mut out);
+    out
+}
+
+// ---- server ----------------------------------------------------------------
+
+/// Serves the fast path on the RPC listener (see
+/// [`cairn_rpc::serve::serve_tls_with`]).
+pub struct WireServer {
+    pool: Arc<LocalPool>,
+}
+
+impl WireServer {
+    pub fn new(pool: Arc<LocalPool>) -> Arc<Self> {
+        Arc::new(Self { pool })
+    }
+}
+
+impl RawProtocol for WireServer {
+    fn alpn(&self) -> &'static [u8] {
+        ALPN
+    }
+    fn serve(
+        &self,
+        stream: ServerStream,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(serve_conn(self.pool.clone(), stream, peer))
+    }
+}
+
+type Writer<S> = Arc<tokio::sync::Mutex<WriteHalf<S>>>;
+
+async fn serve_conn<S>(pool: Arc<LocalPool>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let wr: Writer<S> = Arc::new(tokio::sync::Mutex::new(wr));
+    let why = loop {
+        let (kind, id, body) = match read_frame(&mut rd).await {
+            Ok(f) => f,
+            Err(FrameError::Closed) => return,
+            Err(e) => break format!("bad frame: {e}"),
+        };
+        match kind {
+            KIND_WRITE => {
+                let req = match ReplicaWrite::decode(body) {
+                    Ok(r) => r,
+                    Err(e) => break format!("malformed ReplicaWrite: {e}"),
+                };
+                if req.deferred_sync {
+                    // A copy into the page cache: done here, in order, no
+                    // task hand-off.
+                    let r = pool.write(req).await;
+                    if !answer(&wr, id, r).await {
+                        return;
+                    }
+                } else {
+                    let (pool, wr) = (pool.clone(), wr.clone());
+                    tokio::spawn(async move {
+                        let r = pool.write(req).await;
+                        answer(&wr, id, r).await;
+                    });
+                }
+            }
+            KIND_READ => {
+                let req = match ReplicaRead::decode(body) {
+                    Ok(r) => r,
+                    Err(e) => break format!("malformed ReplicaRead: {e}"),
+                };
+                let (pool, wr) = (pool.clone(), wr.clone());
+                tokio::spawn(async move {
+                    let r = pool.read(req).await;
+                    answer(&wr, id, r).await;
+                });
+            }
+            other => break format!("unknown frame kind {other}"),
+        }
+    };
+    tracing::warn!(%peer, reason = %why, "dropping replica fast-path connection");
+}
+
+/// Sends the answer to request `id`; false when the connection is gone.
+async fn answer<S: AsyncWrite, M: Message>(
+    wr: &Writer<S>,
+    id: u64,
+    r: Result<M, DataError>,
+) -> bool {
+    let out = match r {
+        Ok(m) => frame(KIND_OK, id, &m),
+        Err(e) => {
+            if !matches!(
+                e,
+                DataError::StaleEpoch { .. }
+                    | DataError::NotFound(_)
+                    | DataError::Miscompare { .. }
+            ) {
+                tracing::warn!(error = %e, "replica request failed");
+            }
+            let s = to_status(&e);
+            frame(
+                KIND_ERR,
+                id,
+                &WireError {
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                },
+            )
+        }
+    };
+    wr.lock().await.write_all(&out).await.is_ok()
+}
+
+// ---- client ----------------------------------------------------------------
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<(u8, Bytes)>>>;
+
+/// One connection to a peer's fast path; calls from many tasks share it.
+pub struct WireClient {
+    node: u64,
+    wr: tokio::sync::Mutex<WriteHalf<cairn_rpc::dial::ClientStream>>,
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+    dead: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WireClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl WireClient {
+    /// Connects to node `node` at `addr`; `Ok(None)` when it does not speak
+    /// the protocol (use gRPC).
+    pub async fn connect(
+        node: u64,
+        addr: &str,
+        tls: &ClientConfig,
+        timeout: Duration,
+    ) -> Result<Option<Arc<Self>>, DataError> {
+        let Some(stream) = cairn_rpc::dial::connect_alpn(addr, tls, ALPN, timeout)
+            .await
+            .map_err(|e| DataError::Unavailable(format!("node {node} at {addr}: {e}")))?
+        else {
+            return Ok(None);
+        };
+        let (rd, wr) = tokio::io::split(stream);
+        let pending: Arc<Pending> = Arc::new(Mutex::new(HashMap::new()));
+        let dead = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(read_answers(node, rd, pending.clone(), dead.clone()));
+        Ok(Some(Arc::new(Self {
+            node,
+            wr: tokio::sync::Mutex::new(wr),
+            pending,
+            next_id: AtomicU64::new(1),
+            dead,
+            reader,
+        })))
+    }
+
+    /// Whether the connection failed (a new one is needed).
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    async fn call<M: Message + Default>(
+        &self,
+        kind: u8,
+        body: &impl Message,
+        timeout: Duration,
+    ) -> Result<M, DataError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let out = frame(kind, id, body);
+        let gone = || DataError::Unavailable(format!("node {}: connection lost", self.node));
+        let sent = {
+            let mut wr = self.wr.lock().await;
+            wr.write_all(&out).await
+        };
+        if sent.is_err() || self.is_dead() {
+            self.dead.store(true, Ordering::Release);
+            lock(&self.pending).remove(&id);
+            return Err(gone());
+        }
+        let (kind, body) = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(_)) => return Err(gone()),
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                return Err(DataError::Unavailable(format!(
+                    "node {}: no answer in {timeout:?}",
+                    self.node
+                )));
+            }
+        };
+        let bad = |e: prost::DecodeError| {
+            self.dead.store(true, Ordering::Release);
+            DataError::Unavailable(format!("node {}: malformed answer: {e}", self.node))
+        };
+        match kind {
+            KIND_OK => M::decode(body).map_err(bad),
+            _ => {
+                let e = WireError::decode(body).map_err(bad)?;
+                let status = tonic::Status::new(tonic::Code::from(e.code), e.message);
+                Err(from_status(&status, self.node))
+            }
+        }
+    }
+
+    pub async fn write(
+        &self,
+        req: &ReplicaWrite,
+        timeout: Duration,
+    ) -> Result<ReplicaWriteReply, DataError> {
+        self.call(KIND_WRITE, req, timeout).await
+    }
+
+    pub async fn read(
+        &self,
+        req: &ReplicaRead,
+        timeout: Duration,
+    ) -> Result<ReplicaReadReply, DataError> {
+        self.call(KIND_READ, req, timeout).await
+    }
+}
+
+/// Hands each answer to its caller; on any error marks the connection dead
+/// and fails every call still waiting.
+async fn read_answers<R: AsyncRead>(
+    node: u64,
+    mut rd: ReadHalf<R>,
+    pending: Arc<Pending>,
+    dead: Arc<AtomicBool>,
+) {
+    loop {
+        match read_frame(&mut rd).await {
+            Ok((kind @ (KIND_OK | KIND_ERR), id, body)) => {
+                if let Some(tx) = lock(&pending).remove(&id) {
+                    let _ = tx.send((kind, body));
+                }
+            }
+            Ok((kind, _, _)) => {
+                tracing::warn!(
+                    node,
+                    kind,
+                    "replica fast path: unknown answer kind; reconnecting"
+                );
+                break;
+            }
+            Err(FrameError::Closed) => break,
+            Err(e) => {
+                tracing::warn!(node, error = %e, "replica fast path: bad answer; reconnecting");
+                break;
+            }
+        }
+    }
+    dead.store(true, Ordering::Release);
+    // Dropping the senders fails the waiting calls.
+    lock(&pending).clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::BLOCK_SIZE;
+    use cairn_api::data::v1::RecordKind;
+
+    fn write_req(seq: u64, fill: u8, create: bool) -> ReplicaWrite {
+        let data = vec![fill; BLOCK_SIZE];
+        ReplicaWrite {
+            format_version: 1,
+            extent_group_id: 7,
+            epoch: 1,
+            sequence: seq,
+            kind: RecordKind::RecordData as i32,
+            first_block: 3,
+            block_count: 1,
+            block_crc32c: crate::format::block_checksums(&data),
+            data: data.into(),
+            create: create.then(|| crate::egroup::tests::header(7)),
+            copy: false,
+            deferred_sync: true,
+        }
+    }
+
+    async fn answer_of(c: &mut tokio::io::DuplexStream) -> (u8, u64, Bytes) {
+        read_frame(c).await.unwrap()
+    }
+
+    /// A server on one end of an in-memory pipe, with a pool on a temp dir.
+    fn server() -> (tokio::io::DuplexStream, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(LocalPool::open(&[(dir.path().to_path_buf(), 0)]).unwrap());
+        let (client, srv) = tokio::io::duplex(1 << 20);
+        tokio::spawn(serve_conn(pool, srv, "127.0.0.1:1".parse().unwrap()));
+        (client, dir)
+    }
+
+    #[tokio::test]
+    async fn writes_and_reads_answer_by_request_id() {
+        let (mut c, _dir) = server();
+        c.write_all(&frame(KIND_WRITE, 41, &write_req(1, 0xAB, true)))
+            .await
+            .unwrap();
+        let (kind, id, body) = answer_of(&mut c).await;
+        assert_eq!((kind, id), (KIND_OK, 41));
+        ReplicaWriteReply::decode(body).unwrap();
+        let read = ReplicaRead {
+            format_version: 1,
+            extent_group_id: 7,
+            first_block: 3,
+            block_count: 1,
+            epoch: 0,
+            states_only: false,
+        };
+        c.write_all(&frame(KIND_READ, 42, &read)).await.unwrap();
+        let (kind, id, body) = answer_of(&mut c).await;
+        assert_eq!((kind, id), (KIND_OK, 42));
+        let r = ReplicaReadReply::decode(body).unwrap();
+        assert_eq!(r.data, vec![0xAB; BLOCK_SIZE]);
+        assert!(r.blocks[0].mapped);
+        // An error travels as a status code the client maps back.
+        let mut missing = read;
+        missing.extent_group_id = 8;
+        c.write_all(&frame(KIND_READ, 43, &missing)).await.unwrap();
+        let (kind, id, body) = answer_of(&mut c).await;
+        assert_eq!((kind, id), (KIND_ERR, 43));
+        let e = WireError::decode(body).unwrap();
+        let status = tonic::Status::new(tonic::Code::from(e.code), e.message);
+        assert!(matches!(from_status(&status, 2), DataError::NotFound(_)));
+    }
+
+    #[tokio::test]
+    async fn bad_frames_drop_only_their_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(LocalPool::open(&[(dir.path().to_path_buf(), 0)]).unwrap());
+        let bad: Vec<Vec<u8>> = vec![
+            // Longer than any frame may be.
+            (u32::MAX).to_be_bytes().to_vec(),
+            // Shorter than kind + id.
+            3u32.to_be_bytes().to_vec(),
+            // Unknown kind.
+            frame(9, 1, &write_req(1, 1, true)),
+            // A body that is not a ReplicaWrite.
+            {
+                let mut f = frame(KIND_WRITE, 1, &write_req(1, 1, true));
+                let n = f.len();
+                f[n - 1] = 0xFF;
+                f[20] = 0xFF;
+                f
+            },
+        ];
+        for b in bad {
+            let (mut c, srv) = tokio::io::duplex(1 << 20);
+            let task = tokio::spawn(serve_conn(
+                pool.clone(),
+                srv,
+                "127.0.0.1:1".parse().unwrap(),
+            ));
+            c.write_all(&b).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the server drops the connection")
+                .unwrap();
+        }
+        // A good connection still works, on the same pool.
+        let (mut c, srv) = tokio::io::duplex(1 << 20);
+        tokio::spawn(serve_conn(pool, srv, "127.0.0.1:1".parse().unwrap()));
+        c.write_all(&frame(KIND_WRITE, 5, &write_req(1, 2, true)))
+            .await
+            .unwrap();
+        assert_eq!(answer_of(&mut c).await.0, KIND_OK);
+    }
+}
