@@ -153,66 +153,75 @@ impl DataReplica for ReplicaServer {
         Ok(Response::new(self.pool.list()))
     }
     async fn forward(&self, r: Request<VdiskIo>) -> Result<Response<VdiskIoReply>, Status> {
-        let r = r.into_inner();
-        let dev = if r.forwarded {
-            self.frontend.open_owned(&r.vdisk_id).await
-        } else {
-            self.frontend.open(&r.vdisk_id).await
-        };
-        let dev = dev.map_err(|e| to_status(&e))?;
-        let op =
-            vdisk_io::Op::try_from(r.op).map_err(|_| Status::invalid_argument("unknown op"))?;
-        let res = match op {
-            vdisk_io::Op::Read => dev.read(r.offset, r.length).await.map(|data| VdiskIoReply {
-                data,
-                extents: Vec::new(),
-            }),
-            // A sender that predates `cached` promised its clients
-            // durable writes: without the field, every write is FUA.
-            vdisk_io::Op::Write => dev
-                .write(r.offset, &r.data, r.fua || !r.cached)
-                .await
-                .map(|_| VdiskIoReply::default()),
-            vdisk_io::Op::Flush => dev.flush().await.map(|_| VdiskIoReply::default()),
-            vdisk_io::Op::Unmap | vdisk_io::Op::WriteZeroes => {
-                let done = if op == vdisk_io::Op::Unmap {
-                    dev.unmap(r.offset, r.length).await
-                } else {
-                    dev.write_zeroes(r.offset, r.length, false).await
-                };
-                match done {
-                    Ok(()) if !r.cached => dev.flush().await,
-                    other => other,
-                }
-                .map(|_| VdiskIoReply::default())
-            }
-            vdisk_io::Op::BlockStatus => {
-                dev.block_status(r.offset, r.length)
-                    .await
-                    .map(|ex| VdiskIoReply {
-                        data: Vec::new(),
-                        extents: ex
-                            .into_iter()
-                            .map(|e| cairn_api::data::v1::ExtentRun {
-                                offset: e.offset,
-                                length: e.length,
-                                mapped: e.mapped,
-                            })
-                            .collect(),
-                    })
-            }
-            vdisk_io::Op::CompareAndWrite => {
-                if !r.data.len().is_multiple_of(2) {
-                    return Err(Status::invalid_argument("compare and write halves differ"));
-                }
-                let (expected, data) = r.data.split_at(r.data.len() / 2);
-                dev.compare_and_write(r.offset, expected, data)
-                    .await
-                    .map(|_| VdiskIoReply::default())
-            }
-        };
-        res.map(Response::new).map_err(|e| to_status(&e))
+        serve_forward(self.frontend.as_ref(), r.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(&e))
     }
+}
+
+/// Serves one forwarded front-end call (gRPC `Forward` and the fast path).
+pub(crate) async fn serve_forward(
+    frontend: &dyn BlockService,
+    r: VdiskIo,
+) -> Result<VdiskIoReply, DataError> {
+    let dev = if r.forwarded {
+        frontend.open_owned(&r.vdisk_id).await
+    } else {
+        frontend.open(&r.vdisk_id).await
+    }?;
+    let op = vdisk_io::Op::try_from(r.op)
+        .map_err(|_| DataError::Invalid(format!("unknown vdisk I/O op {}", r.op)))?;
+    let res = match op {
+        vdisk_io::Op::Read => dev.read(r.offset, r.length).await.map(|data| VdiskIoReply {
+            data,
+            extents: Vec::new(),
+        }),
+        // A sender that predates `cached` promised its clients
+        // durable writes: without the field, every write is FUA.
+        vdisk_io::Op::Write => dev
+            .write(r.offset, &r.data, r.fua || !r.cached)
+            .await
+            .map(|_| VdiskIoReply::default()),
+        vdisk_io::Op::Flush => dev.flush().await.map(|_| VdiskIoReply::default()),
+        vdisk_io::Op::Unmap | vdisk_io::Op::WriteZeroes => {
+            let done = if op == vdisk_io::Op::Unmap {
+                dev.unmap(r.offset, r.length).await
+            } else {
+                dev.write_zeroes(r.offset, r.length, false).await
+            };
+            match done {
+                Ok(()) if !r.cached => dev.flush().await,
+                other => other,
+            }
+            .map(|_| VdiskIoReply::default())
+        }
+        vdisk_io::Op::BlockStatus => {
+            dev.block_status(r.offset, r.length)
+                .await
+                .map(|ex| VdiskIoReply {
+                    data: Vec::new(),
+                    extents: ex
+                        .into_iter()
+                        .map(|e| cairn_api::data::v1::ExtentRun {
+                            offset: e.offset,
+                            length: e.length,
+                            mapped: e.mapped,
+                        })
+                        .collect(),
+                })
+        }
+        vdisk_io::Op::CompareAndWrite => {
+            if !r.data.len().is_multiple_of(2) {
+                return Err(DataError::Invalid("compare and write halves differ".into()));
+            }
+            let (expected, data) = r.data.split_at(r.data.len() / 2);
+            dev.compare_and_write(r.offset, expected, data)
+                .await
+                .map(|_| VdiskIoReply::default())
+        }
+    };
+    res
 }
 
 /// Channels to peer nodes' data services, by node id, and which peers

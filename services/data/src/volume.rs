@@ -413,6 +413,7 @@ impl DataService {
                 vdisk_id: vdisk_id.to_string(),
                 size: vd.size_bytes,
                 node: id,
+                addr: addr.clone(),
                 client: self.peers.client(id, &addr)?,
                 svc: Arc::downgrade(self),
             });
@@ -1536,6 +1537,8 @@ struct Forwarded {
     vdisk_id: String,
     size: u64,
     node: u64,
+    /// The owner's RPC address (its replica fast path too).
+    addr: String,
     svc: std::sync::Weak<DataService>,
     client: cairn_api::data::v1::data_replica_client::DataReplicaClient<tonic::transport::Channel>,
 }
@@ -1563,8 +1566,7 @@ impl Forwarded {
         data: Vec<u8>,
         fua: bool,
     ) -> Result<cairn_api::data::v1::VdiskIoReply, DataError> {
-        let mut c = self.client.clone();
-        c.forward(VdiskIo {
+        let req = VdiskIo {
             format_version: cairn_api::FORMAT_VERSION,
             vdisk_id: self.vdisk_id.clone(),
             op: op as i32,
@@ -1576,18 +1578,34 @@ impl Forwarded {
             // Our front ends flush: writes may sit in the owner's write-back
             // cache until then.
             cached: true,
-        })
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|s| {
-            let e = from_status(&s, self.node);
+        };
+        let svc = self.svc.upgrade();
+        let wire = match &svc {
+            Some(svc) => svc.peers.wire(self.node, &self.addr).await,
+            None => None,
+        };
+        let res = match wire {
+            Some(w) => {
+                let timeout = svc
+                    .as_ref()
+                    .map_or(Duration::from_secs(30), |s| s.peers.timeout());
+                w.forward(&req, timeout).await
+            }
+            None => {
+                let mut c = self.client.clone();
+                c.forward(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| from_status(&s, self.node))
+            }
+        };
+        res.inspect_err(|e| {
             if matches!(e, DataError::Unavailable(_) | DataError::NotFound(_)) {
                 // The owner moved, died or refused: look it up again next time.
-                if let Some(svc) = self.svc.upgrade() {
+                if let Some(svc) = &svc {
                     lock(&svc.forwarders).remove(&self.vdisk_id);
                 }
             }
-            e
         })
     }
 }

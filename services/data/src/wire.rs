@@ -11,7 +11,8 @@
 //!
 //! Frames, both ways: `u32` big-endian length of the rest, `u8` kind, `u64`
 //! big-endian request id, then a protobuf message. Requests: [`KIND_WRITE`]
-//! (`ReplicaWrite`), [`KIND_READ`] (`ReplicaRead`). Answers: [`KIND_OK`] with
+//! (`ReplicaWrite`), [`KIND_READ`] (`ReplicaRead`), [`KIND_FORWARD`]
+//! (`VdiskIo`, front-end I/O a non-owner passes to the owner). Answers: [`KIND_OK`] with
 //! the reply message, or [`KIND_ERR`] with a `WireError`. Bodies are the
 //! versioned messages of `cairn.data.v1`; the ALPN id versions the framing.
 //! A peer that predates the protocol refuses the ALPN id and callers use
@@ -28,7 +29,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cairn_api::data::v1::{
-    ReplicaRead, ReplicaReadReply, ReplicaWrite, ReplicaWriteReply, WireError,
+    ReplicaRead, ReplicaReadReply, ReplicaWrite, ReplicaWriteReply, VdiskIo, VdiskIoReply,
+    WireError,
 };
 use cairn_rpc::serve::{RawProtocol, ServerStream};
 use cairn_util::sync::lock;
@@ -37,14 +39,16 @@ use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
+use crate::frontend::BlockService;
 use crate::pool::LocalPool;
-use crate::rpc::{from_status, to_status, MAX_DATA_MESSAGE};
+use crate::rpc::{from_status, serve_forward, to_status, MAX_DATA_MESSAGE};
 use crate::DataError;
 
 /// The ALPN id of the protocol, version 1.
 pub const ALPN: &[u8] = b"cairn-replica/1";
 pub const KIND_WRITE: u8 = 1;
 pub const KIND_READ: u8 = 2;
+pub const KIND_FORWARD: u8 = 3;
 pub const KIND_OK: u8 = 0x80;
 pub const KIND_ERR: u8 = 0x81;
 /// Kind and request id, after the length.
@@ -106,11 +110,12 @@ fn frame(kind: u8, id: u64, body: &impl Message) -> Vec<u8> {
 /// [`cairn_rpc::serve::serve_tls_with`]).
 pub struct WireServer {
     pool: Arc<LocalPool>,
+    frontend: Arc<dyn BlockService>,
 }
 
 impl WireServer {
-    pub fn new(pool: Arc<LocalPool>) -> Arc<Self> {
-        Arc::new(Self { pool })
+    pub fn new(pool: Arc<LocalPool>, frontend: Arc<dyn BlockService>) -> Arc<Self> {
+        Arc::new(Self { pool, frontend })
     }
 }
 
@@ -123,14 +128,23 @@ impl RawProtocol for WireServer {
         stream: ServerStream,
         peer: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        Box::pin(serve_conn(self.pool.clone(), stream, peer))
+        Box::pin(serve_conn(
+            self.pool.clone(),
+            self.frontend.clone(),
+            stream,
+            peer,
+        ))
     }
 }
 
 type Writer<S> = Arc<tokio::sync::Mutex<WriteHalf<S>>>;
 
-async fn serve_conn<S>(pool: Arc<LocalPool>, stream: S, peer: SocketAddr)
-where
+async fn serve_conn<S>(
+    pool: Arc<LocalPool>,
+    frontend: Arc<dyn BlockService>,
+    stream: S,
+    peer: SocketAddr,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut rd, wr) = tokio::io::split(stream);
@@ -170,6 +184,17 @@ where
                 let (pool, wr) = (pool.clone(), wr.clone());
                 tokio::spawn(async move {
                     let r = pool.read(req).await;
+                    answer(&wr, id, r).await;
+                });
+            }
+            KIND_FORWARD => {
+                let req = match VdiskIo::decode(body) {
+                    Ok(r) => r,
+                    Err(e) => break format!("malformed VdiskIo: {e}"),
+                };
+                let (frontend, wr) = (frontend.clone(), wr.clone());
+                tokio::spawn(async move {
+                    let r = serve_forward(frontend.as_ref(), req).await;
                     answer(&wr, id, r).await;
                 });
             }
@@ -324,6 +349,14 @@ impl WireClient {
     ) -> Result<ReplicaReadReply, DataError> {
         self.call(KIND_READ, req, timeout).await
     }
+
+    pub async fn forward(
+        &self,
+        req: &VdiskIo,
+        timeout: Duration,
+    ) -> Result<VdiskIoReply, DataError> {
+        self.call(KIND_FORWARD, req, timeout).await
+    }
 }
 
 /// Hands each answer to its caller; on any error marks the connection dead
@@ -385,6 +418,14 @@ mod tests {
         }
     }
 
+    /// Front ends with one 1 MiB memory vdisk, "m".
+    fn no_frontend() -> Arc<dyn BlockService> {
+        cairn_blockdev::mem::MemService::with([(
+            "m".to_string(),
+            cairn_blockdev::mem::MemDevice::new(1 << 20),
+        )])
+    }
+
     async fn answer_of(c: &mut tokio::io::DuplexStream) -> (u8, u64, Bytes) {
         read_frame(c).await.unwrap()
     }
@@ -394,7 +435,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Arc::new(LocalPool::open(&[(dir.path().to_path_buf(), 0)]).unwrap());
         let (client, srv) = tokio::io::duplex(1 << 20);
-        tokio::spawn(serve_conn(pool, srv, "127.0.0.1:1".parse().unwrap()));
+        tokio::spawn(serve_conn(
+            pool,
+            no_frontend(),
+            srv,
+            "127.0.0.1:1".parse().unwrap(),
+        ));
         (client, dir)
     }
 
@@ -430,6 +476,26 @@ mod tests {
         let e = WireError::decode(body).unwrap();
         let status = tonic::Status::new(tonic::Code::from(e.code), e.message);
         assert!(matches!(from_status(&status, 2), DataError::NotFound(_)));
+        // Front-end I/O forwarded to the owner.
+        let mut io = VdiskIo {
+            format_version: 1,
+            vdisk_id: "m".into(),
+            op: cairn_api::data::v1::vdisk_io::Op::Write as i32,
+            offset: 8192,
+            length: 4096,
+            data: vec![0x5A; 4096],
+            fua: false,
+            forwarded: true,
+            cached: true,
+        };
+        c.write_all(&frame(KIND_FORWARD, 44, &io)).await.unwrap();
+        assert_eq!(answer_of(&mut c).await.0, KIND_OK);
+        io.op = cairn_api::data::v1::vdisk_io::Op::Read as i32;
+        io.data.clear();
+        c.write_all(&frame(KIND_FORWARD, 45, &io)).await.unwrap();
+        let (kind, id, body) = answer_of(&mut c).await;
+        assert_eq!((kind, id), (KIND_OK, 45));
+        assert_eq!(VdiskIoReply::decode(body).unwrap().data, vec![0x5A; 4096]);
     }
 
     #[tokio::test]
@@ -456,6 +522,7 @@ mod tests {
             let (mut c, srv) = tokio::io::duplex(1 << 20);
             let task = tokio::spawn(serve_conn(
                 pool.clone(),
+                no_frontend(),
                 srv,
                 "127.0.0.1:1".parse().unwrap(),
             ));
@@ -467,7 +534,12 @@ mod tests {
         }
         // A good connection still works, on the same pool.
         let (mut c, srv) = tokio::io::duplex(1 << 20);
-        tokio::spawn(serve_conn(pool, srv, "127.0.0.1:1".parse().unwrap()));
+        tokio::spawn(serve_conn(
+            pool,
+            no_frontend(),
+            srv,
+            "127.0.0.1:1".parse().unwrap(),
+        ));
         c.write_all(&frame(KIND_WRITE, 5, &write_req(1, 2, true)))
             .await
             .unwrap();

@@ -91,7 +91,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             // portal group (tag 0 is reserved: clamp to 1..=65535).
             portal_group_tag: u16::try_from(cfg.node_id).unwrap_or(u16::MAX).max(1),
         },
-        frontend,
+        frontend.clone(),
         crate::iscsi::MetaTargetDirectory::new(meta.clone()),
         stop_rx.clone(),
     ));
@@ -120,7 +120,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         rpc_listener,
         Arc::new(rpc_tls),
         rpc_router,
-        Some(cairn_data::wire::WireServer::new(pool.clone())),
+        Some(cairn_data::wire::WireServer::new(
+            pool.clone(),
+            frontend.clone(),
+        )),
         "rpc",
         stop_rx.clone(),
     ));
