@@ -1,7 +1,10 @@
-//! A vdisk in memory: bytes plus the set of mapped 4 KiB blocks. For the
-//! front ends' own tests and development targets, where a cluster would
-//! only add start-up time; everything that claims durability is tested on
-//! the real data service.
+//! A vdisk in memory: bytes plus the set of mapped 4 KiB blocks, with the
+//! write-back cache contract of [`BlockDevice`] modelled: what was written
+//! without FUA since the last flush is lost by [`MemDevice::lose_power`].
+//! For the front ends' own tests (do they flush when they must?) and
+//! development targets, where a cluster would only add start-up time;
+//! everything else that claims durability is tested on the real data
+//! service.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,9 +15,15 @@ use cairn_util::sync::lock;
 
 use crate::{check_range, BlockDevice, BlockService, DataError, Extent, BLOCK_SIZE};
 
+/// The unit the undo log keeps (the smallest write a front end makes).
+const SECTOR: u64 = 512;
+
 pub struct MemDevice {
     data: Mutex<Vec<u8>>,
     mapped: Mutex<BTreeSet<u64>>,
+    /// The durable content of each 512-byte sector changed since the last
+    /// flush without FUA (an undo log: a power loss puts it back).
+    volatile: Mutex<HashMap<u64, Vec<u8>>>,
     /// Makes every read fail with a checksum error (to test error paths).
     pub fail_reads: AtomicBool,
 }
@@ -24,8 +33,32 @@ impl MemDevice {
         Arc::new(MemDevice {
             data: Mutex::new(vec![0; size]),
             mapped: Mutex::new(BTreeSet::new()),
+            volatile: Mutex::new(HashMap::new()),
             fail_reads: AtomicBool::new(false),
         })
+    }
+
+    /// A power loss: every change not yet durable is undone.
+    pub fn lose_power(&self) {
+        let mut d = lock(&self.data);
+        for (sector, old) in lock(&self.volatile).drain() {
+            d[Self::range(sector * SECTOR, SECTOR)].copy_from_slice(&old);
+        }
+    }
+
+    /// Writes `bytes` at `offset` (under the data lock), keeping the durable
+    /// version of each sector it changes unless `durable`.
+    fn store(&self, d: &mut [u8], offset: u64, bytes: &[u8], durable: bool) {
+        let mut v = lock(&self.volatile);
+        for sector in offset / SECTOR..(offset + bytes.len() as u64).div_ceil(SECTOR) {
+            if durable {
+                v.remove(&sector);
+            } else {
+                v.entry(sector)
+                    .or_insert_with(|| d[Self::range(sector * SECTOR, SECTOR)].to_vec());
+            }
+        }
+        d[Self::range(offset, bytes.len() as u64)].copy_from_slice(bytes);
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), DataError> {
@@ -61,20 +94,21 @@ impl BlockDevice for MemDevice {
         Ok(lock(&self.data)[Self::range(offset, len)].to_vec())
     }
 
-    async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), DataError> {
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError> {
         self.check(offset, data.len() as u64)?;
-        lock(&self.data)[Self::range(offset, data.len() as u64)].copy_from_slice(data);
+        self.store(&mut lock(&self.data), offset, data, fua);
         self.mark_mapped(offset, data.len() as u64);
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), DataError> {
+        lock(&self.volatile).clear();
         Ok(())
     }
 
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError> {
         self.check(offset, len)?;
-        lock(&self.data)[Self::range(offset, len)].fill(0);
+        self.store(&mut lock(&self.data), offset, &vec![0; len as usize], false);
         let bs = BLOCK_SIZE as u64;
         let mut m = lock(&self.mapped);
         for b in offset.div_ceil(bs)..(offset + len) / bs {
@@ -104,7 +138,8 @@ impl BlockDevice for MemDevice {
             if let Some(i) = cur.iter().zip(expected).position(|(a, b)| a != b) {
                 return Err(DataError::Miscompare { offset: i as u64 });
             }
-            d[Self::range(offset, data.len() as u64)].copy_from_slice(data);
+            // Durable at once: the trait has no FUA for it.
+            self.store(&mut d, offset, data, true);
         }
         self.mark_mapped(offset, data.len() as u64);
         Ok(())

@@ -169,11 +169,8 @@ async fn serve_conn<S>(
                         return;
                     }
                 } else {
-                    let (pool, wr) = (pool.clone(), wr.clone());
-                    tokio::spawn(async move {
-                        let r = pool.write(req).await;
-                        answer(&wr, id, r).await;
-                    });
+                    let pool = pool.clone();
+                    spawn_answer(&wr, id, async move { pool.write(req).await });
                 }
             }
             KIND_READ => {
@@ -181,27 +178,40 @@ async fn serve_conn<S>(
                     Ok(r) => r,
                     Err(e) => break format!("malformed ReplicaRead: {e}"),
                 };
-                let (pool, wr) = (pool.clone(), wr.clone());
-                tokio::spawn(async move {
-                    let r = pool.read(req).await;
-                    answer(&wr, id, r).await;
-                });
+                let pool = pool.clone();
+                spawn_answer(&wr, id, async move { pool.read(req).await });
             }
             KIND_FORWARD => {
                 let req = match VdiskIo::decode(body) {
                     Ok(r) => r,
                     Err(e) => break format!("malformed VdiskIo: {e}"),
                 };
-                let (frontend, wr) = (frontend.clone(), wr.clone());
-                tokio::spawn(async move {
-                    let r = serve_forward(frontend.as_ref(), req).await;
-                    answer(&wr, id, r).await;
+                let frontend = frontend.clone();
+                spawn_answer(&wr, id, async move {
+                    serve_forward(frontend.as_ref(), req).await
                 });
             }
             other => break format!("unknown frame kind {other}"),
         }
     };
     tracing::warn!(%peer, reason = %why, "dropping replica fast-path connection");
+}
+
+/// Runs a request that may wait (a disk, a sync, another node) on its own
+/// task, so the requests behind it on the connection are not held up.
+fn spawn_answer<S, M>(
+    wr: &Writer<S>,
+    id: u64,
+    work: impl Future<Output = Result<M, DataError>> + Send + 'static,
+) where
+    S: AsyncWrite + Send + 'static,
+    M: Message + 'static,
+{
+    let wr = wr.clone();
+    tokio::spawn(async move {
+        let r = work.await;
+        answer(&wr, id, r).await;
+    });
 }
 
 /// Sends the answer to request `id`; false when the connection is gone.

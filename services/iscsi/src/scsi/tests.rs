@@ -588,3 +588,56 @@ fn lun_encoding_round_trips() {
     assert_eq!(decode_lun([1, 0, 0, 0, 0, 0, 0, 0]), None); // bus 1
     assert_eq!(decode_lun([0, 0, 0, 0, 0, 0, 0, 1]), None); // second level
 }
+
+#[tokio::test]
+async fn write_cache_flushes_when_the_initiator_needs_it_to() {
+    let (disk, lu) = setup();
+    let a = nexus("iqn.a");
+    let read = |lba: u32| cdb10(0x28, 0, lba, 1);
+    let block = |b: u8| vec![b; BS];
+    // The caching page reports WCE=1 (a write-back cache), changeable.
+    let r = lu.execute(&a, &[0x1A, 0x08, 0x08, 0, 255, 0], &[]).await;
+    assert_eq!(r.data_in[4], 0x08, "caching page");
+    assert_eq!(r.data_in[6] & 0x04, 0x04, "WCE on by default");
+    let r = lu.execute(&a, &[0x1A, 0x08, 0x48, 0, 255, 0], &[]).await;
+    assert_eq!(r.data_in[6] & 0x04, 0x04, "WCE changeable");
+
+    // Without FUA a write may be lost by a power loss (the model is real)...
+    assert_eq!(
+        lu.execute(&a, &cdb10(0x2A, 0, 1, 1), &block(1))
+            .await
+            .status,
+        status::GOOD
+    );
+    disk.lose_power();
+    assert_eq!(lu.execute(&a, &read(1), &[]).await.data_in, block(0));
+    // ...SYNCHRONIZE CACHE makes it durable...
+    lu.execute(&a, &cdb10(0x2A, 0, 1, 1), &block(2)).await;
+    assert_eq!(
+        lu.execute(&a, &cdb10(0x35, 0, 0, 0), &[]).await.status,
+        status::GOOD
+    );
+    disk.lose_power();
+    assert_eq!(lu.execute(&a, &read(1), &[]).await.data_in, block(2));
+    // ...and so does FUA.
+    lu.execute(&a, &cdb10(0x2A, 0x08, 2, 1), &block(3)).await;
+    disk.lose_power();
+    assert_eq!(lu.execute(&a, &read(2), &[]).await.data_in, block(3));
+
+    // With the cache turned off, every write and unmap is durable at once.
+    let r = lu.execute(&a, &[0x1A, 0x08, 0x08, 0, 255, 0], &[]).await;
+    let mut page = r.data_in[4..].to_vec();
+    page[2] &= !0x04;
+    let mut param = vec![0, 0, 0, 0];
+    param.extend(page);
+    let select = [0x15, 0x10, 0, 0, param.len() as u8, 0];
+    assert_eq!(lu.execute(&a, &select, &param).await.status, status::GOOD);
+    let r = lu.execute(&a, &[0x1A, 0x08, 0x08, 0, 255, 0], &[]).await;
+    assert_eq!(r.data_in[6] & 0x04, 0, "WCE now off");
+    lu.execute(&a, &cdb10(0x2A, 0, 3, 1), &block(4)).await;
+    let same = cdb16(0x93, 0, 4, 1);
+    lu.execute(&a, &same, &block(5)).await;
+    disk.lose_power();
+    assert_eq!(lu.execute(&a, &read(3), &[]).await.data_in, block(4));
+    assert_eq!(lu.execute(&a, &read(4), &[]).await.data_in, block(5));
+}
