@@ -93,6 +93,14 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<(u8, u64, Bytes)
     Ok((kind, id, buf.split_off(HEAD)))
 }
 
+/// Writes a frame and flushes it: TLS may hold written bytes back until a
+/// flush (rustls buffers a record the socket could not take yet), and an
+/// unflushed answer is one the peer waits for forever.
+async fn send_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> std::io::Result<()> {
+    w.write_all(frame).await?;
+    w.flush().await
+}
+
 fn frame(kind: u8, id: u64, body: &impl Message) -> Vec<u8> {
     let n = HEAD + body.encoded_len();
     let mut out = Vec::with_capacity(4 + n);
@@ -137,7 +145,15 @@ impl RawProtocol for WireServer {
     }
 }
 
-type Writer<S> = Arc<tokio::sync::Mutex<WriteHalf<S>>>;
+/// The answering side of a connection, shared by the tasks that answer.
+struct Answers<S> {
+    wr: tokio::sync::Mutex<WriteHalf<S>>,
+    /// An answer failed to leave (maybe half of it did): nothing more may
+    /// be written, the peer will see the connection end.
+    broken: AtomicBool,
+}
+
+type Writer<S> = Arc<Answers<S>>;
 
 async fn serve_conn<S>(
     pool: Arc<LocalPool>,
@@ -148,7 +164,10 @@ async fn serve_conn<S>(
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut rd, wr) = tokio::io::split(stream);
-    let wr: Writer<S> = Arc::new(tokio::sync::Mutex::new(wr));
+    let wr: Writer<S> = Arc::new(Answers {
+        wr: tokio::sync::Mutex::new(wr),
+        broken: AtomicBool::new(false),
+    });
     let why = loop {
         let (kind, id, body) = match read_frame(&mut rd).await {
             Ok(f) => f,
@@ -214,6 +233,10 @@ fn spawn_answer<S, M>(
     });
 }
 
+/// How long an answer may take to leave before the connection is given up
+/// (a client that stopped reading).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sends the answer to request `id`; false when the connection is gone.
 async fn answer<S: AsyncWrite, M: Message>(
     wr: &Writer<S>,
@@ -242,7 +265,23 @@ async fn answer<S: AsyncWrite, M: Message>(
             )
         }
     };
-    wr.lock().await.write_all(&out).await.is_ok()
+    let send = async {
+        let mut w = wr.wr.lock().await;
+        if wr.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        let ok = matches!(
+            tokio::time::timeout(ANSWER_TIMEOUT, send_frame(&mut *w, &out)).await,
+            Ok(Ok(()))
+        );
+        if !ok {
+            wr.broken.store(true, Ordering::Release);
+            tracing::warn!("replica fast path: an answer could not be sent; closing");
+            let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
+        }
+        ok
+    };
+    send.await
 }
 
 // ---- client ----------------------------------------------------------------
@@ -310,16 +349,27 @@ impl WireClient {
         lock(&self.pending).insert(id, tx);
         let out = frame(kind, id, body);
         let gone = || DataError::Unavailable(format!("node {}: connection lost", self.node));
-        let sent = {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // The deadline covers the send too: a peer that stopped reading (a
+        // partition) must fail the call in time, as a gRPC timeout would.
+        let sent = tokio::time::timeout_at(deadline, async {
             let mut wr = self.wr.lock().await;
-            wr.write_all(&out).await
-        };
-        if sent.is_err() || self.is_dead() {
+            send_frame(&mut *wr, &out).await
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) || self.is_dead() {
+            // A frame may be half sent: the connection cannot be reused.
             self.dead.store(true, Ordering::Release);
             lock(&self.pending).remove(&id);
-            return Err(gone());
+            return Err(match sent {
+                Err(_) => DataError::Unavailable(format!(
+                    "node {}: could not send in {timeout:?}",
+                    self.node
+                )),
+                _ => gone(),
+            });
         }
-        let (kind, body) = match tokio::time::timeout(timeout, rx).await {
+        let (kind, body) = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(a)) => a,
             Ok(Err(_)) => return Err(gone()),
             Err(_) => {
