@@ -144,7 +144,12 @@ pub trait BlockDevice: Send + Sync {
     /// Deallocates a range; it reads as zeros afterwards.
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError>;
     /// Writes zeros, deallocating whole blocks when `unmap` allows it.
-    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DataError>;
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DataError> {
+        if unmap {
+            return self.unmap(offset, len).await;
+        }
+        self.write(offset, &vec![0; len as usize], false).await
+    }
     /// Atomically: if the range equals `expected`, writes `data` there;
     /// otherwise fails with [`DataError::Miscompare`] naming the first
     /// differing byte and writes nothing.

@@ -117,13 +117,6 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DataError> {
-        if unmap {
-            return self.unmap(offset, len).await;
-        }
-        self.write(offset, &vec![0; len as usize], false).await
-    }
-
     async fn compare_and_write(
         &self,
         offset: u64,

@@ -1391,13 +1391,6 @@ impl BlockDevice for Volume {
         Ok(())
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DataError> {
-        if unmap {
-            return self.unmap(offset, len).await;
-        }
-        self.write(offset, &vec![0u8; len as usize], false).await
-    }
-
     async fn compare_and_write(
         &self,
         offset: u64,

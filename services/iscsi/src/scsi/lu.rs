@@ -360,18 +360,34 @@ impl LogicalUnit {
             .map_err(|e| self.dev_err(&e, IoDir::Read).into())
     }
 
-    async fn write(&self, c: &Cdb, data_out: &[u8]) -> CmdResult {
+    /// The checked range and the whole blocks of Data-Out to write, or
+    /// `None` when there is nothing to write (a zero-length transfer).
+    fn write_data<'a>(
+        &self,
+        c: &Cdb,
+        data_out: &'a [u8],
+    ) -> Result<Option<(BlockRange, &'a [u8])>, Sense> {
         let r = block_range(c);
         self.check_io(c, r)?;
         if r.blocks == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         self.check_writable()?;
         let n = self.usable(r, data_out);
-        let Some(data) = data_out.get(..n).filter(|d| !d.is_empty()) else {
+        Ok(data_out.get(..n).filter(|d| !d.is_empty()).map(|d| (r, d)))
+    }
+
+    /// Whether a write must be durable when it completes: the CDB's FUA
+    /// bit (WRITE(6) has none), or the write cache turned off.
+    fn fua(&self, c: &Cdb) -> bool {
+        (c.opcode() != op::WRITE6 && c.u8(1) & 0x08 != 0) || !self.write_cache()
+    }
+
+    async fn write(&self, c: &Cdb, data_out: &[u8]) -> CmdResult {
+        let Some((r, data)) = self.write_data(c, data_out)? else {
             return Ok(Vec::new());
         };
-        let fua = (c.opcode() != op::WRITE6 && c.u8(1) & 0x08 != 0) || !self.write_cache();
+        let fua = self.fua(c);
         let _gate = self.write_gate.read().await;
         self.dev
             .write(r.lba * self.block(), data, fua)
@@ -548,16 +564,10 @@ impl LogicalUnit {
     }
 
     async fn orwrite(&self, c: &Cdb, data_out: &[u8]) -> CmdResult {
-        let r = block_range(c);
-        self.check_io(c, r)?;
-        if r.blocks == 0 {
-            return Ok(Vec::new());
-        }
-        self.check_writable()?;
-        let n = self.usable(r, data_out);
-        let Some(data) = data_out.get(..n).filter(|d| !d.is_empty()) else {
+        let Some((r, data)) = self.write_data(c, data_out)? else {
             return Ok(Vec::new());
         };
+        let n = data.len();
         let offset = r.lba * self.block();
         let _gate = self.write_gate.write().await;
         let mut cur = self
@@ -568,7 +578,7 @@ impl LogicalUnit {
         for (dst, src) in cur.iter_mut().zip(data) {
             *dst |= *src;
         }
-        let fua = c.u8(1) & 0x08 != 0 || !self.write_cache();
+        let fua = self.fua(c);
         self.dev
             .write(offset, &cur, fua)
             .await
