@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/cairn/metadata/v1/metadata.proto",
         "proto/cairn/rpc/v1/rpc.proto",
         "proto/cairn/data/v1/data.proto",
+        "proto/cairn/iscsi/v1/iscsi.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

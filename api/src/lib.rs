@@ -51,6 +51,15 @@ pub mod data {
     }
 }
 
+/// The iSCSI front end's messages between nodes (`cairn.iscsi.v1`).
+pub mod iscsi {
+    /// Version 1 of the iSCSI messages.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("cairn.iscsi.v1");
+    }
+}
+
 /// The format version this build writes into new records.
 pub const FORMAT_VERSION: u32 = 1;
 

@@ -5,10 +5,11 @@
 //! reaching into the data service's internals (and keeps them quick to build
 //! and test on their own).
 //!
-//! Every write is durable on all live replicas before it returns, so `fua`
-//! needs no extra work and `flush` is a barrier with nothing to flush; both
-//! are kept in the contract so that a later write-back cache cannot forget
-//! them.
+//! Writes reach every live replica before they return and become durable
+//! with `fua` or at the next `flush` (a write-back cache, see
+//! [`BlockDevice::write`]). Protocol state that must have one home per vdisk
+//! (SCSI reservations) travels as opaque commands to the serving node
+//! ([`BlockDevice::command`], [`CommandHandler`]).
 
 pub mod mem;
 
@@ -161,6 +162,37 @@ pub trait BlockDevice: Send + Sync {
     ) -> Result<(), DataError>;
     /// Which parts of a range hold data.
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError>;
+
+    /// Whether another node serves this device now. A front end keeps
+    /// per-device protocol state (SCSI reservations, unit attentions, mode
+    /// pages) in one place, the serving node, so that every path to the
+    /// device sees the same state: when this is true it sends its commands
+    /// there whole with [`Self::command`]. A hint: the answer may change
+    /// at any time, and `command` has the last word.
+    fn served_elsewhere(&self) -> bool {
+        false
+    }
+
+    /// Runs a front end's opaque `command` (encoded by that front end, for
+    /// `protocol`) on the node serving this device, through its
+    /// [`CommandHandler`]. `Ok(None)`: serve it here instead (this node
+    /// serves the device after all, or the serving node predates commands).
+    async fn command(
+        &self,
+        protocol: &str,
+        command: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, DataError> {
+        let _ = (protocol, command);
+        Ok(None)
+    }
+}
+
+/// The serving node's side of [`BlockDevice::command`]: a front end
+/// registers one per protocol with the data service, which calls it only
+/// for vdisks this node serves.
+#[async_trait]
+pub trait CommandHandler: Send + Sync {
+    async fn handle(&self, vdisk_id: &str, command: Vec<u8>) -> Result<Vec<u8>, DataError>;
 }
 
 /// Finds the device behind a vdisk id (front ends hold no other handle).
@@ -171,6 +203,21 @@ pub trait BlockService: Send + Sync {
     /// node already forwarded: never forward twice).
     async fn open_owned(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
         self.open(vdisk_id).await
+    }
+    /// Serves a command another node sent with [`BlockDevice::command`]:
+    /// `Unavailable` when this node does not serve the vdisk (the sender
+    /// looks for the owner again), `Invalid` when no front end here handles
+    /// `protocol`.
+    async fn serve_command(
+        &self,
+        vdisk_id: &str,
+        protocol: &str,
+        command: Vec<u8>,
+    ) -> Result<Vec<u8>, DataError> {
+        let _ = (vdisk_id, command);
+        Err(DataError::Invalid(format!(
+            "no front end here handles {protocol:?} commands"
+        )))
     }
 }
 

@@ -9,9 +9,11 @@
 //! - the front-end trait ([`frontend::BlockDevice`]), the only way iSCSI and
 //!   NFS reach data.
 //!
-//! Invariants enforced here: a write is durable (fdatasync) before it is
-//! acknowledged ([`store::DiskStore::write`]); a block whose checksum fails is
-//! never returned ([`egroup::ExtentGroupFile::read`] returns an error instead).
+//! Invariants enforced here: a write is on every live replica before it is
+//! acknowledged, and durable (fdatasync) before a FUA write or a flush is
+//! ([`store::DiskStore::write`], [`store::DiskStore::sync_dirty`]); a block
+//! whose checksum fails is never returned ([`egroup::ExtentGroupFile::read`]
+//! returns an error instead).
 
 pub mod egroup;
 pub mod format;
@@ -20,6 +22,7 @@ pub mod inspect;
 pub mod maintenance;
 pub mod pool;
 pub mod repair;
+mod route;
 pub mod rpc;
 pub mod store;
 pub mod volume;

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use cairn_api::data::v1::data_replica_client::DataReplicaClient;
 use cairn_api::data::v1::data_replica_server::{DataReplica, DataReplicaServer};
 use cairn_api::data::v1::{
-    vdisk_io, ReplicaDelete, ReplicaDeleteReply, ReplicaEpochReply, ReplicaListReply,
-    ReplicaListRequest, ReplicaRead, ReplicaReadReply, ReplicaSetEpoch, ReplicaSync,
-    ReplicaSyncReply, ReplicaWrite, ReplicaWriteReply, VdiskIo, VdiskIoReply,
+    vdisk_io, FrontendCommand, FrontendReply, ReplicaDelete, ReplicaDeleteReply, ReplicaEpochReply,
+    ReplicaListReply, ReplicaListRequest, ReplicaRead, ReplicaReadReply, ReplicaSetEpoch,
+    ReplicaSync, ReplicaSyncReply, ReplicaWrite, ReplicaWriteReply, VdiskIo, VdiskIoReply,
 };
 use rustls::ClientConfig;
 use tonic::transport::Channel;
@@ -158,6 +158,27 @@ impl DataReplica for ReplicaServer {
             .map(Response::new)
             .map_err(|e| to_status(&e))
     }
+    async fn command(
+        &self,
+        r: Request<FrontendCommand>,
+    ) -> Result<Response<FrontendReply>, Status> {
+        serve_command(self.frontend.as_ref(), r.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(&e))
+    }
+}
+
+/// Serves one front end's command for a vdisk this node owns (gRPC
+/// `Command` and the fast path).
+pub(crate) async fn serve_command(
+    frontend: &dyn BlockService,
+    r: FrontendCommand,
+) -> Result<FrontendReply, DataError> {
+    frontend
+        .serve_command(&r.vdisk_id, &r.protocol, r.payload)
+        .await
+        .map(|payload| FrontendReply { payload })
 }
 
 /// Serves one forwarded front-end call (gRPC `Forward` and the fast path).

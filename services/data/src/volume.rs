@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cairn_api::data::v1::{
-    vdisk_io, Codec, ExtentGroupHeader, RecordKind, ReplicaRead, ReplicaReadReply, ReplicaWrite,
-    VdiskIo,
+    vdisk_io, Codec, ExtentGroupHeader, FrontendCommand, RecordKind, ReplicaRead, ReplicaReadReply,
+    ReplicaWrite, VdiskIo,
 };
 use cairn_api::metadata::v1::{
     command::Op, AllocateExtentGroup, DeleteExtentGroup, ExtentGroupRecord, ReplicaLocation,
@@ -41,8 +41,9 @@ use cairn_util::error_code::codes as meta_codes;
 use futures::future::join_all;
 
 use crate::format::{self, BLOCK_SIZE};
-use crate::frontend::{check_range, BlockDevice, BlockService, Extent};
+use crate::frontend::{check_range, BlockDevice, BlockService, CommandHandler, Extent};
 use crate::pool::LocalPool;
+use crate::route::{Routed, Via};
 use crate::rpc::{from_status, Peers};
 use crate::DataError;
 
@@ -75,6 +76,8 @@ pub struct DataService {
     pub(crate) groups: Mutex<HashMap<u64, Arc<GroupState>>>,
     pub(crate) volumes: Mutex<HashMap<String, Arc<Volume>>>,
     forwarders: Mutex<HashMap<String, (Arc<Forwarded>, Instant)>>,
+    /// The front ends' handlers of [`BlockDevice::command`], by protocol.
+    commands: Mutex<HashMap<String, Arc<dyn CommandHandler>>>,
     pub stats: Stats,
 }
 
@@ -123,6 +126,7 @@ impl DataService {
             groups: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
+            commands: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         })
     }
@@ -367,11 +371,30 @@ pub struct Frontend(pub Arc<DataService>);
 
 #[async_trait]
 impl BlockService for Frontend {
+    /// A handle that follows the vdisk's owner: front ends hold it for as
+    /// long as a session lasts, across owner failovers.
     async fn open(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
-        self.0.open_volume(vdisk_id).await
+        Ok(Arc::new(Routed::open(self.0.clone(), vdisk_id).await?))
     }
     async fn open_owned(&self, vdisk_id: &str) -> Result<Arc<dyn BlockDevice>, DataError> {
         self.0.open_owned(vdisk_id).await
+    }
+    async fn serve_command(
+        &self,
+        vdisk_id: &str,
+        protocol: &str,
+        command: Vec<u8>,
+    ) -> Result<Vec<u8>, DataError> {
+        let handler = lock(&self.0.commands).get(protocol).cloned();
+        let Some(handler) = handler else {
+            return Err(DataError::Invalid(format!(
+                "no front end on node {} handles {protocol:?} commands",
+                self.0.node_id
+            )));
+        };
+        // Only the owner: the sender looks the owner up again on refusal.
+        self.0.open_owned(vdisk_id).await?;
+        handler.handle(vdisk_id, command).await
     }
 }
 
@@ -379,15 +402,30 @@ impl BlockService for Frontend {
 pub const FORWARDER_TTL: Duration = Duration::from_secs(2);
 
 impl DataService {
+    /// Registers the handler of a front end's [`BlockDevice::command`]s
+    /// (before the RPC listener starts: a command that finds no handler is
+    /// refused).
+    pub fn set_command_handler(&self, protocol: &str, handler: Arc<dyn CommandHandler>) {
+        lock(&self.commands).insert(protocol.to_string(), handler);
+    }
+
     /// The device for `vdisk_id`: the volume itself when this node owns
     /// it, otherwise a forwarder to the owner.
     pub async fn open_volume(
         self: &Arc<Self>,
         vdisk_id: &str,
     ) -> Result<Arc<dyn BlockDevice>, DataError> {
+        Ok(match self.route(vdisk_id).await? {
+            Via::Here(v) => v,
+            Via::Owner(f) => f,
+        })
+    }
+
+    /// Where I/O for `vdisk_id` goes now.
+    pub(crate) async fn route(self: &Arc<Self>, vdisk_id: &str) -> Result<Via, DataError> {
         if let Some(v) = lock(&self.volumes).get(vdisk_id).cloned() {
             if v.owned() {
-                return Ok(v);
+                return Ok(Via::Here(v));
             }
             lock(&self.volumes).remove(vdisk_id);
         }
@@ -395,7 +433,7 @@ impl DataService {
         // requests for vdisks it no longer owns, which drops it sooner.
         if let Some((f, at)) = lock(&self.forwarders).get(vdisk_id).cloned() {
             if at.elapsed() < FORWARDER_TTL {
-                return Ok(f);
+                return Ok(Via::Owner(f));
             }
         }
         self.meta.read_barrier().await.map_err(meta_err)?;
@@ -418,9 +456,9 @@ impl DataService {
                 svc: Arc::downgrade(self),
             });
             lock(&self.forwarders).insert(vdisk_id.to_string(), (f.clone(), Instant::now()));
-            return Ok(f);
+            return Ok(Via::Owner(f));
         }
-        Ok(self.local_volume(vd)?)
+        Ok(Via::Here(self.local_volume(vd)?))
     }
 
     /// Like [`Self::open_volume`], but only for a vdisk this node owns: a
@@ -430,15 +468,16 @@ impl DataService {
         self: &Arc<Self>,
         vdisk_id: &str,
     ) -> Result<Arc<dyn BlockDevice>, DataError> {
-        let dev = self.open_volume(vdisk_id).await?;
-        if lock(&self.volumes).contains_key(vdisk_id) {
-            return Ok(dev);
+        match self.route(vdisk_id).await? {
+            Via::Here(v) => Ok(v),
+            Via::Owner(_) => {
+                lock(&self.forwarders).remove(vdisk_id);
+                Err(DataError::Unavailable(format!(
+                    "node {} does not own vdisk {vdisk_id}",
+                    self.node_id
+                )))
+            }
         }
-        lock(&self.forwarders).remove(vdisk_id);
-        Err(DataError::Unavailable(format!(
-            "node {} does not own vdisk {vdisk_id}",
-            self.node_id
-        )))
     }
 
     /// The volume of a vdisk this node owns (cached).
@@ -1526,7 +1565,7 @@ impl Volume {
 }
 
 /// A vdisk owned by another node: every call is forwarded to the owner.
-struct Forwarded {
+pub(crate) struct Forwarded {
     vdisk_id: String,
     size: u64,
     node: u64,
@@ -1548,6 +1587,55 @@ impl Forwarded {
         self.call_reply(op, offset, length, data, fua)
             .await
             .map(|r| r.data)
+    }
+
+    /// Sends a front end's command to the owner; `Ok(None)` when the owner
+    /// predates commands (the front end then serves it itself).
+    pub(crate) async fn command(
+        &self,
+        protocol: &str,
+        payload: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, DataError> {
+        let req = FrontendCommand {
+            format_version: cairn_api::FORMAT_VERSION,
+            vdisk_id: self.vdisk_id.clone(),
+            protocol: protocol.to_string(),
+            payload,
+        };
+        let svc = self.svc.upgrade();
+        let wire = match &svc {
+            Some(svc) => svc.peers.wire(self.node, &self.addr).await,
+            None => None,
+        };
+        let res = match wire.filter(|w| w.speaks_commands()) {
+            Some(w) => {
+                let timeout = svc
+                    .as_ref()
+                    .map_or(Duration::from_secs(30), |s| s.peers.timeout());
+                w.command(&req, timeout).await.map(|r| Some(r.payload))
+            }
+            None => {
+                let mut c = self.client.clone();
+                match c.command(req).await {
+                    Ok(r) => Ok(Some(r.into_inner().payload)),
+                    Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+                    Err(s) => Err(from_status(&s, self.node)),
+                }
+            }
+        };
+        self.forget_on_refusal(res, svc.as_deref())
+    }
+
+    /// The owner moved, died or refused: look it up again next time.
+    fn forget_on_refusal<T>(
+        &self,
+        res: Result<T, DataError>,
+        svc: Option<&DataService>,
+    ) -> Result<T, DataError> {
+        if let (Err(DataError::Unavailable(_) | DataError::NotFound(_)), Some(svc)) = (&res, svc) {
+            lock(&svc.forwarders).remove(&self.vdisk_id);
+        }
+        res
     }
 
     /// Sends one call to the owner; forgets the owner when it refuses.
@@ -1592,14 +1680,7 @@ impl Forwarded {
                     .map_err(|s| from_status(&s, self.node))
             }
         };
-        res.inspect_err(|e| {
-            if matches!(e, DataError::Unavailable(_) | DataError::NotFound(_)) {
-                // The owner moved, died or refused: look it up again next time.
-                if let Some(svc) = &svc {
-                    lock(&svc.forwarders).remove(&self.vdisk_id);
-                }
-            }
-        })
+        self.forget_on_refusal(res, svc.as_deref())
     }
 }
 

@@ -12,12 +12,17 @@
 //! Frames, both ways: `u32` big-endian length of the rest, `u8` kind, `u64`
 //! big-endian request id, then a protobuf message. Requests: [`KIND_WRITE`]
 //! (`ReplicaWrite`), [`KIND_READ`] (`ReplicaRead`), [`KIND_FORWARD`]
-//! (`VdiskIo`, front-end I/O a non-owner passes to the owner). Answers: [`KIND_OK`] with
-//! the reply message, or [`KIND_ERR`] with a `WireError`. Bodies are the
-//! versioned messages of `cairn.data.v1`; the ALPN id versions the framing.
-//! A peer that predates the protocol refuses the ALPN id and callers use
-//! gRPC for it. A malformed frame or message drops the connection, logged;
-//! other connections are not disturbed.
+//! (`VdiskIo`, front-end I/O a non-owner passes to the owner) and, from
+//! version 2, [`KIND_COMMAND`] (`FrontendCommand`, a front end's protocol
+//! command for the owner). Answers: [`KIND_OK`] with the reply message, or
+//! [`KIND_ERR`] with a `WireError`. Bodies are the versioned messages of
+//! `cairn.data.v1`; the ALPN id versions the framing and the kinds
+//! ([`ALPNS`]): a client learns from the handshake what the peer
+//! understands. A version 2 server answers a request kind it does not know
+//! with an UNIMPLEMENTED error (a version 1 server drops the connection, so
+//! clients never send it one). A peer that predates the protocol refuses
+//! the ALPN ids and callers use gRPC. A malformed frame or message drops
+//! the connection, logged; other connections are not disturbed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,8 +34,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cairn_api::data::v1::{
-    ReplicaRead, ReplicaReadReply, ReplicaWrite, ReplicaWriteReply, VdiskIo, VdiskIoReply,
-    WireError,
+    FrontendCommand, FrontendReply, ReplicaRead, ReplicaReadReply, ReplicaWrite, ReplicaWriteReply,
+    VdiskIo, VdiskIoReply, WireError,
 };
 use cairn_rpc::serve::{RawProtocol, ServerStream};
 use cairn_util::sync::lock;
@@ -41,14 +46,21 @@ use tokio::sync::oneshot;
 
 use crate::frontend::BlockService;
 use crate::pool::LocalPool;
-use crate::rpc::{from_status, serve_forward, to_status, MAX_DATA_MESSAGE};
+use crate::rpc::{from_status, serve_command, serve_forward, to_status, MAX_DATA_MESSAGE};
 use crate::DataError;
 
-/// The ALPN id of the protocol, version 1.
-pub const ALPN: &[u8] = b"cairn-replica/1";
+/// Version 1: writes, reads and forwarded I/O.
+pub const ALPN_V1: &[u8] = b"cairn-replica/1";
+/// Version 2: adds [`KIND_COMMAND`], and unknown request kinds get an error
+/// answer instead of a dropped connection.
+pub const ALPN_V2: &[u8] = b"cairn-replica/2";
+/// The versions this build speaks, newest first (the order the RPC
+/// listener offers them in, and the client asks for them).
+pub const ALPNS: &[&[u8]] = &[ALPN_V2, ALPN_V1];
 pub const KIND_WRITE: u8 = 1;
 pub const KIND_READ: u8 = 2;
 pub const KIND_FORWARD: u8 = 3;
+pub const KIND_COMMAND: u8 = 4;
 pub const KIND_OK: u8 = 0x80;
 pub const KIND_ERR: u8 = 0x81;
 /// Kind and request id, after the length.
@@ -128,8 +140,8 @@ impl WireServer {
 }
 
 impl RawProtocol for WireServer {
-    fn alpn(&self) -> &'static [u8] {
-        ALPN
+    fn alpns(&self) -> &'static [&'static [u8]] {
+        ALPNS
     }
     fn serve(
         &self,
@@ -210,7 +222,32 @@ async fn serve_conn<S>(
                     serve_forward(frontend.as_ref(), req).await
                 });
             }
-            other => break format!("unknown frame kind {other}"),
+            KIND_COMMAND => {
+                let req = match FrontendCommand::decode(body) {
+                    Ok(r) => r,
+                    Err(e) => break format!("malformed FrontendCommand: {e}"),
+                };
+                let frontend = frontend.clone();
+                spawn_answer(&wr, id, async move {
+                    serve_command(frontend.as_ref(), req).await
+                });
+            }
+            KIND_OK | KIND_ERR => break format!("answer kind {kind} sent as a request"),
+            other => {
+                // A newer peer's request: the frame was read whole, so the
+                // connection is still in step; say we cannot serve it.
+                tracing::debug!(%peer, kind = other, "unknown fast-path request kind");
+                if !answer_error(
+                    &wr,
+                    id,
+                    tonic::Code::Unimplemented,
+                    format!("unknown request kind {other}"),
+                )
+                .await
+                {
+                    return;
+                }
+            }
         }
     };
     tracing::warn!(%peer, reason = %why, "dropping replica fast-path connection");
@@ -255,16 +292,34 @@ async fn answer<S: AsyncWrite, M: Message>(
                 tracing::warn!(error = %e, "replica request failed");
             }
             let s = to_status(&e);
-            frame(
-                KIND_ERR,
-                id,
-                &WireError {
-                    code: s.code() as i32,
-                    message: s.message().to_string(),
-                },
-            )
+            error_frame(id, s.code(), s.message().to_string())
         }
     };
+    send_answer(wr, out).await
+}
+
+fn error_frame(id: u64, code: tonic::Code, message: String) -> Vec<u8> {
+    frame(
+        KIND_ERR,
+        id,
+        &WireError {
+            code: code as i32,
+            message,
+        },
+    )
+}
+
+/// Sends an error answer that no `DataError` describes.
+async fn answer_error<S: AsyncWrite>(
+    wr: &Writer<S>,
+    id: u64,
+    code: tonic::Code,
+    message: String,
+) -> bool {
+    send_answer(wr, error_frame(id, code, message)).await
+}
+
+async fn send_answer<S: AsyncWrite>(wr: &Writer<S>, out: Vec<u8>) -> bool {
     let send = async {
         let mut w = wr.wr.lock().await;
         if wr.broken.load(Ordering::Acquire) {
@@ -296,6 +351,8 @@ pub struct WireClient {
     next_id: AtomicU64,
     dead: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
+    /// The peer chose version 2 or later: it serves [`KIND_COMMAND`].
+    commands: bool,
 }
 
 impl Drop for WireClient {
@@ -313,12 +370,13 @@ impl WireClient {
         tls: &ClientConfig,
         timeout: Duration,
     ) -> Result<Option<Arc<Self>>, DataError> {
-        let Some(stream) = cairn_rpc::dial::connect_alpn(addr, tls, ALPN, timeout)
+        let Some(stream) = cairn_rpc::dial::connect_alpn(addr, tls, ALPNS, timeout)
             .await
             .map_err(|e| DataError::Unavailable(format!("node {node} at {addr}: {e}")))?
         else {
             return Ok(None);
         };
+        let commands = stream.get_ref().1.alpn_protocol() != Some(ALPN_V1);
         let (rd, wr) = tokio::io::split(stream);
         let pending: Arc<Pending> = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
@@ -330,6 +388,7 @@ impl WireClient {
             next_id: AtomicU64::new(1),
             dead,
             reader,
+            commands,
         })))
     }
 
@@ -416,6 +475,21 @@ impl WireClient {
         timeout: Duration,
     ) -> Result<VdiskIoReply, DataError> {
         self.call(KIND_FORWARD, req, timeout).await
+    }
+
+    /// Whether the peer serves [`Self::command`] (version 2 or later).
+    pub fn speaks_commands(&self) -> bool {
+        self.commands
+    }
+
+    /// A front end's command for the vdisk's owner. Only for a peer that
+    /// [`Self::speaks_commands`]: a version 1 server drops the connection.
+    pub async fn command(
+        &self,
+        req: &FrontendCommand,
+        timeout: Duration,
+    ) -> Result<FrontendReply, DataError> {
+        self.call(KIND_COMMAND, req, timeout).await
     }
 }
 
@@ -556,6 +630,28 @@ mod tests {
         let (kind, id, body) = answer_of(&mut c).await;
         assert_eq!((kind, id), (KIND_OK, 45));
         assert_eq!(VdiskIoReply::decode(body).unwrap().data, vec![0x5A; 4096]);
+        // A request kind from a newer version: refused, the connection stays.
+        c.write_all(&frame(9, 46, &io)).await.unwrap();
+        let (kind, id, body) = answer_of(&mut c).await;
+        assert_eq!((kind, id), (KIND_ERR, 46));
+        assert_eq!(
+            tonic::Code::from(WireError::decode(body).unwrap().code),
+            tonic::Code::Unimplemented
+        );
+        // A front-end command for a vdisk whose front end has no handler
+        // here: a clear error, the connection stays.
+        let cmd = FrontendCommand {
+            format_version: 1,
+            vdisk_id: "m".into(),
+            protocol: "scsi".into(),
+            payload: vec![1, 2, 3],
+        };
+        c.write_all(&frame(KIND_COMMAND, 47, &cmd)).await.unwrap();
+        let (kind, id, body) = answer_of(&mut c).await;
+        assert_eq!((kind, id), (KIND_ERR, 47));
+        assert!(WireError::decode(body).unwrap().message.contains("scsi"));
+        c.write_all(&frame(KIND_FORWARD, 48, &io)).await.unwrap();
+        assert_eq!(answer_of(&mut c).await.0, KIND_OK);
     }
 
     #[tokio::test]
@@ -567,8 +663,8 @@ mod tests {
             (u32::MAX).to_be_bytes().to_vec(),
             // Shorter than kind + id.
             3u32.to_be_bytes().to_vec(),
-            // Unknown kind.
-            frame(9, 1, &write_req(1, 1, true)),
+            // An answer where a request belongs.
+            frame(KIND_OK, 1, &write_req(1, 1, true)),
             // A body that is not a ReplicaWrite.
             {
                 let mut f = frame(KIND_WRITE, 1, &write_req(1, 1, true));

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use cairn_blockdev::mem::{MemDevice, MemService};
-use cairn_iscsi::server::{serve, ServerConfig};
+use cairn_iscsi::server::{serve, ServerConfig, Shared};
 use cairn_iscsi::target::{ChapCredentials, LunMapping, StaticTargets, TargetConfig};
 
 #[tokio::main]
@@ -48,12 +48,14 @@ async fn main() {
     let (_tx, rx) = tokio::sync::watch::channel(false);
     serve(
         listener,
-        ServerConfig {
-            portal: addr,
-            portal_group_tag: 1,
-        },
-        blocks,
-        Arc::new(targets),
+        Shared::new(
+            ServerConfig {
+                portal: addr,
+                portal_group_tag: 1,
+            },
+            blocks,
+            Arc::new(targets),
+        ),
         rx,
     )
     .await;

@@ -194,7 +194,7 @@ pub async fn run(
     }
     if shared.registry.detach(&session) {
         for lu in session.luns.values() {
-            lu.nexus_gone(&session.nexus);
+            lu.nexus_gone(&session.nexus).await;
         }
     }
 }
@@ -632,6 +632,9 @@ impl Conn {
         let lun_known = self.session.luns.contains_key(&lun);
         // Tasks still collecting data are dropped here (we own them);
         // running ones are waited for in the background.
+        // Logical units to reset before the response leaves (on the node
+        // that serves each, which may mean a round trip).
+        let mut resets: Vec<Arc<LogicalUnit>> = Vec::new();
         let (response, waits): (u8, Vec<watch::Receiver<bool>>) = match function {
             1 => {
                 if let Some(w) = self.writes.remove(&reference) {
@@ -675,16 +678,8 @@ impl Conn {
                         })
                         .collect();
                     match function {
-                        5 => {
-                            if let Some(lu) = self.session.luns.get(&lun) {
-                                lu.reset();
-                            }
-                        }
-                        6 | 7 => {
-                            for lu in self.session.luns.values() {
-                                lu.reset();
-                            }
-                        }
+                        5 => resets.extend(self.session.luns.get(&lun).cloned()),
+                        6 | 7 => resets.extend(self.session.luns.values().cloned()),
                         _ => {}
                     }
                     (0, waits)
@@ -701,7 +696,11 @@ impl Conn {
         r.set_itt(p.itt());
         let out = self.out.clone();
         let close_after = function == 7 && response == 0;
+        let session = self.session.clone();
         tokio::spawn(async move {
+            for lu in resets {
+                lu.reset(&session.nexus).await;
+            }
             for mut w in waits {
                 let _ = w.wait_for(|d| *d).await;
             }

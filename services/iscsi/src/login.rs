@@ -601,16 +601,8 @@ impl State<'_> {
                                 vdisk_id: m.vdisk_id.clone(),
                                 vdisk_name: m.vdisk_name.clone(),
                             };
-                            // Physical block exponent 0: libiscsi 1.19's GET LBA
-                            // STATUS test assumes one logical block per physical
-                            // block; the 4 KiB granularity is still advertised
-                            // as the optimal transfer/unmap granularity (VPD B0).
-                            let unit = reg.unit(&m.vdisk_id, || {
-                                Arc::new(
-                                    crate::scsi::LogicalUnit::new(dev, ident)
-                                        .with_physical_block_exponent(0),
-                                )
-                            });
+                            let unit =
+                                reg.unit(&m.vdisk_id, || crate::remote::new_unit(dev, ident));
                             luns.insert(m.lun, unit);
                         }
                         Err(e) => {

@@ -29,7 +29,29 @@ pub struct Shared {
     pub cfg: ServerConfig,
     pub blocks: Arc<dyn BlockService>,
     pub targets: Arc<dyn TargetDirectory>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+}
+
+impl Shared {
+    pub fn new(
+        cfg: ServerConfig,
+        blocks: Arc<dyn BlockService>,
+        targets: Arc<dyn TargetDirectory>,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            cfg,
+            blocks,
+            targets,
+            registry: Arc::new(Registry::default()),
+        })
+    }
+
+    /// The handler of SCSI commands other nodes' portals send for vdisks
+    /// this node serves: register it with the data service under
+    /// [`crate::remote::PROTOCOL`].
+    pub fn unit_host(&self) -> Arc<crate::remote::UnitHost> {
+        crate::remote::UnitHost::new(self.blocks.clone(), self.registry.clone())
+    }
 }
 
 /// A login that has not finished in this time is dropped (a peer cannot
@@ -38,19 +60,7 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Serves iSCSI on `listener` until `stop` turns true; then asks every
 /// initiator to log out and waits (bounded) for the connections to end.
-pub async fn serve(
-    listener: TcpListener,
-    cfg: ServerConfig,
-    blocks: Arc<dyn BlockService>,
-    targets: Arc<dyn TargetDirectory>,
-    stop: watch::Receiver<bool>,
-) {
-    let shared = Arc::new(Shared {
-        cfg,
-        blocks,
-        targets,
-        registry: Registry::default(),
-    });
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     tracing::info!(portal = %shared.cfg.portal, tpgt = shared.cfg.portal_group_tag,
         "iSCSI target listening");
     let mut conns = JoinSet::new();

@@ -191,6 +191,10 @@ struct RegistryInner {
     /// Logical units by vdisk id, shared by every session that maps the
     /// vdisk so that reservations and unit attentions are seen by all.
     units: HashMap<String, Weak<LogicalUnit>>,
+    /// Units this node serves for other nodes' portals: kept while the
+    /// node runs, since no session here holds them and their state
+    /// (reservations) must outlive each call.
+    hosted: HashMap<String, Arc<LogicalUnit>>,
 }
 
 impl Registry {
@@ -269,6 +273,24 @@ impl Registry {
         let u = make();
         g.units.retain(|_, w| w.strong_count() > 0);
         g.units.insert(vdisk_id.to_string(), Arc::downgrade(&u));
+        u
+    }
+
+    /// The unit of a vdisk this node serves for other portals, if made.
+    pub fn hosted(&self, vdisk_id: &str) -> Option<Arc<LogicalUnit>> {
+        lock(&self.inner).hosted.get(vdisk_id).cloned()
+    }
+
+    /// [`Self::unit`], kept alive for other nodes' portals.
+    pub fn host(
+        &self,
+        vdisk_id: &str,
+        make: impl FnOnce() -> Arc<LogicalUnit>,
+    ) -> Arc<LogicalUnit> {
+        let u = self.unit(vdisk_id, make);
+        lock(&self.inner)
+            .hosted
+            .insert(vdisk_id.to_string(), u.clone());
         u
     }
 

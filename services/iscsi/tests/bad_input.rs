@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cairn_blockdev::mem::{MemDevice, MemService};
 use cairn_iscsi::pdu::{self, op, Pdu, ReadLimits};
-use cairn_iscsi::server::{serve, ServerConfig};
+use cairn_iscsi::server::{serve, ServerConfig, Shared};
 use cairn_iscsi::target::{LunMapping, StaticTargets, TargetConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,12 +40,14 @@ async fn start() -> std::net::SocketAddr {
     std::mem::forget(tx); // the server lives for the whole test
     tokio::spawn(serve(
         listener,
-        ServerConfig {
-            portal: addr,
-            portal_group_tag: 1,
-        },
-        blocks,
-        Arc::new(targets),
+        Shared::new(
+            ServerConfig {
+                portal: addr,
+                portal_group_tag: 1,
+            },
+            blocks,
+            Arc::new(targets),
+        ),
         rx,
     ));
     addr

@@ -83,8 +83,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         VERSION.to_string(),
         |routes| routes.add_service(cairn_data::rpc::service(pool.clone(), frontend.clone())),
     );
-    let iscsi_task = tokio::spawn(cairn_iscsi::server::serve(
-        iscsi_listener,
+    let iscsi = cairn_iscsi::server::Shared::new(
         cairn_iscsi::server::ServerConfig {
             portal: portal_addr(iscsi_addr, cfg.rpc_addr),
             // The node id is unique in the cluster, so every node is its own
@@ -93,6 +92,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         },
         frontend.clone(),
         crate::iscsi::MetaTargetDirectory::new(meta.clone()),
+    );
+    // Before the RPC listener starts: other nodes' portals send SCSI
+    // commands for the vdisks this node owns from the first moment.
+    data.set_command_handler(cairn_iscsi::remote::PROTOCOL, iscsi.unit_host());
+    let iscsi_task = tokio::spawn(cairn_iscsi::server::serve(
+        iscsi_listener,
+        iscsi,
         stop_rx.clone(),
     ));
     tokio::spawn(data.clone().run_monitor(
@@ -115,7 +121,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     ));
     // The RPC port also speaks the replica fast path, chosen by ALPN.
     let mut rpc_tls = (*cairn_rpc::tls::server_config(&identity, true)?).clone();
-    rpc_tls.alpn_protocols.push(cairn_data::wire::ALPN.to_vec());
+    rpc_tls
+        .alpn_protocols
+        .extend(cairn_data::wire::ALPNS.iter().map(|a| a.to_vec()));
     tokio::spawn(cairn_rpc::serve::serve_tls_with(
         rpc_listener,
         Arc::new(rpc_tls),

@@ -57,16 +57,18 @@ pub fn mtls_channel(
 pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Opens a mutually authenticated TLS connection to `addr` offering only
-/// the ALPN id `alpn`. `Ok(None)`: the peer does not speak it (an older
-/// version refuses the handshake, or completes it without choosing it).
+/// the ALPN ids `alpns` (versions of one protocol, newest first); the
+/// stream says which one the peer chose. `Ok(None)`: the peer speaks none
+/// of them (an older version refuses the handshake, or completes it
+/// without choosing one).
 pub async fn connect_alpn(
     addr: &str,
     tls: &ClientConfig,
-    alpn: &[u8],
+    alpns: &[&[u8]],
     timeout: Duration,
 ) -> std::io::Result<Option<ClientStream>> {
     let mut cfg = tls.clone();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     let name = ServerName::try_from(NODE_SERVER_NAME)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let connect = async {
@@ -97,7 +99,12 @@ pub async fn connect_alpn(
             ))
         }
     };
-    if stream.get_ref().1.alpn_protocol() != Some(alpn) {
+    if !stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .is_some_and(|c| alpns.contains(&c))
+    {
         return Ok(None);
     }
     Ok(Some(stream))

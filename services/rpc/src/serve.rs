@@ -24,10 +24,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub type ServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 /// A protocol other than HTTP served on a TLS listener: a connection whose
-/// handshake negotiated [`RawProtocol::alpn`] is handed to it whole.
+/// handshake negotiated one of [`RawProtocol::alpns`] is handed to it whole.
 pub trait RawProtocol: Send + Sync + 'static {
-    /// The ALPN id; the listener's TLS config must offer it too.
-    fn alpn(&self) -> &'static [u8];
+    /// The ALPN ids (versions of the protocol); the listener's TLS config
+    /// must offer them too, newest first.
+    fn alpns(&self) -> &'static [&'static [u8]];
     /// Serves one connection to its end.
     fn serve(
         &self,
@@ -47,8 +48,8 @@ pub async fn serve_tls(
     serve_tls_with(listener, tls, router, None, listener_name, shutdown).await
 }
 
-/// [`serve_tls`] that also hands connections that chose `raw`'s ALPN id
-/// to it.
+/// [`serve_tls`] that also hands connections that chose one of `raw`'s
+/// ALPN ids to it.
 pub async fn serve_tls_with(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
@@ -89,7 +90,8 @@ pub async fn serve_tls_with(
                     return;
                 }
             };
-            if let Some(raw) = raw.filter(|r| tls.get_ref().1.alpn_protocol() == Some(r.alpn())) {
+            let chosen = tls.get_ref().1.alpn_protocol();
+            if let Some(raw) = raw.filter(|r| chosen.is_some_and(|c| r.alpns().contains(&c))) {
                 raw.serve(tls, peer).await;
                 return;
             }

@@ -1,6 +1,11 @@
 //! One logical unit: dispatch (unit attentions, reservations, the command
 //! table), the SBC-3 block commands on a [`BlockDevice`], and the state the
 //! sessions of this node share through one `Arc<LogicalUnit>`.
+//!
+//! That state has one home per vdisk, the node that serves it: while the
+//! device says it is served elsewhere, [`LogicalUnit::execute`],
+//! [`LogicalUnit::reset`] and [`LogicalUnit::nexus_gone`] send the call to
+//! that node's logical unit (`crate::remote`), whose `*_here` twins run it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -123,6 +128,10 @@ impl LogicalUnit {
         &self.ident
     }
 
+    pub(crate) fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
     /// Bytes of Data-Out the CDB asks for (0 for commands without any).
     pub fn data_out_len(&self, cdb: &[u8]) -> u32 {
         let len = cdb::data_out_len(&Cdb::new(cdb), self.block());
@@ -130,8 +139,17 @@ impl LogicalUnit {
     }
 
     /// LUN RESET / TARGET WARM RESET: SPC-2 reservations are released and
-    /// every nexus that has talked to this LU gets one unit attention.
-    pub fn reset(&self) {
+    /// every nexus that has talked to this LU gets one unit attention, on
+    /// whichever node serves the vdisk.
+    pub async fn reset(&self, nexus: &Nexus) {
+        if self.dev.served_elsewhere() {
+            crate::remote::reset(self, nexus).await;
+        }
+        self.reset_here();
+    }
+
+    /// [`Self::reset`] of this node's state only.
+    pub(crate) fn reset_here(&self) {
         let mut st = lock(&self.state);
         st.pr.reset();
         let known: Vec<Nexus> = st.known.iter().cloned().collect();
@@ -144,15 +162,38 @@ impl LogicalUnit {
 
     /// The session of `nexus` ended: its SPC-2 reservation and pending unit
     /// attentions go; persistent reservations stay.
-    pub fn nexus_gone(&self, nexus: &Nexus) {
+    pub async fn nexus_gone(&self, nexus: &Nexus) {
+        if self.dev.served_elsewhere() {
+            crate::remote::nexus_gone(self, nexus).await;
+        }
+        self.nexus_gone_here(nexus);
+    }
+
+    /// [`Self::nexus_gone`] of this node's state only.
+    pub(crate) fn nexus_gone_here(&self, nexus: &Nexus) {
         let mut st = lock(&self.state);
         st.known.remove(nexus);
         st.ua.remove(nexus);
         st.pr.nexus_gone(nexus);
     }
 
-    /// Executes one command.
+    /// Executes one command, on the node that serves the vdisk.
     pub async fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        if self.dev.served_elsewhere() {
+            if let Some(r) = crate::remote::execute(self, nexus, cdb, data_out).await {
+                return r;
+            }
+        }
+        self.execute_here(nexus, cdb, data_out).await
+    }
+
+    /// Executes one command on this node's logical unit.
+    pub(crate) async fn execute_here(
+        &self,
+        nexus: &Nexus,
+        cdb: &[u8],
+        data_out: &[u8],
+    ) -> ScsiResponse {
         match self.run(nexus, cdb, data_out).await {
             Ok(data_in) => ScsiResponse {
                 status: status::GOOD,

@@ -9,17 +9,17 @@
 //! Layout: [`cdb`] decodes CDBs, [`sense`] encodes sense data,
 //! [`opcodes`] is the table of supported commands (dispatch and REPORT
 //! SUPPORTED OPERATION CODES both read it), [`inquiry`] and [`mode`] build
-//! the INQUIRY and mode pages, [`pr`] holds reservations (node-local for
-//! now: another node exporting the same vdisk keeps its own), and
-//! [`lu`] executes commands on the device.
+//! the INQUIRY and mode pages, [`pr`] holds reservations, and [`lu`]
+//! executes commands on the device (or relays them to the node that serves
+//! it, see `crate::remote`).
 //!
 //! INTERFACE CONTRACT with the transport (crate::conn) — keep these signatures:
 //!   Nexus, ScsiResponse, LunIdentity
 //!   LogicalUnit::new(dev, ident) -> LogicalUnit
 //!   LogicalUnit::execute(&self, &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse  (async)
 //!   LogicalUnit::data_out_len(&self, cdb: &[u8]) -> u32
-//!   LogicalUnit::reset(&self)                      (LUN RESET / TARGET WARM RESET)
-//!   LogicalUnit::nexus_gone(&self, &Nexus)         (session ended)
+//!   LogicalUnit::reset(&self, &Nexus)              (LUN RESET / TARGET WARM RESET; async)
+//!   LogicalUnit::nexus_gone(&self, &Nexus)         (session ended; async)
 //!   report_luns(cdb: &[u8], luns: &[u64]) -> ScsiResponse
 //!   no_such_lun(cdb: &[u8]) -> ScsiResponse
 //!   status::{GOOD, CHECK_CONDITION, CONDITION_MET, BUSY, RESERVATION_CONFLICT, TASK_SET_FULL}

@@ -314,7 +314,7 @@ async fn spc2_reservations_and_unit_attentions() {
     );
 
     // A LUN reset drops the reservation and tells each known nexus once.
-    lu.reset();
+    lu.reset(&a).await;
     let r = lu.execute(&b, &[0x12, 0, 0, 0, 96, 0], &[]).await;
     assert_eq!(r.status, status::GOOD, "INQUIRY does not report it");
     assert_eq!(sense_of(&lu.execute(&b, &tur, &[]).await), (6, 0x29, 0));
@@ -335,7 +335,7 @@ async fn spc2_reservations_and_unit_attentions() {
         status::GOOD
     );
     // The holder's session ends: the reservation goes.
-    lu.nexus_gone(&b);
+    lu.nexus_gone(&b).await;
     assert_eq!(
         lu.execute(&a, &[0x16, 0, 0, 0, 0, 0], &[]).await.status,
         status::GOOD
