@@ -4,6 +4,8 @@
 //! stopped by PID; namespaces and bridges are removed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod iscsi_client;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

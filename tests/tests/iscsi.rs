@@ -509,3 +509,65 @@ fn a_session_on_another_node_survives_an_owner_failover() -> Result<()> {
     );
     Ok(())
 }
+
+/// Persistent reservations are kept with the vdisk: after the owner dies,
+/// its successor enforces the reservation a host took before (SCSI-3 PR
+/// fencing, as Windows failover clusters and Pacemaker's fence_scsi use it,
+/// must survive a storage node's failure).
+#[test]
+fn reservations_survive_an_owner_failover() -> Result<()> {
+    use cairn_tests::iscsi_client::Client;
+    let _g = serial();
+    let mut c = Cluster::start(3)?;
+    let vd = c.make_vdisk("rf2", 2, "pr", GIB, 0)?;
+    let iqn = "iqn.2026-11.io.cairn.test:pr";
+    make_target(&c, iqn, &vd, json!({}))?;
+    let (p1, p2) = (c.nodes[1].iscsi_addr(), c.nodes[2].iscsi_addr());
+    let mut a = Client::login(&p1, "iqn.2026-11.io.cairn.test:host-a", 1, iqn)?;
+    let mut b = Client::login(&p2, "iqn.2026-11.io.cairn.test:host-b", 2, iqn)?;
+    // Both hosts may write; then A registers and takes WRITE EXCLUSIVE.
+    ensure!(b.write_block(0, 0xB0)? == 0, "B's first write failed");
+    ensure!(a.pr_out(0, 0, 0, 0xA11CE)? == 0, "REGISTER failed");
+    ensure!(a.pr_out(1, 1, 0xA11CE, 0)? == 0, "RESERVE failed");
+    ensure!(
+        b.write_block(0, 0xB1)? == 0x18,
+        "B's write was not refused under A's reservation"
+    );
+    eprintln!("killing the owner (node index 0)");
+    c.kill9(0);
+    // Until the new owner serves, commands answer BUSY (or a unit
+    // attention once); then the reservation must still be there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        match a.reservation() {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the new owner: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => bail!("no answer from a new owner in 60 s: {e}\n{}", c.logs_tail()),
+        }
+    };
+    ensure!(
+        seen == Some((0xA11CE, 1)),
+        "the reservation did not survive the failover: {seen:?}"
+    );
+    let mut refused = b.write_block(0, 0xB2)?;
+    while refused == 0x08 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        refused = b.write_block(0, 0xB2)?;
+    }
+    ensure!(
+        refused == 0x18,
+        "B's write after the failover: status {refused:#04x}, not RESERVATION CONFLICT"
+    );
+    ensure!(a.write_block(0, 0xA1)? == 0, "the holder cannot write");
+    // Released and unregistered: B writes again.
+    ensure!(a.pr_out(2, 1, 0xA11CE, 0)? == 0, "RELEASE failed");
+    ensure!(a.pr_out(0, 0, 0xA11CE, 0)? == 0, "unregister failed");
+    ensure!(
+        b.write_block(0, 0xB3)? == 0,
+        "B cannot write after the release"
+    );
+    Ok(())
+}

@@ -185,6 +185,29 @@ pub trait BlockDevice: Send + Sync {
         let _ = (protocol, command);
         Ok(None)
     }
+
+    /// Changes whenever the device's serving node changes (the vdisk's
+    /// owner epoch): state loaded with [`Self::load_state`] in another era
+    /// may be stale and must be loaded again.
+    fn state_era(&self) -> u64 {
+        0
+    }
+
+    /// Front-end state kept with the vdisk (SCSI persistent reservations),
+    /// so that it survives an owner failover and restarts: the value last
+    /// saved under `key`, if any.
+    async fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, DataError> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Saves `value` under `key` durably (replicated metadata) before it
+    /// returns; an empty value removes the key. Only the serving node
+    /// saves: `Unavailable` when this node no longer serves the device.
+    async fn save_state(&self, key: &str, value: Vec<u8>) -> Result<(), DataError> {
+        let _ = (key, value);
+        Ok(())
+    }
 }
 
 /// The serving node's side of [`BlockDevice::command`]: a front end

@@ -26,6 +26,13 @@ pub struct MemDevice {
     volatile: Mutex<HashMap<u64, Vec<u8>>>,
     /// Makes every read fail with a checksum error (to test error paths).
     pub fail_reads: AtomicBool,
+    /// Front-end state (`save_state`): it survives `lose_power`, as the
+    /// data service's replicated metadata does.
+    state: Mutex<HashMap<String, Vec<u8>>>,
+    /// `state_era`: a test bumps it to model an owner change.
+    pub era: std::sync::atomic::AtomicU64,
+    /// Makes `save_state` fail as a lost metadata quorum would.
+    pub fail_state_saves: AtomicBool,
 }
 
 impl MemDevice {
@@ -35,6 +42,9 @@ impl MemDevice {
             mapped: Mutex::new(BTreeSet::new()),
             volatile: Mutex::new(HashMap::new()),
             fail_reads: AtomicBool::new(false),
+            state: Mutex::new(HashMap::new()),
+            era: std::sync::atomic::AtomicU64::new(0),
+            fail_state_saves: AtomicBool::new(false),
         })
     }
 
@@ -160,6 +170,27 @@ impl BlockDevice for MemDevice {
             at = next;
         }
         Ok(out)
+    }
+
+    fn state_era(&self) -> u64 {
+        self.era.load(Ordering::Relaxed)
+    }
+
+    async fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, DataError> {
+        Ok(lock(&self.state).get(key).cloned())
+    }
+
+    async fn save_state(&self, key: &str, value: Vec<u8>) -> Result<(), DataError> {
+        if self.fail_state_saves.load(Ordering::Relaxed) {
+            return Err(DataError::Unavailable("metadata quorum lost".into()));
+        }
+        let mut st = lock(&self.state);
+        if value.is_empty() {
+            st.remove(key);
+        } else {
+            st.insert(key.to_string(), value);
+        }
+        Ok(())
     }
 }
 

@@ -160,6 +160,24 @@ impl BlockDevice for Routed {
         }
     }
 
+    fn state_era(&self) -> u64 {
+        match lock(&self.route).as_ref() {
+            Some((Via::Here(v), _)) => v.state_era(),
+            // Served elsewhere or unknown: no state is kept here.
+            _ => 0,
+        }
+    }
+
+    async fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, DataError> {
+        let d = self.dev().await?;
+        self.settle(d.load_state(key).await)
+    }
+
+    async fn save_state(&self, key: &str, value: Vec<u8>) -> Result<(), DataError> {
+        let d = self.dev().await?;
+        self.settle(d.save_state(key, value).await)
+    }
+
     async fn command(
         &self,
         protocol: &str,

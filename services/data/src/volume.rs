@@ -33,7 +33,7 @@ use cairn_api::data::v1::{
 };
 use cairn_api::metadata::v1::{
     command::Op, AllocateExtentGroup, DeleteExtentGroup, ExtentGroupRecord, ReplicaLocation,
-    UpdateExtentGroup, VblockMapping, VdiskRecord,
+    SetVdiskFrontendState, UpdateExtentGroup, VblockMapping, VdiskRecord,
 };
 use cairn_api::record::Record;
 use cairn_metadata::MetadataHandle;
@@ -1394,6 +1394,51 @@ impl GroupState {
 impl BlockDevice for Volume {
     fn size(&self) -> u64 {
         self.rec().size_bytes
+    }
+
+    fn state_era(&self) -> u64 {
+        self.rec().owner_epoch
+    }
+
+    async fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, DataError> {
+        // No read barrier needed: this node applied the SetVdiskOwner that
+        // made it owner, and with it every save of the owners before it
+        // (they were fenced by that owner epoch); later saves are its own.
+        if !self.owned() {
+            return Err(DataError::Unavailable(format!(
+                "vdisk {} moved to another node",
+                self.rec().id
+            )));
+        }
+        Ok(self.rec().frontend_state.get(key).cloned())
+    }
+
+    async fn save_state(&self, key: &str, value: Vec<u8>) -> Result<(), DataError> {
+        let rec = self.rec();
+        let res = self
+            .svc
+            .meta
+            .propose_raw(Op::SetVdiskFrontendState(SetVdiskFrontendState {
+                vdisk_id: rec.id.clone(),
+                owner_node_id: self.svc.node_id,
+                owner_epoch: rec.owner_epoch,
+                key: key.to_string(),
+                value,
+            }))
+            .await
+            .map_err(meta_err)?;
+        // Applied here before the proposal returns: the local copy has it.
+        let still_owner = self.owned();
+        if res.error_code.is_empty() {
+            return Ok(());
+        }
+        if res.error_code == meta_codes::CONFLICT.code || !still_owner {
+            return Err(DataError::Unavailable(format!(
+                "vdisk {}: {}",
+                rec.id, res.error_message
+            )));
+        }
+        Err(DataError::Invalid(res.error_message))
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DataError> {

@@ -181,6 +181,10 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> CommandResult {
     }
 }
 
+/// Largest value of one key of a vdisk's front-end state (a few thousand
+/// SCSI registrations).
+const MAX_FRONTEND_STATE: usize = 256 << 10;
+
 fn vdisk_not_found(id: &str) -> CommandResult {
     fail(codes::NOT_FOUND, format!("vdisk {id} not found"))
 }
@@ -692,6 +696,8 @@ pub fn apply(
                 generation: 0,
                 parent_vdisk_id: c.snapshot_vdisk_id.clone(),
                 parent_generation: snap.msg.generation,
+                // A clone is a new device: no reservations carry over.
+                frontend_state: Default::default(),
             };
             let bytes = rec.encode_to_vec();
             out.put(vdisk_id_key(&c.id), key.clone());
@@ -719,6 +725,42 @@ pub fn apply(
             }
             vd.msg.owner_node_id = o.owner_node_id;
             vd.msg.owner_epoch += 1;
+            let bytes = vd.encode();
+            out.put(vkey, bytes.clone());
+            ok_record(bytes)
+        }
+        Op::SetVdiskFrontendState(f) => {
+            let Some((vkey, mut vd)) = vdisk_by_id(view, &f.vdisk_id)? else {
+                return Ok(vdisk_not_found(&f.vdisk_id));
+            };
+            if vd.msg.owner_node_id != f.owner_node_id || vd.msg.owner_epoch != f.owner_epoch {
+                return Ok(fail(
+                    codes::CONFLICT,
+                    format!(
+                        "vdisk {} is owned by node {} at owner epoch {}, not node {} at {}",
+                        f.vdisk_id,
+                        vd.msg.owner_node_id,
+                        vd.msg.owner_epoch,
+                        f.owner_node_id,
+                        f.owner_epoch
+                    ),
+                ));
+            }
+            if f.key.is_empty() || f.key.len() > 64 || f.value.len() > MAX_FRONTEND_STATE {
+                return Ok(fail(
+                    codes::INVALID,
+                    format!(
+                        "front-end state key {:?} ({} bytes) is empty, too long or too large",
+                        f.key,
+                        f.value.len()
+                    ),
+                ));
+            }
+            if f.value.is_empty() {
+                vd.msg.frontend_state.remove(&f.key);
+            } else {
+                vd.msg.frontend_state.insert(f.key.clone(), f.value.clone());
+            }
             let bytes = vd.encode();
             out.put(vkey, bytes.clone());
             ok_record(bytes)

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use cairn_blockdev::{BlockDevice, DataError};
 use cairn_util::sync::lock;
+use prost::Message;
 use tracing::{debug, warn};
 
 use super::cdb::{self, block_range, bytchk, group_len, op, sa, truncate, BlockRange, Cdb};
@@ -57,6 +58,8 @@ type CmdResult = Result<Vec<u8>, Fail>;
 #[derive(Debug, Default)]
 struct LuState {
     pr: Reservations,
+    /// The device's state era `pr` was loaded in (`None`: not yet).
+    pr_era: Option<u64>,
     mode: ModeState,
     /// Nexuses that sent a command since they appeared: the ones a reset
     /// or a mode change must tell.
@@ -95,7 +98,14 @@ pub struct LogicalUnit {
     /// ORWRITE reads, merges and writes; it takes this exclusively and
     /// every other writer shares it, so no write lands in between.
     write_gate: tokio::sync::RwLock<()>,
+    /// Loading and saving the persistent reservations, one at a time (a
+    /// save must not overtake an older one).
+    pr_gate: tokio::sync::Mutex<()>,
 }
+
+/// Where the persistent reservations are kept with the vdisk
+/// (`BlockDevice::save_state`).
+pub const PR_STATE_KEY: &str = "scsi.pr";
 
 impl std::fmt::Debug for LogicalUnit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,6 +124,7 @@ impl LogicalUnit {
             lbppbe: ratio.ilog2().min(15) as u8,
             state: Mutex::new(LuState::default()),
             write_gate: tokio::sync::RwLock::new(()),
+            pr_gate: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -227,7 +238,43 @@ impl LogicalUnit {
         self.dev.size() / self.block()
     }
 
+    /// Loads the saved persistent reservations when this unit has not yet
+    /// in the device's current era (first use, or the vdisk's owner changed
+    /// since): the owner before may have changed them.
+    async fn ensure_pr_loaded(&self) -> Result<(), Fail> {
+        let era = self.dev.state_era();
+        if lock(&self.state).pr_era == Some(era) {
+            return Ok(());
+        }
+        let _gate = self.pr_gate.lock().await;
+        if lock(&self.state).pr_era == Some(era) {
+            return Ok(());
+        }
+        let saved = self
+            .dev
+            .load_state(PR_STATE_KEY)
+            .await
+            .map_err(|e| self.dev_err(&e, IoDir::Read))?;
+        let pr = match saved {
+            None => Reservations::default(),
+            Some(bytes) => cairn_api::iscsi::v1::PersistentReservations::decode(bytes.as_slice())
+                .map_err(|e| e.to_string())
+                .and_then(Reservations::from_saved)
+                .map_err(|e| {
+                    // Never run without the reservations a host relies on.
+                    warn!(vdisk_id = %self.ident.vdisk_id, error = %e,
+                        "saved persistent reservations are unreadable");
+                    Sense::new(sense::key::HARDWARE_ERROR, 0x44, 0x00)
+                })?,
+        };
+        let mut st = lock(&self.state);
+        st.pr = pr;
+        st.pr_era = Some(era);
+        Ok(())
+    }
+
     async fn run(&self, nexus: &Nexus, raw: &[u8], data_out: &[u8]) -> CmdResult {
+        self.ensure_pr_loaded().await?;
         let c = Cdb::new(raw);
         let opcode = c.opcode();
         let ua_exempt = matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE);
@@ -273,7 +320,7 @@ impl LogicalUnit {
             )?),
             op::MODE_SENSE6 | op::MODE_SENSE10 => self.mode_sense(c),
             op::MODE_SELECT6 | op::MODE_SELECT10 => self.mode_select(nexus, c, data_out),
-            op::RESERVE6 | op::RESERVE10 => self.reserve(nexus, c),
+            op::RESERVE6 | op::RESERVE10 => self.reserve(nexus, c).await,
             op::RELEASE6 | op::RELEASE10 => self.release(nexus),
             op::PREVENT_ALLOW => match c.u8(4) & 0x03 {
                 0 | 1 => Ok(Vec::new()),
@@ -281,7 +328,7 @@ impl LogicalUnit {
             },
             op::READ_CAPACITY10 => Ok(self.read_capacity10()),
             op::PR_IN => self.persistent_in(c),
-            op::PR_OUT => self.persistent_out(nexus, c, data_out),
+            op::PR_OUT => self.persistent_out(nexus, c, data_out).await,
             op::SERVICE_ACTION_IN16 => match info.sa {
                 Some(sa::READ_CAPACITY16) => Ok(self.read_capacity16(c)),
                 _ => self.get_lba_status(c).await,
@@ -734,11 +781,13 @@ impl LogicalUnit {
         )?)
     }
 
-    fn reserve(&self, nexus: &Nexus, c: &Cdb) -> CmdResult {
+    async fn reserve(&self, nexus: &Nexus, c: &Cdb) -> CmdResult {
         // Third-party and long-id reservations are not supported.
         if c.opcode() == op::RESERVE10 && c.u8(1) & 0x12 != 0 {
             return Err(Sense::invalid_cdb(1, Some(4)).into());
         }
+        // Not while a persistent change is being saved (see persistent_out).
+        let _gate = self.pr_gate.lock().await;
         lock(&self.state).pr.reserve_spc2(nexus)?;
         Ok(Vec::new())
     }
@@ -752,9 +801,33 @@ impl LogicalUnit {
         Ok(lock(&self.state).pr.persistent_in(c)?)
     }
 
-    fn persistent_out(&self, nexus: &Nexus, c: &Cdb, data_out: &[u8]) -> CmdResult {
+    /// A change of the persistent reservations takes effect only once it
+    /// is saved with the vdisk (it must survive an owner failover): it is
+    /// made on a copy, saved, then installed; if it cannot be saved the
+    /// command fails and nothing changed. The gate keeps every other change
+    /// that reads the persistent part (SPC-2 RESERVE) out meanwhile.
+    async fn persistent_out(&self, nexus: &Nexus, c: &Cdb, data_out: &[u8]) -> CmdResult {
+        let _gate = self.pr_gate.lock().await;
+        let (next, notices) = {
+            let st = lock(&self.state);
+            let mut next = st.pr.clone();
+            let notices = next.persistent_out(nexus, c, data_out)?;
+            let changed = next.persistent_differs(&st.pr);
+            (changed.then_some(next), notices)
+        };
+        if let Some(next) = next {
+            self.dev
+                .save_state(PR_STATE_KEY, next.saved().encode_to_vec())
+                .await
+                .map_err(|e| self.dev_err(&e, IoDir::Write))?;
+            let mut st = lock(&self.state);
+            // A reset or an ended session may have released an SPC-2
+            // reservation meanwhile: keep that.
+            let spc2_now = st.pr.clone();
+            st.pr = next;
+            st.pr.take_spc2_from(&spc2_now);
+        }
         let mut st = lock(&self.state);
-        let notices = st.pr.persistent_out(nexus, c, data_out)?;
         for (n, s) in notices {
             st.queue_ua(&n, s);
         }

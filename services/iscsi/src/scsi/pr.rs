@@ -3,8 +3,12 @@
 //! over I_T nexuses. The logical unit owns one [`Reservations`] behind a
 //! mutex and asks it, for every command, whether the command conflicts.
 //!
-//! The state is node-local for now: a vdisk exported through several nodes
-//! has independent reservations on each of them.
+//! One logical unit per vdisk holds them, on the node that owns the vdisk
+//! (other nodes' portals relay their commands there, `crate::remote`); the
+//! persistent part is saved with the vdisk ([`Reservations::saved`]) so that
+//! it survives an owner failover.
+
+use cairn_api::iscsi::v1 as pb;
 
 use super::cdb::Cdb;
 use super::opcodes::PrClass;
@@ -90,7 +94,7 @@ struct Reservation {
 pub type Notice = (Nexus, Sense);
 
 /// Persistent and SPC-2 reservations of one logical unit.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reservations {
     generation: u32,
     regs: Vec<Registration>,
@@ -99,7 +103,91 @@ pub struct Reservations {
     spc2: Option<Nexus>,
 }
 
+fn nexus_to_pb(n: &Nexus) -> pb::Nexus {
+    pb::Nexus {
+        initiator_name: n.initiator_name.clone(),
+        initiator_port: n.initiator_port.clone(),
+        target_name: n.target_name.clone(),
+        target_port: u32::from(n.target_port),
+    }
+}
+
+fn nexus_from_pb(n: Option<pb::Nexus>) -> Result<Nexus, String> {
+    let n = n.ok_or("a registration without its nexus")?;
+    Ok(Nexus {
+        target_port: u16::try_from(n.target_port)
+            .map_err(|_| format!("target port {}", n.target_port))?,
+        initiator_name: n.initiator_name,
+        initiator_port: n.initiator_port,
+        target_name: n.target_name,
+    })
+}
+
 impl Reservations {
+    /// The persistent part (registrations, the reservation, the
+    /// generation), as kept with the vdisk; SPC-2 reservations are not
+    /// kept (a reset or power loss releases them).
+    pub fn saved(&self) -> pb::PersistentReservations {
+        pb::PersistentReservations {
+            format_version: cairn_api::FORMAT_VERSION,
+            generation: self.generation,
+            registrations: self
+                .regs
+                .iter()
+                .map(|r| pb::persistent_reservations::Registration {
+                    nexus: Some(nexus_to_pb(&r.nexus)),
+                    key: r.key,
+                })
+                .collect(),
+            holder: self.res.as_ref().map(|r| nexus_to_pb(&r.holder)),
+            r#type: self.res.as_ref().map_or(0, |r| u32::from(r.ty)),
+        }
+    }
+
+    /// The reservations a logical unit starts with from what was saved.
+    pub fn from_saved(s: pb::PersistentReservations) -> Result<Reservations, String> {
+        let regs = s
+            .registrations
+            .into_iter()
+            .map(|r| {
+                Ok(Registration {
+                    nexus: nexus_from_pb(r.nexus)?,
+                    key: r.key,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let res = match s.holder {
+            None => None,
+            Some(h) => {
+                let ty = u8::try_from(s.r#type)
+                    .ok()
+                    .filter(|t| valid_type(*t))
+                    .ok_or_else(|| format!("reservation type {}", s.r#type))?;
+                Some(Reservation {
+                    holder: nexus_from_pb(Some(h))?,
+                    ty,
+                })
+            }
+        };
+        Ok(Reservations {
+            generation: s.generation,
+            regs,
+            res,
+            spc2: None,
+        })
+    }
+
+    /// Takes `other`'s SPC-2 reservation (undoing a persistent change
+    /// must not undo a RESERVE that happened meanwhile).
+    pub fn take_spc2_from(&mut self, other: &Reservations) {
+        self.spc2 = other.spc2.clone();
+    }
+
+    /// Whether `other` differs in what [`Self::saved`] keeps.
+    pub fn persistent_differs(&self, other: &Reservations) -> bool {
+        self.generation != other.generation || self.regs != other.regs || self.res != other.res
+    }
+
     fn key_of(&self, n: &Nexus) -> Option<u64> {
         self.regs.iter().find(|r| &r.nexus == n).map(|r| r.key)
     }

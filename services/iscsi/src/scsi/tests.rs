@@ -641,3 +641,73 @@ async fn write_cache_flushes_when_the_initiator_needs_it_to() {
     assert_eq!(lu.execute(&a, &read(3), &[]).await.data_in, block(4));
     assert_eq!(lu.execute(&a, &read(4), &[]).await.data_in, block(5));
 }
+
+/// READ RESERVATION: (key, type) when reserved.
+async fn reservation_of(lu: &LogicalUnit, n: &Nexus) -> Option<(u64, u8)> {
+    let r = lu
+        .execute(n, &[0x5E, 1, 0, 0, 0, 0, 0, 0, 255, 0], &[])
+        .await;
+    assert_eq!(r.status, status::GOOD);
+    let d = r.data_in;
+    (u32::from_be_bytes([d[4], d[5], d[6], d[7]]) != 0).then(|| {
+        (
+            u64::from_be_bytes(d[8..16].try_into().unwrap()),
+            d[21] & 0x0f,
+        )
+    })
+}
+
+#[tokio::test]
+async fn persistent_reservations_outlive_the_logical_unit_that_took_them() {
+    let (disk, first) = setup();
+    let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+    let write = cdb10(0x2A, 0, 0, 1);
+    assert_eq!(pr(&first, &a, 0, 0, 0, 0xA).await, status::GOOD);
+    assert_eq!(pr(&first, &a, 1, 1, 0xA, 0).await, status::GOOD);
+    // An SPC-2 reservation is not kept (a power loss releases it).
+    assert_eq!(
+        first.execute(&b, &[0x16, 0, 0, 0, 0, 0], &[]).await.status,
+        status::RESERVATION_CONFLICT
+    );
+
+    // A new owner's unit on the same vdisk starts with them.
+    let second = lu_with(disk.clone());
+    assert_eq!(reservation_of(&second, &b).await, Some((0xA, 1)));
+    assert_eq!(
+        second.execute(&b, &write, &[0u8; BS]).await.status,
+        status::RESERVATION_CONFLICT
+    );
+    assert_eq!(
+        second.execute(&a, &write, &[0u8; BS]).await.status,
+        status::GOOD
+    );
+
+    // The owner changes again (a new era): the first unit, stale, loads what
+    // the second saved (the release) before it runs anything.
+    assert_eq!(pr(&second, &a, 2, 1, 0xA, 0).await, status::GOOD);
+    assert_eq!(
+        first.execute(&b, &write, &[0u8; BS]).await.status,
+        status::RESERVATION_CONFLICT
+    );
+    disk.era.fetch_add(1, Ordering::Relaxed);
+    assert_eq!(reservation_of(&first, &b).await, None);
+    assert_eq!(
+        first.execute(&b, &write, &[0u8; BS]).await.status,
+        status::GOOD
+    );
+
+    // A change that cannot be saved does not happen: the command fails
+    // (NOT READY, retried as BUSY by the transport) and nothing changed.
+    disk.fail_state_saves.store(true, Ordering::Relaxed);
+    let (c, p) = pr_out(1, 1, 0xA, 0);
+    let r = first.execute(&a, &c, &p).await;
+    assert_eq!(sense_of(&r), (2, 0x04, 0x01));
+    assert_eq!(reservation_of(&first, &b).await, None);
+    assert_eq!(
+        first.execute(&b, &write, &[0u8; BS]).await.status,
+        status::GOOD
+    );
+    disk.fail_state_saves.store(false, Ordering::Relaxed);
+    assert_eq!(first.execute(&a, &c, &p).await.status, status::GOOD);
+    assert_eq!(reservation_of(&lu_with(disk), &b).await, Some((0xA, 1)));
+}
