@@ -498,7 +498,7 @@ impl DataService {
             .ok_or_else(|| DataError::NotFound(format!("datastore of vdisk {vdisk_id}")))?;
         let v = Arc::new(Volume {
             svc: self.clone(),
-            vdisk: RwLock::new(vd),
+            vdisk: RwLock::new(Arc::new(vd)),
             rf: ds.replication_factor.clamp(1, 3),
             compression: ds.compression,
             caw: tokio::sync::RwLock::new(()),
@@ -513,7 +513,9 @@ impl DataService {
 /// A vdisk owned by this node.
 pub struct Volume {
     svc: Arc<DataService>,
-    vdisk: RwLock<VdiskRecord>,
+    /// Shared, not copied: it is read several times per I/O, and it carries
+    /// the front ends' saved state.
+    vdisk: RwLock<Arc<VdiskRecord>>,
     pub(crate) rf: u32,
     compression: bool,
     /// Normal writes share it; compare-and-write takes it alone (atomicity).
@@ -536,7 +538,7 @@ struct Piece {
 }
 
 impl Volume {
-    pub(crate) fn rec(&self) -> VdiskRecord {
+    pub(crate) fn rec(&self) -> Arc<VdiskRecord> {
         read(&self.vdisk).clone()
     }
 
@@ -546,7 +548,7 @@ impl Volume {
         match self.svc.meta.vdisk_by_id(&self.rec().id) {
             Ok(Some(vd)) => {
                 let owned = vd.owner_node_id == self.svc.node_id;
-                *write(&self.vdisk) = vd;
+                *write(&self.vdisk) = Arc::new(vd);
                 owned
             }
             _ => false,
@@ -1648,18 +1650,11 @@ impl Forwarded {
             payload,
         };
         let svc = self.svc.upgrade();
-        let wire = match &svc {
-            Some(svc) => svc.peers.wire(self.node, &self.addr).await,
-            None => None,
-        };
-        let res = match wire.filter(|w| w.speaks_commands()) {
-            Some(w) => {
-                let timeout = svc
-                    .as_ref()
-                    .map_or(Duration::from_secs(30), |s| s.peers.timeout());
+        let res = match self.fast_path(svc.as_deref()).await {
+            Some((w, timeout)) if w.speaks_commands() => {
                 w.command(&req, timeout).await.map(|r| Some(r.payload))
             }
-            None => {
+            _ => {
                 let mut c = self.client.clone();
                 match c.command(req).await {
                     Ok(r) => Ok(Some(r.into_inner().payload)),
@@ -1669,6 +1664,17 @@ impl Forwarded {
             }
         };
         self.forget_on_refusal(res, svc.as_deref())
+    }
+
+    /// The owner's replica fast path and the call timeout (`None`: use
+    /// gRPC, the owner predates it or the service is stopping).
+    async fn fast_path(
+        &self,
+        svc: Option<&DataService>,
+    ) -> Option<(Arc<crate::wire::WireClient>, Duration)> {
+        let svc = svc?;
+        let w = svc.peers.wire(self.node, &self.addr).await?;
+        Some((w, svc.peers.timeout()))
     }
 
     /// The owner moved, died or refused: look it up again next time.
@@ -1706,17 +1712,8 @@ impl Forwarded {
             cached: true,
         };
         let svc = self.svc.upgrade();
-        let wire = match &svc {
-            Some(svc) => svc.peers.wire(self.node, &self.addr).await,
-            None => None,
-        };
-        let res = match wire {
-            Some(w) => {
-                let timeout = svc
-                    .as_ref()
-                    .map_or(Duration::from_secs(30), |s| s.peers.timeout());
-                w.forward(&req, timeout).await
-            }
+        let res = match self.fast_path(svc.as_deref()).await {
+            Some((w, timeout)) => w.forward(&req, timeout).await,
             None => {
                 let mut c = self.client.clone();
                 c.forward(req)

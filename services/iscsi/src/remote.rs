@@ -30,25 +30,6 @@ use crate::session::Registry;
 /// The protocol name of SCSI unit calls in `FrontendCommand`.
 pub const PROTOCOL: &str = "scsi";
 
-fn to_pb(n: &Nexus) -> pb::Nexus {
-    pb::Nexus {
-        initiator_name: n.initiator_name.clone(),
-        initiator_port: n.initiator_port.clone(),
-        target_name: n.target_name.clone(),
-        target_port: u32::from(n.target_port),
-    }
-}
-
-fn from_pb(n: pb::Nexus) -> Result<Nexus, DataError> {
-    Ok(Nexus {
-        initiator_name: n.initiator_name,
-        initiator_port: n.initiator_port,
-        target_name: n.target_name,
-        target_port: u16::try_from(n.target_port)
-            .map_err(|_| DataError::Invalid(format!("target port {}", n.target_port)))?,
-    })
-}
-
 /// Sends `call` to the serving node's unit: `None` to serve it here.
 async fn call(
     lu: &LogicalUnit,
@@ -58,7 +39,7 @@ async fn call(
     let msg = pb::UnitCall {
         format_version: cairn_api::FORMAT_VERSION,
         vdisk_name: lu.identity().vdisk_name.clone(),
-        nexus: Some(to_pb(nexus)),
+        nexus: Some(nexus.into()),
         call: Some(call),
     };
     match lu.device().command(PROTOCOL, msg.encode_to_vec()).await {
@@ -164,7 +145,11 @@ impl CommandHandler for UnitHost {
     async fn handle(&self, vdisk_id: &str, command: Vec<u8>) -> Result<Vec<u8>, DataError> {
         let bad = |what: String| DataError::Invalid(format!("SCSI unit call: {what}"));
         let msg = pb::UnitCall::decode(command.as_slice()).map_err(|e| bad(e.to_string()))?;
-        let nexus = from_pb(msg.nexus.ok_or_else(|| bad("no nexus".into()))?)?;
+        let nexus: Nexus = msg
+            .nexus
+            .ok_or_else(|| bad("no nexus".into()))?
+            .try_into()
+            .map_err(bad)?;
         let unit = self.unit(vdisk_id, msg.vdisk_name).await?;
         let r = match msg.call.ok_or_else(|| bad("no call".into()))? {
             Call::Execute(e) => unit.execute_here(&nexus, &e.cdb, &e.data_out).await,
@@ -190,6 +175,7 @@ impl CommandHandler for UnitHost {
 mod tests {
     use super::*;
     use crate::scsi::status;
+    use crate::scsi::tests::pr_out;
     use cairn_blockdev::mem::{MemDevice, MemService};
     use cairn_blockdev::{BlockDevice, Extent};
 
@@ -251,14 +237,6 @@ mod tests {
             vdisk_id: "vd".into(),
             vdisk_name: "disk".into(),
         }
-    }
-
-    fn pr_out(sa: u8, ty: u8, key: u64, sa_key: u64) -> (Vec<u8>, Vec<u8>) {
-        let cdb = vec![0x5F, sa, ty, 0, 0, 0, 0, 0, 24, 0];
-        let mut p = key.to_be_bytes().to_vec();
-        p.extend_from_slice(&sa_key.to_be_bytes());
-        p.extend_from_slice(&[0u8; 8]);
-        (cdb, p)
     }
 
     #[tokio::test]
@@ -390,7 +368,7 @@ mod tests {
             ));
         }
         let no_call = pb::UnitCall {
-            nexus: Some(to_pb(&nexus("iqn.a", 2))),
+            nexus: Some((&nexus("iqn.a", 2)).into()),
             ..Default::default()
         };
         assert!(matches!(
@@ -398,7 +376,7 @@ mod tests {
             Err(DataError::Invalid(_))
         ));
         let wrong_vdisk = pb::UnitCall {
-            nexus: Some(to_pb(&nexus("iqn.a", 2))),
+            nexus: Some((&nexus("iqn.a", 2)).into()),
             call: Some(Call::Reset(pb::Reset {})),
             ..Default::default()
         };

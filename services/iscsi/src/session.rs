@@ -276,9 +276,16 @@ impl Registry {
         u
     }
 
-    /// The unit of a vdisk this node serves for other portals, if made.
+    /// The unit of a vdisk this node serves for other portals, if a
+    /// session here or an earlier call made it (kept alive from now on).
     pub fn hosted(&self, vdisk_id: &str) -> Option<Arc<LogicalUnit>> {
-        lock(&self.inner).hosted.get(vdisk_id).cloned()
+        let mut g = lock(&self.inner);
+        if let Some(u) = g.hosted.get(vdisk_id) {
+            return Some(u.clone());
+        }
+        let u = g.units.get(vdisk_id).and_then(Weak::upgrade)?;
+        g.hosted.insert(vdisk_id.to_string(), u.clone());
+        Some(u)
     }
 
     /// [`Self::unit`], kept alive for other nodes' portals.

@@ -815,7 +815,7 @@ impl LogicalUnit {
             let changed = next.persistent_differs(&st.pr);
             (changed.then_some(next), notices)
         };
-        if let Some(next) = next {
+        if let Some(mut next) = next {
             self.dev
                 .save_state(PR_STATE_KEY, next.saved().encode_to_vec())
                 .await
@@ -823,9 +823,8 @@ impl LogicalUnit {
             let mut st = lock(&self.state);
             // A reset or an ended session may have released an SPC-2
             // reservation meanwhile: keep that.
-            let spc2_now = st.pr.clone();
+            next.take_spc2_from(&st.pr);
             st.pr = next;
-            st.pr.take_spc2_from(&spc2_now);
         }
         let mut st = lock(&self.state);
         for (n, s) in notices {

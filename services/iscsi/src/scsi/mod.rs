@@ -41,7 +41,7 @@ pub mod opcodes;
 pub mod pr;
 pub mod sense;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use lu::LogicalUnit;
 pub use luns::{decode_lun, encode_lun, no_such_lun, report_luns};
@@ -67,6 +67,31 @@ pub struct Nexus {
     pub target_name: String,
     /// Relative target port identifier (this node's portal group tag, ≥ 1).
     pub target_port: u16,
+}
+
+impl From<&Nexus> for cairn_api::iscsi::v1::Nexus {
+    fn from(n: &Nexus) -> Self {
+        cairn_api::iscsi::v1::Nexus {
+            initiator_name: n.initiator_name.clone(),
+            initiator_port: n.initiator_port.clone(),
+            target_name: n.target_name.clone(),
+            target_port: u32::from(n.target_port),
+        }
+    }
+}
+
+impl TryFrom<cairn_api::iscsi::v1::Nexus> for Nexus {
+    /// What is wrong with it.
+    type Error = String;
+    fn try_from(n: cairn_api::iscsi::v1::Nexus) -> Result<Self, String> {
+        Ok(Nexus {
+            target_port: u16::try_from(n.target_port)
+                .map_err(|_| format!("target port {}", n.target_port))?,
+            initiator_name: n.initiator_name,
+            initiator_port: n.initiator_port,
+            target_name: n.target_name,
+        })
+    }
 }
 
 /// What a command produced.

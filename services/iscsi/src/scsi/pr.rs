@@ -103,26 +103,6 @@ pub struct Reservations {
     spc2: Option<Nexus>,
 }
 
-fn nexus_to_pb(n: &Nexus) -> pb::Nexus {
-    pb::Nexus {
-        initiator_name: n.initiator_name.clone(),
-        initiator_port: n.initiator_port.clone(),
-        target_name: n.target_name.clone(),
-        target_port: u32::from(n.target_port),
-    }
-}
-
-fn nexus_from_pb(n: Option<pb::Nexus>) -> Result<Nexus, String> {
-    let n = n.ok_or("a registration without its nexus")?;
-    Ok(Nexus {
-        target_port: u16::try_from(n.target_port)
-            .map_err(|_| format!("target port {}", n.target_port))?,
-        initiator_name: n.initiator_name,
-        initiator_port: n.initiator_port,
-        target_name: n.target_name,
-    })
-}
-
 impl Reservations {
     /// The persistent part (registrations, the reservation, the
     /// generation), as kept with the vdisk; SPC-2 reservations are not
@@ -135,11 +115,11 @@ impl Reservations {
                 .regs
                 .iter()
                 .map(|r| pb::persistent_reservations::Registration {
-                    nexus: Some(nexus_to_pb(&r.nexus)),
+                    nexus: Some((&r.nexus).into()),
                     key: r.key,
                 })
                 .collect(),
-            holder: self.res.as_ref().map(|r| nexus_to_pb(&r.holder)),
+            holder: self.res.as_ref().map(|r| (&r.holder).into()),
             r#type: self.res.as_ref().map_or(0, |r| u32::from(r.ty)),
         }
     }
@@ -151,7 +131,10 @@ impl Reservations {
             .into_iter()
             .map(|r| {
                 Ok(Registration {
-                    nexus: nexus_from_pb(r.nexus)?,
+                    nexus: r
+                        .nexus
+                        .ok_or("a registration without its nexus")?
+                        .try_into()?,
                     key: r.key,
                 })
             })
@@ -164,7 +147,7 @@ impl Reservations {
                     .filter(|t| valid_type(*t))
                     .ok_or_else(|| format!("reservation type {}", s.r#type))?;
                 Some(Reservation {
-                    holder: nexus_from_pb(Some(h))?,
+                    holder: h.try_into()?,
                     ty,
                 })
             }
@@ -177,8 +160,8 @@ impl Reservations {
         })
     }
 
-    /// Takes `other`'s SPC-2 reservation (undoing a persistent change
-    /// must not undo a RESERVE that happened meanwhile).
+    /// Takes `other`'s SPC-2 reservation (installing a persistent change
+    /// made on a copy must not undo a release that happened meanwhile).
     pub fn take_spc2_from(&mut self, other: &Reservations) {
         self.spc2 = other.spc2.clone();
     }

@@ -57,7 +57,8 @@ fn sense_of(r: &ScsiResponse) -> (u8, u8, u8) {
     (r.sense[2] & 0x0F, r.sense[12], r.sense[13])
 }
 
-fn pr_out(sa: u8, ty: u8, key: u64, sa_key: u64) -> (Vec<u8>, Vec<u8>) {
+/// PERSISTENT RESERVE OUT with the basic 24-byte parameter list.
+pub(crate) fn pr_out(sa: u8, ty: u8, key: u64, sa_key: u64) -> (Vec<u8>, Vec<u8>) {
     let cdb = vec![0x5F, sa, ty, 0, 0, 0, 0, 0, 24, 0];
     let mut p = key.to_be_bytes().to_vec();
     p.extend_from_slice(&sa_key.to_be_bytes());
