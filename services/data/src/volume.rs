@@ -78,6 +78,9 @@ pub struct DataService {
     forwarders: Mutex<HashMap<String, (Arc<Forwarded>, Instant)>>,
     /// The front ends' handlers of [`BlockDevice::command`], by protocol.
     commands: Mutex<HashMap<String, Arc<dyn CommandHandler>>>,
+    /// Peers' RPC addresses at a catalog era (looked up once per replica
+    /// request otherwise).
+    addrs: Mutex<(u64, HashMap<u64, String>)>,
     pub stats: Stats,
 }
 
@@ -127,6 +130,7 @@ impl DataService {
             volumes: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
             commands: Mutex::new(HashMap::new()),
+            addrs: Mutex::new((u64::MAX, HashMap::new())),
             stats: Stats::default(),
         })
     }
@@ -142,11 +146,25 @@ impl DataService {
         if node == self.node_id {
             return Ok(Target::Local);
         }
+        let era = self.meta.catalog_era();
+        {
+            let addrs = lock(&self.addrs);
+            if addrs.0 == era {
+                if let Some(a) = addrs.1.get(&node) {
+                    return Ok(Target::Remote(node, a.clone()));
+                }
+            }
+        }
         let rec = self
             .meta
             .node(node)
             .map_err(meta_err)?
             .ok_or_else(|| DataError::Unavailable(format!("node {node} is not a member")))?;
+        let mut addrs = lock(&self.addrs);
+        if addrs.0 != era {
+            *addrs = (era, HashMap::new());
+        }
+        addrs.1.insert(node, rec.rpc_addr.clone());
         Ok(Target::Remote(node, rec.rpc_addr))
     }
 
@@ -504,6 +522,9 @@ impl DataService {
             caw: tokio::sync::RwLock::new(()),
             alloc: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashSet::new()),
+            // Not read at any era yet: the first I/O reads the record again.
+            era: AtomicU64::new(u64::MAX),
+            live: Mutex::new(LiveMaps::default()),
         });
         lock(&self.volumes).insert(vdisk_id, v.clone());
         Ok(v)
@@ -525,6 +546,22 @@ pub struct Volume {
     /// Groups with acknowledged writes that may not be durable yet (the
     /// write-back cache a flush empties).
     dirty: Mutex<HashSet<u64>>,
+    /// The metadata catalog era `vdisk` was read at (see
+    /// `MetadataHandle::catalog_era`): a snapshot, resize or owner change
+    /// applied on this node is seen by the next I/O, not at the next
+    /// route check.
+    era: AtomicU64,
+    /// vblock -> the group the current generation writes, as resolved at
+    /// `LiveMaps::era`: one RocksDB iterator per I/O was the largest cost of
+    /// a 4 KiB write on the owner. Only the live generation's own mappings
+    /// are kept: those change only through catalog changes that move the era.
+    live: Mutex<LiveMaps>,
+}
+
+#[derive(Default)]
+struct LiveMaps {
+    era: u64,
+    groups: HashMap<u64, u64>,
 }
 
 /// One vblock-sized piece of a request.
@@ -538,20 +575,39 @@ struct Piece {
 }
 
 impl Volume {
+    /// The vdisk's record, read again when the catalog era moved.
     pub(crate) fn rec(&self) -> Arc<VdiskRecord> {
+        if self.era.load(Ordering::Acquire) != self.svc.meta.catalog_era() {
+            // A vdisk that is gone keeps its last record: its I/O fails on
+            // the groups' side, and the route check closes it.
+            self.refresh();
+        }
         read(&self.vdisk).clone()
     }
 
+    /// Whether this node owns the vdisk, as its local metadata says (a
+    /// stale owner is fenced by the group epochs anyway). Cheap unless the
+    /// catalog moved: every forwarded request asks.
     pub(crate) fn owned(&self) -> bool {
-        // Ownership is re-read from local metadata: it moves rarely, and a
-        // stale owner is fenced by the epochs anyway.
-        match self.svc.meta.vdisk_by_id(&self.rec().id) {
+        if self.era.load(Ordering::Acquire) != self.svc.meta.catalog_era() {
+            return self.refresh().unwrap_or(false);
+        }
+        read(&self.vdisk).owner_node_id == self.svc.node_id
+    }
+
+    /// Reads the record again; whether this node owns it, `None` when it is
+    /// gone or cannot be read (then the next call tries again).
+    fn refresh(&self) -> Option<bool> {
+        let era = self.svc.meta.catalog_era();
+        let id = read(&self.vdisk).id.clone();
+        match self.svc.meta.vdisk_by_id(&id) {
             Ok(Some(vd)) => {
                 let owned = vd.owner_node_id == self.svc.node_id;
                 *write(&self.vdisk) = Arc::new(vd);
-                owned
+                self.era.store(era, Ordering::Release);
+                Some(owned)
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -591,7 +647,43 @@ impl Volume {
     /// The group holding `vblock` as this vdisk sees it now, following
     /// snapshots (older generations) and clone parents.
     fn resolve(&self, vblock: u64) -> Result<Option<VblockMapping>, DataError> {
+        let era = self.svc.meta.catalog_era();
         let vd = self.rec();
+        {
+            let live = lock(&self.live);
+            if live.era == era {
+                if let Some(&g) = live.groups.get(&vblock) {
+                    return Ok(Some(VblockMapping {
+                        format_version: cairn_api::FORMAT_VERSION,
+                        vdisk_id: vd.id.clone(),
+                        vblock,
+                        extent_group_id: g,
+                        extent_index: 0,
+                        generation: vd.generation,
+                    }));
+                }
+            }
+        }
+        let found = self.resolve_stored(&vd, vblock)?;
+        if let Some(m) = &found {
+            if m.vdisk_id == vd.id && m.generation == vd.generation {
+                let mut live = lock(&self.live);
+                if live.era != era {
+                    live.groups.clear();
+                    live.era = era;
+                }
+                live.groups.insert(vblock, m.extent_group_id);
+            }
+        }
+        Ok(found)
+    }
+
+    /// [`Self::resolve`] from the metadata store.
+    fn resolve_stored(
+        &self,
+        vd: &VdiskRecord,
+        vblock: u64,
+    ) -> Result<Option<VblockMapping>, DataError> {
         let mut vdisk = vd.id.clone();
         let mut gen = vd.generation;
         let mut parent = (vd.parent_vdisk_id.clone(), vd.parent_generation);

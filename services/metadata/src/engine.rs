@@ -12,6 +12,8 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::state::{Pairs, StateView};
 use crate::MetaError;
 
@@ -22,6 +24,8 @@ pub const CF_STATE: &str = "state";
 pub struct Engine {
     db: DB,
     path: PathBuf,
+    /// See [`Engine::catalog_era`].
+    catalog_era: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -47,6 +51,7 @@ impl Engine {
         let engine = Self {
             db,
             path: path.to_path_buf(),
+            catalog_era: AtomicU64::new(0),
         };
         engine.verify()?;
         Ok(Arc::new(engine))
@@ -71,6 +76,23 @@ impl Engine {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Moves whenever this node applies a change that can invalidate what a
+    /// data path caches from the state: a node, datastore, vdisk or snapshot
+    /// record written or removed, a vblock mapping removed, or a whole
+    /// snapshot of the state installed. New mappings and extent-group or
+    /// disk updates leave it alone (caches hold only mappings that exist;
+    /// groups have their own epochs). Read before reading the state: a
+    /// cache filled after seeing era `e` is good while the era is still `e`.
+    pub fn catalog_era(&self) -> u64 {
+        self.catalog_era.load(Ordering::Acquire)
+    }
+
+    /// Called after the change is committed, so a reader that sees the new
+    /// era also sees the new state.
+    pub(crate) fn bump_catalog_era(&self) {
+        self.catalog_era.fetch_add(1, Ordering::AcqRel);
     }
 
     pub(crate) fn cf(&self, name: &str) -> Result<&ColumnFamily, MetaError> {

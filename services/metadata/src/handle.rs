@@ -404,6 +404,11 @@ impl MetadataHandle {
     // ---- Queries of the data service (local state; call `read_barrier`
     // first when the answer must reflect every acknowledged change) ----
 
+    /// See [`Engine::catalog_era`]: read it before reading what a cache
+    /// keeps; the cache is good while it has not moved.
+    pub fn catalog_era(&self) -> u64 {
+        self.inner.engine.catalog_era()
+    }
     pub fn vdisk_by_id(&self, id: &str) -> Result<Option<VdiskRecord>, MetaError> {
         match self.inner.engine.get(CF_STATE, &state::vdisk_id_key(id))? {
             Some(key) => self.get(&key),

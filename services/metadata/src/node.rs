@@ -349,6 +349,7 @@ impl Driver {
             let mut batch = self.engine.batch();
             let data = self.raw.mut_store().install_snapshot(&snap, &mut batch)?;
             batch.commit(true)?;
+            self.engine.bump_catalog_era();
             let meta = snap.get_metadata();
             self.applied = meta.index;
             self.applied_term = meta.term;
@@ -492,6 +493,10 @@ impl Driver {
             encode_pair(self.applied, self.applied_term),
         );
 
+        let catalog = overlay
+            .writes
+            .iter()
+            .any(|(k, v)| state::touches_catalog(k, v.is_some()));
         let mut batch = self.engine.batch();
         for (k, v) in &overlay.writes {
             match v {
@@ -505,6 +510,9 @@ impl Driver {
             self.raw.mut_store().set_conf_state(cs, &mut batch)?;
         }
         batch.commit(false)?;
+        if catalog {
+            self.engine.bump_catalog_era();
+        }
 
         if let Some(cs) = new_conf {
             self.conf_state = cs;

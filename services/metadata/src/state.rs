@@ -91,6 +91,13 @@ pub fn mapping_key(vdisk_id: &str, vblock: u64, generation: u64) -> Vec<u8> {
     .concat()
 }
 
+/// Whether writing (`put`) or removing `key` changes what
+/// [`crate::engine::Engine::catalog_era`] guards.
+pub fn touches_catalog(key: &[u8], put: bool) -> bool {
+    const CATALOG: [&[u8]; 5] = [PREFIX_NODE, PREFIX_DATASTORE, PREFIX_VDISK, b"i/", b"p/"];
+    CATALOG.iter().any(|p| key.starts_with(p)) || (!put && key.starts_with(b"b/"))
+}
+
 /// A vdisk's `v/...` key and its record.
 pub type KeyedVdisk = (Vec<u8>, Record<VdiskRecord>);
 
