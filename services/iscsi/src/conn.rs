@@ -125,7 +125,10 @@ pub async fn run(
         data_digest: params.data_digest,
     };
     let reader = tokio::spawn(async move {
-        let mut rd = rd;
+        // Buffered: with 32 commands in flight one read takes many PDUs
+        // (it was a read for each header, each data segment, and an
+        // EAGAIN). Data segments larger than the buffer bypass it.
+        let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
         loop {
             let r = pdu::read_pdu(&mut rd, limits).await;
             let end = r.is_err();
