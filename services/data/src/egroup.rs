@@ -111,15 +111,7 @@ impl ExtentGroupFile {
     /// Creates a new file (fails if it exists) and makes its superblock durable.
     pub fn create(path: &Path, header: ExtentGroupHeader) -> Result<Self, DataError> {
         let io = |e| DataError::io(path, e);
-        let sb = format::encode_superblock(&header);
-        // Validate what we are about to write with the reader's own rules.
-        format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(io)?;
+        let (file, sb) = Self::new_file(path, &header)?;
         file.write_all_at(&sb, 0).map_err(io)?;
         file.sync_all().map_err(io)?;
         if let Some(dir) = path.parent() {
@@ -139,15 +131,7 @@ impl ExtentGroupFile {
         header: ExtentGroupHeader,
         stage: Option<usize>,
     ) -> Result<Self, DataError> {
-        let io = |e| DataError::io(path, e);
-        let sb = format::encode_superblock(&header);
-        format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(io)?;
+        let (file, sb) = Self::new_file(path, &header)?;
         let mut me = Self::created(path, file, header);
         match stage {
             Some(capacity) => {
@@ -155,7 +139,10 @@ impl ExtentGroupFile {
                 staged.extend_from_slice(&sb);
                 me.staged = Some(staged);
             }
-            None => me.file.write_all_at(&sb, 0).map_err(io)?,
+            None => me
+                .file
+                .write_all_at(&sb, 0)
+                .map_err(|e| DataError::io(path, e))?,
         }
         Ok(me)
     }
@@ -168,6 +155,20 @@ impl ExtentGroupFile {
                 .map_err(|e| DataError::io(&self.path, e))?;
         }
         self.sync()
+    }
+
+    /// Creates the file (failing if it exists) and encodes its superblock,
+    /// validated with the reader's own rules before anything is written.
+    fn new_file(path: &Path, header: &ExtentGroupHeader) -> Result<(File, Vec<u8>), DataError> {
+        let sb = format::encode_superblock(header);
+        format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| DataError::io(path, e))?;
+        Ok((file, sb))
     }
 
     fn created(path: &Path, file: File, header: ExtentGroupHeader) -> Self {

@@ -80,7 +80,7 @@ pub struct DataService {
     commands: Mutex<HashMap<String, Arc<dyn CommandHandler>>>,
     /// Peers' RPC addresses at a catalog era (looked up once per replica
     /// request otherwise).
-    addrs: Mutex<(u64, HashMap<u64, String>)>,
+    addrs: Mutex<EraCache<String>>,
     pub stats: Stats,
 }
 
@@ -130,7 +130,7 @@ impl DataService {
             volumes: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
             commands: Mutex::new(HashMap::new()),
-            addrs: Mutex::new((u64::MAX, HashMap::new())),
+            addrs: Mutex::new(EraCache::default()),
             stats: Stats::default(),
         })
     }
@@ -147,24 +147,16 @@ impl DataService {
             return Ok(Target::Local);
         }
         let era = self.meta.catalog_era();
-        {
-            let addrs = lock(&self.addrs);
-            if addrs.0 == era {
-                if let Some(a) = addrs.1.get(&node) {
-                    return Ok(Target::Remote(node, a.clone()));
-                }
-            }
+        let cached = lock(&self.addrs).get(era, node);
+        if let Some(addr) = cached {
+            return Ok(Target::Remote(node, addr));
         }
         let rec = self
             .meta
             .node(node)
             .map_err(meta_err)?
             .ok_or_else(|| DataError::Unavailable(format!("node {node} is not a member")))?;
-        let mut addrs = lock(&self.addrs);
-        if addrs.0 != era {
-            *addrs = (era, HashMap::new());
-        }
-        addrs.1.insert(node, rec.rpc_addr.clone());
+        lock(&self.addrs).put(era, node, rec.rpc_addr.clone());
         Ok(Target::Remote(node, rec.rpc_addr))
     }
 
@@ -524,7 +516,7 @@ impl DataService {
             dirty: Mutex::new(HashSet::new()),
             // Not read at any era yet: the first I/O reads the record again.
             era: AtomicU64::new(u64::MAX),
-            live: Mutex::new(LiveMaps::default()),
+            live: Mutex::new(EraCache::default()),
         });
         lock(&self.volumes).insert(vdisk_id, v.clone());
         Ok(v)
@@ -552,16 +544,33 @@ pub struct Volume {
     /// route check.
     era: AtomicU64,
     /// vblock -> the group the current generation writes, as resolved at
-    /// `LiveMaps::era`: one RocksDB iterator per I/O was the largest cost of
-    /// a 4 KiB write on the owner. Only the live generation's own mappings
-    /// are kept: those change only through catalog changes that move the era.
-    live: Mutex<LiveMaps>,
+    /// its era: one RocksDB iterator per I/O was the largest cost of a
+    /// 4 KiB write on the owner. Only the live generation's own mappings are
+    /// kept: those change only through catalog changes that move the era.
+    live: Mutex<EraCache<u64>>,
 }
 
+/// Values read from metadata, good while the catalog era they were read at
+/// (see `MetadataHandle::catalog_era`) has not moved.
 #[derive(Default)]
-struct LiveMaps {
+struct EraCache<V> {
     era: u64,
-    groups: HashMap<u64, u64>,
+    map: HashMap<u64, V>,
+}
+
+impl<V: Clone> EraCache<V> {
+    fn get(&self, era: u64, key: u64) -> Option<V> {
+        (self.era == era).then(|| self.map.get(&key).cloned())?
+    }
+
+    /// Keeps `value`, read after seeing `era`; older entries go if it moved.
+    fn put(&mut self, era: u64, key: u64, value: V) {
+        if self.era != era {
+            self.map.clear();
+            self.era = era;
+        }
+        self.map.insert(key, value);
+    }
 }
 
 /// One vblock-sized piece of a request.
@@ -649,30 +658,21 @@ impl Volume {
     fn resolve(&self, vblock: u64) -> Result<Option<VblockMapping>, DataError> {
         let era = self.svc.meta.catalog_era();
         let vd = self.rec();
-        {
-            let live = lock(&self.live);
-            if live.era == era {
-                if let Some(&g) = live.groups.get(&vblock) {
-                    return Ok(Some(VblockMapping {
-                        format_version: cairn_api::FORMAT_VERSION,
-                        vdisk_id: vd.id.clone(),
-                        vblock,
-                        extent_group_id: g,
-                        extent_index: 0,
-                        generation: vd.generation,
-                    }));
-                }
-            }
+        let cached = lock(&self.live).get(era, vblock);
+        if let Some(g) = cached {
+            return Ok(Some(VblockMapping {
+                format_version: cairn_api::FORMAT_VERSION,
+                vdisk_id: vd.id.clone(),
+                vblock,
+                extent_group_id: g,
+                extent_index: 0,
+                generation: vd.generation,
+            }));
         }
         let found = self.resolve_stored(&vd, vblock)?;
         if let Some(m) = &found {
             if m.vdisk_id == vd.id && m.generation == vd.generation {
-                let mut live = lock(&self.live);
-                if live.era != era {
-                    live.groups.clear();
-                    live.era = era;
-                }
-                live.groups.insert(vblock, m.extent_group_id);
+                lock(&self.live).put(era, vblock, m.extent_group_id);
             }
         }
         Ok(found)
