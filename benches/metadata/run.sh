@@ -9,9 +9,11 @@
 #
 # Knobs (environment): OPS_1 (2000), OPS_32 (8000), VALUE_SIZE (1024),
 # KEYSPACE (1000), RUN_TIMEOUT seconds per driver run (240), SKIP_BUILD=1,
-# KEEP=1 (keep the temporary folder), ETCD (etcd binary, default: etcd),
+# KEEP=1 (keep the temporary folder), HOLD=1 (start, preload, then keep both
+# clusters running for profiling until stopped), ETCD (etcd binary, default: etcd),
 # CAIRN_RPC_PORT (17100), CAIRN_API_PORT (18443), ETCD_CLIENT_PORT (12379),
-# ETCD_PEER_PORT (12380).
+# ETCD_PEER_PORT (12380), CAIRN (the cairn binary; default: the one built here),
+# CAIRN_ISCSI_PORT (the nodes' iSCSI port; default 3260).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -82,7 +84,7 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     # features differently and would rebuild RocksDB's C++ for nothing.
     (cd "$REPO" && cargo build --workspace --all-targets)
 fi
-CAIRN=$CARGO_TARGET_DIR/debug/cairn
+CAIRN=${CAIRN:-$CARGO_TARGET_DIR/debug/cairn}
 DRIVER=$CARGO_TARGET_DIR/debug/cairn-metabench
 [[ -x $CAIRN ]] || die "$CAIRN is missing"
 [[ -x $DRIVER ]] || die "$DRIVER is missing"
@@ -198,6 +200,24 @@ drive() { # target mode clients ops [record]
 log "preloading $KEYSPACE keys of $VALUE_SIZE bytes into both"
 drive cairn put 32 "$KEYSPACE" no
 drive etcd put 32 "$KEYSPACE" no
+
+if [[ ${HOLD:-0} == 1 ]]; then
+    # For profiling: keep both clusters up and say how to drive them.
+    {
+        echo "DRIVER=$DRIVER"
+        echo "CEPS=$CEPS"
+        echo "EEPS=$EEPS"
+        echo "C1=$C1"
+        echo "CAIRN_PIDS=\"${CPIDS[*]}\""
+        echo "ETCD_PIDS=\"${EPIDS[*]}\""
+    } >"$WORK/hold.env"
+    log "HOLD=1: clusters up; variables in $WORK/hold.env; Ctrl-C or SIGTERM $$ stops them"
+    # `wait` (not a foreground sleep) lets the EXIT trap run at once on a signal.
+    while :; do
+        sleep 3600 &
+        wait $! || true
+    done
+fi
 
 for mode in put get; do
     for clients in 1 32; do

@@ -190,6 +190,12 @@ impl Batch<'_> {
         }
         self.engine.write(self.wb, sync)
     }
+
+    /// The batch's writes, for committing them on another thread
+    /// ([`Engine::write`]).
+    pub(crate) fn into_write_batch(self) -> WriteBatch {
+        self.wb
+    }
 }
 
 /// The state machine column family as a [`StateView`].

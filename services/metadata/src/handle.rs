@@ -2,7 +2,6 @@
 //! linearizable reads, membership changes, and typed queries of the state.
 
 use std::path::PathBuf;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState};
 use raft::RawNode;
 use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
 use crate::engine::{Engine, CF_STATE};
@@ -58,7 +58,7 @@ pub struct MetaConfig {
 
 struct Inner {
     node_id: u64,
-    inbox: std::sync::Mutex<Sender<Msg>>,
+    inbox: UnboundedSender<Msg>,
     engine: Arc<Engine>,
     transport: Arc<Transport>,
     timeout: Duration,
@@ -119,13 +119,14 @@ impl slog::Drain for TracingDrain {
 }
 
 impl MetadataHandle {
-    /// Opens the node's RocksDB, starts the raft thread and the transport.
-    /// The returned thread ends with `Err` if the engine fails.
+    /// Opens the node's RocksDB, starts the raft driver task and the
+    /// transport on `rt`. The returned task ends with `Err` if the engine
+    /// fails.
     pub fn start(
         cfg: MetaConfig,
         identity: &NodeIdentity,
         rt: tokio::runtime::Handle,
-    ) -> Result<(Self, std::thread::JoinHandle<Result<(), MetaError>>), MetaError> {
+    ) -> Result<(Self, tokio::task::JoinHandle<Result<(), MetaError>>), MetaError> {
         let engine = Engine::open(&cfg.db_path)?;
         let log = RaftLog::load(engine.clone())?;
         let applied = match engine.get(CF_STATE, KEY_APPLIED)? {
@@ -153,13 +154,13 @@ impl MetadataHandle {
         let raw = RawNode::new(&raft_cfg, log, &logger)?;
         let tls = cairn_rpc::tls::mtls_client_config(identity)
             .map_err(|e| MetaError::Rpc(e.to_string()))?;
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let transport = Arc::new(Transport::new(
             cfg.node_id,
             cfg.rpc_addr.clone(),
             tls,
             tx.clone(),
-            rt,
+            rt.clone(),
         ));
         let driver = Driver::new(
             cfg.node_id,
@@ -171,22 +172,19 @@ impl MetadataHandle {
             applied,
             conf_state,
         );
-        let thread = std::thread::Builder::new()
-            .name("cairn-raft".into())
-            .spawn(move || driver.run())
-            .map_err(|e| MetaError::Storage(format!("cannot start raft thread: {e}")))?;
+        let task = rt.spawn(driver.run());
         tracing::info!(node = cfg.node_id, db = %cfg.db_path.display(), applied = applied.0, "metadata service started");
         Ok((
             Self {
                 inner: Arc::new(Inner {
                     node_id: cfg.node_id,
-                    inbox: std::sync::Mutex::new(tx),
+                    inbox: tx,
                     engine,
                     transport,
                     timeout: cfg.request_timeout,
                 }),
             },
-            thread,
+            task,
         ))
     }
 
@@ -195,8 +193,7 @@ impl MetadataHandle {
     }
 
     pub(crate) fn send(&self, msg: Msg) -> Result<(), MetaError> {
-        let tx = cairn_util::sync::lock(&self.inner.inbox).clone();
-        tx.send(msg).map_err(|_| MetaError::Stopped)
+        self.inner.inbox.send(msg).map_err(|_| MetaError::Stopped)
     }
 
     /// Learns a peer's return address from a message it sent (see RaftBatch.from_addr).
@@ -214,7 +211,7 @@ impl MetadataHandle {
         }
     }
 
-    /// Stops the raft thread (it flushes RocksDB on the way out).
+    /// Stops the raft driver (it flushes RocksDB on the way out).
     pub fn shutdown(&self) {
         let _ = self.send(Msg::Shutdown);
     }

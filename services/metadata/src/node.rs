@@ -1,8 +1,20 @@
-//! The raft-rs driver: one OS thread owns the `RawNode`, its RocksDB log and
-//! the state machine. It receives peer messages and client requests on one
+//! The raft-rs driver: one task owns the `RawNode`, its RocksDB log and the
+//! state machine. It receives peer messages and client requests on one
 //! channel, drains everything queued before handling a Ready, so concurrent
 //! proposals share one fsync (group commit) and concurrent linearizable reads
 //! share one ReadIndex round.
+//!
+//! It is a task on the node's runtime, not a thread of its own: a message
+//! that arrives on a runtime worker is then stepped on that same worker, and
+//! what raft sends back leaves from it too, instead of waking another thread
+//! at every hop. On a small VM those wakeups were most of the cost of a
+//! ReadIndex round (the leader used to spend ~12 context switches per read,
+//! half of them handing work between its runtime and the raft thread).
+//! Disk work that can take milliseconds (fsyncs, snapshot installs, log
+//! compaction, the final flush) goes to the blocking pool
+//! ([`Driver::write_off_worker`]) and the driver awaits it, so the worker
+//! meanwhile runs the tasks that send the appends this Ready produced (a
+//! leader's appends leave before its own fsync, see `on_ready`).
 //!
 //! Invariants enforced here:
 //! - Log entries and hard state are fsynced before the messages that depend
@@ -14,7 +26,6 @@
 //! - The log is only compacted below the applied index.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,9 +37,10 @@ use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message as RaftMessage,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::oneshot;
 
-use crate::engine::{Engine, StateCf, CF_STATE};
+use crate::engine::{Batch, Engine, StateCf, CF_STATE};
 use crate::handle::NodeStatus;
 use crate::log::{encode_pair, RaftLog};
 use crate::state::{self, Layered, Overlay, KEY_APPLIED, KEY_CONF_STATE, PREFIX_NODE};
@@ -61,7 +73,7 @@ impl Default for RaftSettings {
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, MetaError>>;
 
-/// Everything the driver thread is asked to do.
+/// Everything the driver is asked to do.
 pub(crate) enum Msg {
     Raft(Box<RaftMessage>),
     Propose {
@@ -91,7 +103,7 @@ pub(crate) struct Driver {
     id: u64,
     raw: RawNode<RaftLog>,
     engine: Arc<Engine>,
-    inbox: Receiver<Msg>,
+    inbox: UnboundedReceiver<Msg>,
     transport: Arc<Transport>,
     settings: RaftSettings,
     proposals: HashMap<u64, Reply<CommandResult>>,
@@ -116,7 +128,7 @@ impl Driver {
         id: u64,
         raw: RawNode<RaftLog>,
         engine: Arc<Engine>,
-        inbox: Receiver<Msg>,
+        inbox: UnboundedReceiver<Msg>,
         transport: Arc<Transport>,
         settings: RaftSettings,
         applied: (u64, u64),
@@ -143,14 +155,14 @@ impl Driver {
 
     /// Runs until shutdown. An engine error ends the loop with `Err`: the
     /// node must stop rather than serve metadata it could not persist.
-    pub(crate) fn run(mut self) -> Result<(), MetaError> {
+    pub(crate) async fn run(mut self) -> Result<(), MetaError> {
         self.refresh_peers()?;
         let mut next_tick = Instant::now() + self.settings.tick;
         let mut next_sweep = Instant::now() + Duration::from_secs(1);
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match self.inbox.recv_timeout(wait) {
-                Ok(msg) => {
+            let deadline = tokio::time::Instant::from_std(next_tick);
+            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+                Ok(Some(msg)) => {
                     if !self.handle(msg) {
                         break;
                     }
@@ -158,15 +170,15 @@ impl Driver {
                         match self.inbox.try_recv() {
                             Ok(msg) => {
                                 if !self.handle(msg) {
-                                    return self.shutdown();
+                                    return self.shutdown().await;
                                 }
                             }
                             Err(_) => break,
                         }
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                Ok(None) => break,
+                Err(_elapsed) => {}
             }
             let now = Instant::now();
             if now >= next_tick {
@@ -178,17 +190,29 @@ impl Driver {
                 next_sweep = now + Duration::from_secs(1);
             }
             self.start_reads();
-            self.on_ready()?;
+            self.on_ready().await?;
         }
-        self.shutdown()
+        self.shutdown().await
     }
 
-    fn shutdown(self) -> Result<(), MetaError> {
+    async fn shutdown(self) -> Result<(), MetaError> {
         tracing::info!(
             node = self.id,
             "metadata service stopping; flushing RocksDB"
         );
-        self.engine.flush()
+        let engine = self.engine.clone();
+        off_worker(move || engine.flush()).await
+    }
+
+    /// Commits `batch` on the blocking pool: an fsync (or a large batch)
+    /// takes milliseconds that the runtime worker spends on other tasks.
+    async fn write_off_worker(&self, batch: Batch<'_>, sync: bool) -> Result<(), MetaError> {
+        let wb = batch.into_write_batch();
+        if wb.is_empty() {
+            return Ok(());
+        }
+        let engine = self.engine.clone();
+        off_worker(move || engine.write(wb, sync)).await
     }
 
     fn handle(&mut self, msg: Msg) -> bool {
@@ -326,7 +350,7 @@ impl Driver {
         }
     }
 
-    fn on_ready(&mut self) -> Result<(), MetaError> {
+    async fn on_ready(&mut self) -> Result<(), MetaError> {
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -348,7 +372,7 @@ impl Driver {
             let snap = ready.snapshot().clone();
             let mut batch = self.engine.batch();
             let data = self.raw.mut_store().install_snapshot(&snap, &mut batch)?;
-            batch.commit(true)?;
+            self.write_off_worker(batch, true).await?;
             self.engine.bump_catalog_era();
             let meta = snap.get_metadata();
             self.applied = meta.index;
@@ -378,7 +402,11 @@ impl Driver {
             if let Some(hs) = ready.hs() {
                 self.raw.mut_store().set_hard_state(hs, &mut batch)?;
             }
-            batch.commit(must_sync)?;
+            if must_sync {
+                self.write_off_worker(batch, true).await?;
+            } else {
+                batch.commit(false)?;
+            }
         }
 
         self.transport.send(ready.take_persisted_messages());
@@ -400,7 +428,7 @@ impl Driver {
         self.apply_entries(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.release_reads();
-        self.maybe_compact()
+        self.maybe_compact().await
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), MetaError> {
@@ -527,7 +555,7 @@ impl Driver {
         Ok(())
     }
 
-    fn maybe_compact(&mut self) -> Result<(), MetaError> {
+    async fn maybe_compact(&mut self) -> Result<(), MetaError> {
         let first = self.raw.store().truncated_index() + 1;
         if self.applied < first + self.settings.compact_threshold {
             return Ok(());
@@ -535,7 +563,7 @@ impl Driver {
         let to = self.applied.saturating_sub(self.settings.compact_retain);
         let mut batch = self.engine.batch();
         self.raw.mut_store().compact(to, &mut batch)?;
-        batch.commit(false)?;
+        self.write_off_worker(batch, false).await?;
         tracing::debug!(node = self.id, compacted_below = to, "raft log compacted");
         Ok(())
     }
@@ -559,4 +587,13 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// Runs blocking disk work on the runtime's blocking pool.
+async fn off_worker(
+    f: impl FnOnce() -> Result<(), MetaError> + Send + 'static,
+) -> Result<(), MetaError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| MetaError::Storage(format!("metadata disk write did not finish: {e}")))?
 }

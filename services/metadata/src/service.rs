@@ -42,7 +42,7 @@ struct RaftService {
 }
 
 impl RaftService {
-    /// Decodes and delivers one batch to the raft thread.
+    /// Decodes and delivers one batch to the raft driver.
     // tonic handlers return `Status` by value; boxing it here only to unbox it
     // in both callers would buy nothing.
     #[allow(clippy::result_large_err)]

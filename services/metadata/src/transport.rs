@@ -4,7 +4,6 @@
 //! retransmits (raft tolerates loss, not unbounded memory).
 
 use std::collections::HashMap;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message as RaftMessage, MessageType};
 use rustls::ClientConfig;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::UnboundedSender;
 use tonic::transport::Channel;
 
 use crate::node::Msg;
@@ -35,7 +35,7 @@ pub struct Transport {
     self_addr: String,
     tls: Arc<ClientConfig>,
     peers: Mutex<HashMap<u64, Peer>>,
-    inbox: Mutex<Sender<Msg>>,
+    inbox: UnboundedSender<Msg>,
     rt: tokio::runtime::Handle,
 }
 
@@ -44,7 +44,7 @@ impl Transport {
         self_id: u64,
         self_addr: String,
         tls: Arc<ClientConfig>,
-        inbox: Sender<Msg>,
+        inbox: UnboundedSender<Msg>,
         rt: tokio::runtime::Handle,
     ) -> Self {
         Self {
@@ -52,13 +52,13 @@ impl Transport {
             self_addr,
             tls,
             peers: Mutex::new(HashMap::new()),
-            inbox: Mutex::new(inbox),
+            inbox,
             rt,
         }
     }
 
-    fn inbox(&self) -> Sender<Msg> {
-        cairn_util::sync::lock(&self.inbox).clone()
+    fn inbox(&self) -> UnboundedSender<Msg> {
+        self.inbox.clone()
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
@@ -67,7 +67,7 @@ impl Transport {
 
     /// A gRPC channel to `addr` with this node's client certificate.
     pub fn channel(&self, addr: &str, timeout: Option<Duration>) -> Result<Channel, MetaError> {
-        // Called from the raft thread too: tonic needs the runtime to build a channel.
+        // Called from the raft driver too: tonic needs the runtime to build a channel.
         let _rt = self.rt.enter();
         cairn_rpc::dial::mtls_channel(addr, self.tls.clone(), timeout)
             .map_err(|e| MetaError::Rpc(e.to_string()))
@@ -170,7 +170,7 @@ async fn peer_loop(
     addr: String,
     mut rx: mpsc::Receiver<RaftMessage>,
     mut client: RaftTransportClient<Channel>,
-    inbox: Sender<Msg>,
+    inbox: UnboundedSender<Msg>,
     from_node: u64,
     from_addr: String,
 ) {

@@ -45,7 +45,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         },
         request_timeout: Duration::from_millis(cfg.raft.request_timeout_ms),
     };
-    let (meta, raft_thread) =
+    let (meta, raft_task) =
         MetadataHandle::start(meta_cfg, &identity, tokio::runtime::Handle::current())
             .context("cannot start the metadata service")?;
 
@@ -164,16 +164,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
 
     let mut term = signal(SignalKind::terminate())?;
-    let raft_done = tokio::task::spawn_blocking(move || raft_thread.join());
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping"),
         _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
-        r = raft_done => {
+        r = raft_task => {
             let _ = stop_tx.send(true);
             return match r {
-                Ok(Ok(Ok(()))) => Ok(()),
-                Ok(Ok(Err(e))) => Err(anyhow::anyhow!("metadata engine failed, stopping the node: {e}")),
-                _ => Err(anyhow::anyhow!("metadata thread panicked")),
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::anyhow!("metadata engine failed, stopping the node: {e}")),
+                Err(e) => Err(anyhow::anyhow!("metadata driver task failed: {e}")),
             };
         }
     }
@@ -192,7 +191,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         tracing::error!(error = %e, "cannot sync deferred writes at stop");
     }
     meta.shutdown();
-    // Give the raft thread a moment to flush RocksDB.
+    // Give the raft driver a moment to flush RocksDB.
     for _ in 0..50 {
         if meta.status().await.is_err() {
             break;
