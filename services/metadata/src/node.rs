@@ -10,11 +10,12 @@
 //! at every hop. On a small VM those wakeups were most of the cost of a
 //! ReadIndex round (the leader used to spend ~12 context switches per read,
 //! half of them handing work between its runtime and the raft thread).
-//! Disk work that can take milliseconds (fsyncs, snapshot installs, log
-//! compaction, the final flush) goes to the blocking pool
+//! Disk work that can take milliseconds (a leader's fsyncs, snapshot
+//! installs, log compaction, the final flush) goes to the blocking pool
 //! ([`Driver::write_off_worker`]) and the driver awaits it, so the worker
 //! meanwhile runs the tasks that send the appends this Ready produced (a
-//! leader's appends leave before its own fsync, see `on_ready`).
+//! leader's appends leave before its own fsync). A follower fsyncs in place:
+//! see `on_ready`.
 //!
 //! Invariants enforced here:
 //! - Log entries and hard state are fsynced before the messages that depend
@@ -396,16 +397,28 @@ impl Driver {
         let must_sync = ready.must_sync();
         // Heartbeats and ReadIndex rounds carry nothing to persist: skip the
         // empty RocksDB write that would otherwise sit in every round trip.
-        if !ready.entries().is_empty() || ready.hs().is_some() {
+        // A hard state that only moved its commit index to what the apply
+        // batch above already stored (`set_commit`) is not written twice.
+        let hs = ready
+            .hs()
+            .filter(|hs| *hs != self.raw.store().hard_state())
+            .cloned();
+        if !ready.entries().is_empty() || hs.is_some() {
             let mut batch = self.engine.batch();
             self.raw.mut_store().append(ready.entries(), &mut batch)?;
-            if let Some(hs) = ready.hs() {
+            if let Some(hs) = &hs {
                 self.raw.mut_store().set_hard_state(hs, &mut batch)?;
             }
-            if must_sync {
+            if must_sync && self.raw.raft.state == StateRole::Leader {
+                // The appends above are queued on this worker: let it send
+                // them while the fsync runs elsewhere.
                 self.write_off_worker(batch, true).await?;
             } else {
-                batch.commit(false)?;
+                // A follower (or candidate) has nothing to send before the
+                // fsync, and its answer is what the leader waits for: two
+                // thread handoffs around the fsync would sit on the commit
+                // path, so it syncs right here.
+                batch.commit(must_sync)?;
             }
         }
 
