@@ -28,7 +28,8 @@
 # libiscsi) BENCH_DIR (parent of the work folder; ${TMPDIR:-/tmp}) ISCSI_PORT
 # (3261: tgt on 127.0.0.1) TGT_CTRL_PORT (23) NBD_PORT (10819) CAIRN_RPC_PORT
 # (17300) CAIRN_API_PORT (18643) CAIRN_ISCSI_PORT (13260) SKIP_BUILD=1 KEEP=1
-# SKIP_QEMU_BENCH=1 (fio only) SKIP_FIO=1 (qemu-img bench only).
+# SKIP_QEMU_BENCH=1 (fio only) SKIP_FIO=1 (qemu-img bench only) CAIRN (the cairn
+# binary to start; default the one built here, e.g. to compare two builds).
 # Default run: about 6-8 minutes on 2 cores. Everything started here is stopped
 # by PID on exit.
 set -euo pipefail
@@ -109,7 +110,7 @@ if [[ -z $URL_RF1 || -z $URL_RF2 ]]; then
         # The same package selection as scripts/test.sh (a subset rebuilds RocksDB).
         (cd "$REPO" && cargo build --workspace --all-targets)
     fi
-    CAIRN=$CARGO_TARGET_DIR/debug/cairn
+    CAIRN=${CAIRN:-$CARGO_TARGET_DIR/debug/cairn}
     [[ -x $CAIRN ]] || die "$CAIRN is missing"
     json_field() { jq -r ".$1"; }
     # shellcheck source=../lib/cairn-cluster.sh
