@@ -303,12 +303,27 @@ impl Storage for RaftLog {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let snap = self.build_snapshot().map_err(other)?;
+        // raft-rs asks for this inside `step`, i.e. on the runtime worker the
+        // raft driver runs on; a large state machine takes a while to read.
+        let snap = blocking_in_place(|| self.build_snapshot()).map_err(other)?;
         if snap.get_metadata().index < request_index {
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
         Ok(snap)
+    }
+}
+
+/// Runs `f`, which reads or writes the disk for a long time, without holding
+/// up the other tasks of the runtime worker it is called on: on a
+/// multi-threaded runtime they move to another thread meanwhile. Outside a
+/// runtime, or on a current-thread one (unit tests), it simply runs `f`.
+fn blocking_in_place<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
