@@ -42,7 +42,7 @@ use cairn_util::sync::lock;
 use prost::Message;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::frontend::BlockService;
 use crate::pool::LocalPool;
@@ -171,8 +171,17 @@ impl RawProtocol for WireServer {
 /// answers queue for one writer task, which sends whatever is queued in one
 /// write. Under load (a primary's 32 writes in flight) one TLS record and
 /// one syscall carry many answers; the reader never waits for the socket.
+/// Each answer carries its request's in-flight permit, released once the
+/// answer has left (see [`MAX_IN_FLIGHT`]).
 #[derive(Clone)]
-struct Writer(mpsc::UnboundedSender<Vec<u8>>);
+struct Writer(mpsc::UnboundedSender<(Vec<u8>, OwnedSemaphorePermit)>);
+
+/// Requests of one connection read but not yet answered on the wire. At the
+/// limit the reader stops reading, so a peer that sends without reading its
+/// answers meets TCP backpressure instead of growing this node's memory
+/// (tasks and queued answers). Far above what a client keeps in flight: a
+/// primary's iSCSI queue depth per connection.
+const MAX_IN_FLIGHT: usize = 1024;
 
 async fn serve_conn<S>(
     pool: Arc<LocalPool>,
@@ -186,7 +195,12 @@ async fn serve_conn<S>(
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_answers(wr, rx, peer));
     let wr = Writer(tx);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let why = loop {
+        // Taken before the next frame is read: at the limit, nothing more is.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let (kind, id, body) = match read_frame(&mut rd).await {
             Ok(f) => f,
             Err(FrameError::Closed) => return,
@@ -202,12 +216,12 @@ async fn serve_conn<S>(
                     // A copy into the page cache: done here, in order, no
                     // task hand-off.
                     let r = pool.write(req).await;
-                    if !answer(&wr, id, r) {
+                    if !answer(&wr, id, r, permit) {
                         return;
                     }
                 } else {
                     let pool = pool.clone();
-                    spawn_answer(&wr, id, async move { pool.write(req).await });
+                    spawn_answer(&wr, id, permit, async move { pool.write(req).await });
                 }
             }
             KIND_READ => {
@@ -216,7 +230,7 @@ async fn serve_conn<S>(
                     Err(e) => break format!("malformed ReplicaRead: {e}"),
                 };
                 let pool = pool.clone();
-                spawn_answer(&wr, id, async move { pool.read(req).await });
+                spawn_answer(&wr, id, permit, async move { pool.read(req).await });
             }
             KIND_FORWARD => {
                 let req = match VdiskIo::decode(body) {
@@ -224,7 +238,7 @@ async fn serve_conn<S>(
                     Err(e) => break format!("malformed VdiskIo: {e}"),
                 };
                 let frontend = frontend.clone();
-                spawn_answer(&wr, id, async move {
+                spawn_answer(&wr, id, permit, async move {
                     serve_forward(frontend.as_ref(), req).await
                 });
             }
@@ -234,7 +248,7 @@ async fn serve_conn<S>(
                     Err(e) => break format!("malformed FrontendCommand: {e}"),
                 };
                 let frontend = frontend.clone();
-                spawn_answer(&wr, id, async move {
+                spawn_answer(&wr, id, permit, async move {
                     serve_command(frontend.as_ref(), req).await
                 });
             }
@@ -248,6 +262,7 @@ async fn serve_conn<S>(
                     id,
                     tonic::Code::Unimplemented,
                     format!("unknown request kind {other}"),
+                    permit,
                 ) {
                     return;
                 }
@@ -262,6 +277,7 @@ async fn serve_conn<S>(
 fn spawn_answer<M>(
     wr: &Writer,
     id: u64,
+    permit: OwnedSemaphorePermit,
     work: impl Future<Output = Result<M, DataError>> + Send + 'static,
 ) where
     M: Message + 'static,
@@ -269,7 +285,7 @@ fn spawn_answer<M>(
     let wr = wr.clone();
     tokio::spawn(async move {
         let r = work.await;
-        answer(&wr, id, r);
+        answer(&wr, id, r, permit);
     });
 }
 
@@ -278,7 +294,12 @@ fn spawn_answer<M>(
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Queues the answer to request `id`; false when the connection is gone.
-fn answer<M: Message>(wr: &Writer, id: u64, r: Result<M, DataError>) -> bool {
+fn answer<M: Message>(
+    wr: &Writer,
+    id: u64,
+    r: Result<M, DataError>,
+    permit: OwnedSemaphorePermit,
+) -> bool {
     let out = match r {
         Ok(m) => frame(KIND_OK, id, &m),
         Err(e) => {
@@ -294,7 +315,7 @@ fn answer<M: Message>(wr: &Writer, id: u64, r: Result<M, DataError>) -> bool {
             error_frame(id, s.code(), s.message().to_string())
         }
     };
-    wr.0.send(out).is_ok()
+    wr.0.send((out, permit)).is_ok()
 }
 
 fn error_frame(id: u64, code: tonic::Code, message: String) -> Vec<u8> {
@@ -309,8 +330,14 @@ fn error_frame(id: u64, code: tonic::Code, message: String) -> Vec<u8> {
 }
 
 /// Queues an error answer that no `DataError` describes.
-fn answer_error(wr: &Writer, id: u64, code: tonic::Code, message: String) -> bool {
-    wr.0.send(error_frame(id, code, message)).is_ok()
+fn answer_error(
+    wr: &Writer,
+    id: u64,
+    code: tonic::Code,
+    message: String,
+    permit: OwnedSemaphorePermit,
+) -> bool {
+    wr.0.send((error_frame(id, code, message), permit)).is_ok()
 }
 
 /// The connection's writer: sends queued answers, small ones together. Ends
@@ -319,21 +346,26 @@ fn answer_error(wr: &Writer, id: u64, code: tonic::Code, message: String) -> boo
 /// peer sees it end (a half-sent answer must not be followed by another).
 async fn write_answers<W: AsyncWrite>(
     mut w: WriteHalf<W>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<(Vec<u8>, OwnedSemaphorePermit)>,
     peer: SocketAddr,
 ) {
     let mut next = None;
+    let mut permits = Vec::new();
     loop {
-        let mut out = match next.take() {
+        let (mut out, permit) = match next.take() {
             Some(f) => f,
             None => match rx.recv().await {
                 Some(f) => f,
                 None => return,
             },
         };
+        permits.push(permit);
         while out.len() < BATCH_BYTES {
             match rx.try_recv() {
-                Ok(more) if more.len() < BATCH_BYTES => out.extend_from_slice(&more),
+                Ok((more, p)) if more.len() < BATCH_BYTES => {
+                    out.extend_from_slice(&more);
+                    permits.push(p);
+                }
                 Ok(big) => {
                     next = Some(big);
                     break;
@@ -347,6 +379,8 @@ async fn write_answers<W: AsyncWrite>(
             let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
             return;
         }
+        // These answers have left: their requests no longer count.
+        permits.clear();
     }
 }
 
@@ -724,5 +758,54 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(answer_of(&mut c).await.0, KIND_OK);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_read_its_answers_meets_backpressure() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(LocalPool::open(&[(dir.path().to_path_buf(), 0)]).unwrap());
+        // Small pipe buffers: unread answers soon fill the server's side.
+        let (c, srv) = tokio::io::duplex(4096);
+        tokio::spawn(serve_conn(
+            pool,
+            no_frontend(),
+            srv,
+            "127.0.0.1:1".parse().unwrap(),
+        ));
+        let read = ReplicaRead {
+            format_version: 1,
+            extent_group_id: 8,
+            first_block: 0,
+            block_count: 1,
+            epoch: 0,
+            states_only: false,
+        };
+        let total = MAX_IN_FLIGHT as u64 * 3;
+        let requests: Vec<u8> = (0..total)
+            .flat_map(|id| frame(KIND_READ, id, &read))
+            .collect();
+        let (mut rd, mut wr) = tokio::io::split(c);
+        let writer = tokio::spawn(async move {
+            wr.write_all(&requests).await.unwrap();
+            wr
+        });
+        // Without reading answers, the server stops taking requests: the
+        // writer cannot finish.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !writer.is_finished(),
+            "the server kept reading past its limit"
+        );
+        // Once the answers are read, every request is answered.
+        let mut seen = std::collections::HashSet::new();
+        while (seen.len() as u64) < total {
+            let (kind, id, _) = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rd))
+                .await
+                .expect("answers keep coming")
+                .unwrap();
+            assert_eq!(kind, KIND_ERR);
+            seen.insert(id);
+        }
+        writer.await.unwrap();
     }
 }
