@@ -57,11 +57,16 @@ pub fn kv_key(key: &[u8]) -> Vec<u8> {
 }
 pub const PREFIX_DISK: &[u8] = b"s/";
 pub const PREFIX_GROUP: &[u8] = b"g/";
+/// vdisk id → its `v/...` key.
+pub const PREFIX_VDISK_ID: &[u8] = b"i/";
+pub const PREFIX_SNAPSHOT: &[u8] = b"p/";
+/// vdisk block → extent group mappings.
+pub const PREFIX_MAPPING: &[u8] = b"b/";
 pub fn vdisk_id_key(id: &str) -> Vec<u8> {
-    [b"i/", id.as_bytes()].concat()
+    [PREFIX_VDISK_ID, id.as_bytes()].concat()
 }
 pub fn snapshot_prefix(vdisk_id: &str) -> Vec<u8> {
-    [b"p/", vdisk_id.as_bytes(), b"/"].concat()
+    [PREFIX_SNAPSHOT, vdisk_id.as_bytes(), b"/"].concat()
 }
 pub fn snapshot_key(vdisk_id: &str, name: &str) -> Vec<u8> {
     [snapshot_prefix(vdisk_id).as_slice(), name.as_bytes()].concat()
@@ -73,7 +78,7 @@ pub fn disk_key(id: &str) -> Vec<u8> {
     [PREFIX_DISK, id.as_bytes()].concat()
 }
 pub fn mapping_prefix(vdisk_id: &str) -> Vec<u8> {
-    [b"b/", vdisk_id.as_bytes(), b"/"].concat()
+    [PREFIX_MAPPING, vdisk_id.as_bytes(), b"/"].concat()
 }
 pub fn mapping_vblock_prefix(vdisk_id: &str, vblock: u64) -> Vec<u8> {
     [
@@ -94,8 +99,14 @@ pub fn mapping_key(vdisk_id: &str, vblock: u64, generation: u64) -> Vec<u8> {
 /// Whether writing (`put`) or removing `key` changes what
 /// [`crate::engine::Engine::catalog_era`] guards.
 pub fn touches_catalog(key: &[u8], put: bool) -> bool {
-    const CATALOG: [&[u8]; 5] = [PREFIX_NODE, PREFIX_DATASTORE, PREFIX_VDISK, b"i/", b"p/"];
-    CATALOG.iter().any(|p| key.starts_with(p)) || (!put && key.starts_with(b"b/"))
+    const CATALOG: [&[u8]; 5] = [
+        PREFIX_NODE,
+        PREFIX_DATASTORE,
+        PREFIX_VDISK,
+        PREFIX_VDISK_ID,
+        PREFIX_SNAPSHOT,
+    ];
+    CATALOG.iter().any(|p| key.starts_with(p)) || (!put && key.starts_with(PREFIX_MAPPING))
 }
 
 /// A vdisk's `v/...` key and its record.
