@@ -117,7 +117,7 @@ impl ExtentGroupFile {
         if let Some(dir) = path.parent() {
             cairn_util::durable::sync_dir(dir).map_err(io)?;
         }
-        Ok(Self::created(path, file, header))
+        Ok(Self::unindexed(path, file, header))
     }
 
     /// A new file whose records are gathered in memory until
@@ -132,7 +132,7 @@ impl ExtentGroupFile {
         stage: Option<usize>,
     ) -> Result<Self, DataError> {
         let (file, sb) = Self::new_file(path, &header)?;
-        let mut me = Self::created(path, file, header);
+        let mut me = Self::unindexed(path, file, header);
         match stage {
             Some(capacity) => {
                 let mut staged = Vec::with_capacity(capacity.max(sb.len()));
@@ -171,7 +171,9 @@ impl ExtentGroupFile {
         Ok((file, sb))
     }
 
-    fn created(path: &Path, file: File, header: ExtentGroupHeader) -> Self {
+    /// A file as seen before any record is indexed: what `create` makes, and
+    /// what `open` scans its records into.
+    fn unindexed(path: &Path, file: File, header: ExtentGroupHeader) -> Self {
         let blocks = format::group_blocks(&header) as usize;
         Self {
             path: path.to_path_buf(),
@@ -209,20 +211,7 @@ impl ExtentGroupFile {
         let mut sb = vec![0u8; SUPERBLOCK_SIZE as usize];
         file.read_exact_at(&mut sb, 0).map_err(io)?;
         let header = format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
-        let blocks = format::group_blocks(&header) as usize;
-        let mut me = Self {
-            path: path.to_path_buf(),
-            file,
-            epoch: header.epoch,
-            header,
-            slots: vec![Slot::Empty; blocks],
-            mapped: 0,
-            max_seq: 0,
-            end: SUPERBLOCK_SIZE,
-            synced_end: SUPERBLOCK_SIZE,
-            report: ScanReport::default(),
-            staged: None,
-        };
+        let mut me = Self::unindexed(path, file, header);
         me.scan(len)?;
         if writable && me.report.torn_tail_bytes > 0 {
             me.file.set_len(me.end).map_err(io)?;

@@ -176,6 +176,13 @@ impl RawProtocol for WireServer {
 #[derive(Clone)]
 struct Writer(mpsc::UnboundedSender<(Vec<u8>, OwnedSemaphorePermit)>);
 
+impl Writer {
+    /// Queues one answer frame; false when the connection is gone.
+    fn queue(&self, frame: Vec<u8>, permit: OwnedSemaphorePermit) -> bool {
+        self.0.send((frame, permit)).is_ok()
+    }
+}
+
 /// Requests of one connection read but not yet answered on the wire. At the
 /// limit the reader stops reading, so a peer that sends without reading its
 /// answers meets TCP backpressure instead of growing this node's memory
@@ -315,7 +322,7 @@ fn answer<M: Message>(
             error_frame(id, s.code(), s.message().to_string())
         }
     };
-    wr.0.send((out, permit)).is_ok()
+    wr.queue(out, permit)
 }
 
 fn error_frame(id: u64, code: tonic::Code, message: String) -> Vec<u8> {
@@ -337,7 +344,7 @@ fn answer_error(
     message: String,
     permit: OwnedSemaphorePermit,
 ) -> bool {
-    wr.0.send((error_frame(id, code, message), permit)).is_ok()
+    wr.queue(error_frame(id, code, message), permit)
 }
 
 /// The connection's writer: sends queued answers, small ones together. Ends
