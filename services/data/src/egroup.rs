@@ -7,10 +7,19 @@
 //! For each block the record with the highest sequence wins, whatever order
 //! records were appended in; so replicas that receive concurrent writes in
 //! different orders still agree, and a copy can be streamed under live writes.
+//!
+//! Why holes: a record none of whose blocks is the newest any more gives its
+//! payload's whole filesystem blocks back (`fallocate` PUNCH_HOLE) once the
+//! records that superseded it are durable. Its header stays, so a scan still
+//! walks the file, and a sequential overwrite (every record superseded whole)
+//! keeps the file at its live size without compaction, which would copy every
+//! live byte again. Compaction remains for partly superseded records (small
+//! random writes) and bounds the file's logical length.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use cairn_api::data::v1::{Codec, ExtentGroupHeader, RecordHeader, RecordKind};
@@ -77,6 +86,33 @@ pub struct ScanReport {
 /// this size each (the default 1 MiB groups take about 3 MiB).
 const COMPACT_IN_MEMORY: u64 = 32 << 20;
 
+/// Compaction also runs once the file's logical length (holes included)
+/// passes this many times its live data plus 1 MiB: each superseded record
+/// keeps its header, which a scan at start reads.
+const MAX_SPARSE_FACTOR: u64 = 64;
+
+/// The filesystem block a hole is made of: only whole ones are given back.
+const HOLE_ALIGN: u64 = 4096;
+
+/// A data record some of whose blocks are still the newest, and the part of
+/// its payload (whole filesystem blocks) that becomes a hole when none is.
+#[derive(Debug, Clone, Copy)]
+struct LiveRecord {
+    live: u32,
+    from: u64,
+    to: u64,
+}
+
+/// A superseded record's payload waiting to become a hole: only once the
+/// file is durable up to `after` (the end of the record that superseded
+/// it), or a crash could lose the new version after the old one is gone.
+#[derive(Debug, Clone, Copy)]
+struct DeadRange {
+    from: u64,
+    to: u64,
+    after: u64,
+}
+
 /// Where a read takes a file's bytes from.
 #[derive(Debug, Clone, Copy)]
 enum Source<'a> {
@@ -105,6 +141,18 @@ pub struct ExtentGroupFile {
     /// The whole file from offset 0, gathered in memory (see
     /// [`Self::create_staged`]); `None` for files written in place.
     staged: Option<Vec<u8>>,
+    /// Data records with whole filesystem blocks to give back, by payload
+    /// offset (records written since the file was opened or compacted).
+    records: HashMap<u64, LiveRecord>,
+    /// Superseded payloads not punched yet.
+    dead: Vec<DeadRange>,
+    /// Bytes in `dead`.
+    dead_bytes: u64,
+    /// Bytes of `[0, end)` that are holes.
+    holes: u64,
+    /// The filesystem refused a hole once: superseded records wait for
+    /// compaction instead.
+    no_holes: bool,
 }
 
 impl ExtentGroupFile {
@@ -187,6 +235,11 @@ impl ExtentGroupFile {
             synced_end: SUPERBLOCK_SIZE,
             report: ScanReport::default(),
             staged: None,
+            records: HashMap::new(),
+            dead: Vec::new(),
+            dead_bytes: 0,
+            holes: 0,
+            no_holes: false,
         }
     }
 
@@ -199,7 +252,8 @@ impl ExtentGroupFile {
             .write(writable)
             .open(path)
             .map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let meta = file.metadata().map_err(io)?;
+        let len = meta.len();
         if len < SUPERBLOCK_SIZE {
             return Err(DataError::corrupt(
                 path,
@@ -220,6 +274,13 @@ impl ExtentGroupFile {
                 "cut off a torn (never acknowledged) record at the end of an extent group");
         }
         me.synced_end = me.end;
+        // What the scan found superseded may have been punched already, or
+        // its successor may be in the page cache only (a crash of the
+        // process, not the machine): punching it now could outrun that
+        // successor to the disk. Compaction reclaims it instead.
+        me.dead.clear();
+        me.dead_bytes = 0;
+        me.holes = me.end.saturating_sub(meta.blocks() * 512);
         Ok(me)
     }
 
@@ -291,19 +352,25 @@ impl ExtentGroupFile {
         self.max_seq = self.max_seq.max(rh.sequence);
         self.epoch = self.epoch.max(rh.epoch);
         let kind = RecordKind::try_from(rh.kind).unwrap_or(RecordKind::RecordEpoch);
+        if kind == RecordKind::RecordEpoch {
+            return;
+        }
         let compressed = rh.codec == Codec::Zstd as i32;
+        let rec_end = payload_off + u64::from(rh.payload_len);
+        let mut kept = 0u32;
         for i in 0..rh.block_count {
             let b = (rh.first_block + i) as usize;
-            let Some(slot) = self.slots.get_mut(b) else {
+            let Some(&old) = self.slots.get(b) else {
                 continue;
             };
-            if slot.seq() > rh.sequence {
+            if old.seq() > rh.sequence {
                 continue;
             }
-            let was_mapped = slot.is_mapped();
-            *slot = match kind {
-                RecordKind::RecordTrim => Slot::Trimmed { seq: rh.sequence },
-                RecordKind::RecordData => Slot::Data(BlockLoc {
+            let new = if kind == RecordKind::RecordTrim {
+                Slot::Trimmed { seq: rh.sequence }
+            } else {
+                kept += 1;
+                Slot::Data(BlockLoc {
                     seq: rh.sequence,
                     payload_off,
                     payload_len: rh.payload_len,
@@ -311,15 +378,96 @@ impl ExtentGroupFile {
                     compressed,
                     index: i,
                     crc: rh.block_crc32c.get(i as usize).copied().unwrap_or(0),
-                }),
-                RecordKind::RecordEpoch => continue,
+                })
             };
-            match (was_mapped, slot.is_mapped()) {
-                (false, true) => self.mapped += 1,
-                (true, false) => self.mapped -= 1,
+            self.slots[b] = new;
+            match (old, new.is_mapped()) {
+                (Slot::Data(o), mapped) => {
+                    if !mapped {
+                        self.mapped -= 1;
+                    }
+                    self.release(o.payload_off, rec_end);
+                }
+                (_, true) => self.mapped += 1,
                 _ => {}
             }
         }
+        if kind == RecordKind::RecordData && !self.no_holes {
+            let from = payload_off.div_ceil(HOLE_ALIGN) * HOLE_ALIGN;
+            let to = rec_end / HOLE_ALIGN * HOLE_ALIGN;
+            if to > from {
+                if kept == 0 {
+                    // Older than what the file holds for every block (a
+                    // copy or a replay arriving late): dead on arrival.
+                    self.bury(from, to, rec_end);
+                } else {
+                    self.records.insert(
+                        payload_off,
+                        LiveRecord {
+                            live: kept,
+                            from,
+                            to,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// One block of the record at `payload_off` was superseded by a record
+    /// ending at `after`.
+    fn release(&mut self, payload_off: u64, after: u64) {
+        let Some(r) = self.records.get_mut(&payload_off) else {
+            return;
+        };
+        r.live = r.live.saturating_sub(1);
+        if r.live == 0 {
+            let (from, to) = (r.from, r.to);
+            self.records.remove(&payload_off);
+            self.bury(from, to, after);
+        }
+    }
+
+    fn bury(&mut self, from: u64, to: u64, after: u64) {
+        self.dead.push(DeadRange { from, to, after });
+        self.dead_bytes += to - from;
+    }
+
+    /// Turns superseded payloads into holes once the records superseding
+    /// them are durable; returns the bytes given back to the filesystem.
+    fn punch_synced(&mut self) -> u64 {
+        if self.dead.is_empty() {
+            return 0;
+        }
+        let synced = self.synced_end;
+        let mut freed = 0;
+        let mut i = 0;
+        while i < self.dead.len() {
+            let d = self.dead[i];
+            if d.after > synced {
+                i += 1;
+                continue;
+            }
+            self.dead.swap_remove(i);
+            self.dead_bytes -= d.to - d.from;
+            if self.no_holes {
+                continue;
+            }
+            let flags =
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+            match rustix::fs::fallocate(&self.file, flags, d.from, d.to - d.from) {
+                Ok(()) => freed += d.to - d.from,
+                Err(e) => {
+                    // Not fatal: the bytes stay until compaction drops them.
+                    self.no_holes = true;
+                    self.records.clear();
+                    tracing::warn!(path = %self.path.display(), error = %e,
+                        "cannot punch holes in an extent group file; superseded records wait for compaction");
+                }
+            }
+        }
+        self.holes += freed;
+        freed
     }
 
     pub fn header(&self) -> &ExtentGroupHeader {
@@ -340,8 +488,13 @@ impl ExtentGroupFile {
     pub fn slots(&self) -> &[Slot] {
         &self.slots
     }
+    /// The file's logical length (holes included).
     pub fn file_len(&self) -> u64 {
         self.end
+    }
+    /// Bytes the file takes on its filesystem (holes excluded).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.end.saturating_sub(self.holes)
     }
     /// Bytes of address space holding data (not counting trims or zeros).
     pub fn mapped_bytes(&self) -> u64 {
@@ -480,11 +633,15 @@ impl ExtentGroupFile {
             .try_clone()
             .map_err(|e| DataError::io(&self.path, e))
     }
-    pub fn mark_synced(&mut self, upto: u64) {
+    /// Records that the file is durable up to `upto` (synced through a
+    /// [`Self::sync_handle`]) and punches what that allows; returns the
+    /// bytes given back to the filesystem.
+    pub fn mark_synced(&mut self, upto: u64) -> u64 {
         self.synced_end = self.synced_end.max(upto);
+        self.punch_synced()
     }
 
-    /// Makes every appended record durable.
+    /// Makes every appended record durable (and punches what that allows).
     pub fn sync(&mut self) -> Result<(), DataError> {
         if self.synced_end < self.end {
             self.file
@@ -492,6 +649,7 @@ impl ExtentGroupFile {
                 .map_err(|e| DataError::io(&self.path, e))?;
             self.synced_end = self.end;
         }
+        self.punch_synced();
         Ok(())
     }
 
@@ -647,10 +805,13 @@ impl ExtentGroupFile {
         }
     }
 
-    /// Whether superseded records take more room than the live ones.
+    /// Whether superseded records take more room than the live ones (not
+    /// counting those about to become holes), or their headers alone make
+    /// the file long.
     pub fn needs_compaction(&self) -> bool {
         let live = self.mapped_bytes() + SUPERBLOCK_SIZE;
-        self.end > 2 * live + (1 << 20)
+        let kept = self.allocated_bytes().saturating_sub(self.dead_bytes);
+        kept > 2 * live + (1 << 20) || self.end > MAX_SPARSE_FACTOR * (live + (1 << 20))
     }
 
     /// Rewrites the file with only the newest version of each block (same
@@ -665,7 +826,8 @@ impl ExtentGroupFile {
         header.epoch = self.epoch;
         // One read of the old file and one write of the new: block by block
         // a compaction after random 4 KiB writes took ~1,300 syscalls.
-        let image = if self.end <= COMPACT_IN_MEMORY {
+        // (Not when holes make up much of it: reading them is copying zeros.)
+        let image = if self.end <= COMPACT_IN_MEMORY && self.holes < self.end / 2 {
             let mut image = vec![0u8; self.end as usize];
             self.file
                 .read_exact_at(&mut image, 0)
@@ -974,6 +1136,150 @@ pub(crate) mod tests {
             }
             assert!(matches!(g.slots()[12], Slot::Trimmed { .. }));
         }
+    }
+
+    fn whole_group(gen: u8) -> Vec<u8> {
+        (0..256).flat_map(|b| pattern(b, gen)).collect()
+    }
+
+    fn on_disk(p: &Path) -> u64 {
+        std::fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn sequential_overwrites_leave_holes_not_garbage_once_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("10.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(10)).unwrap();
+        g.append(RecordKind::RecordData, 1, 1, 0, 256, &whole_group(1), false)
+            .unwrap();
+        g.sync().unwrap();
+        let first_payload = match g.slots()[0] {
+            Slot::Data(l) => l.payload_off,
+            other => panic!("{other:?}"),
+        };
+        g.append(RecordKind::RecordData, 2, 1, 0, 256, &whole_group(2), false)
+            .unwrap();
+        // The successor is in the page cache only: the old version must
+        // stay on disk until it is durable.
+        let mut old = vec![0u8; BLOCK_SIZE];
+        g.file
+            .read_exact_at(&mut old, first_payload + 8192)
+            .unwrap();
+        assert_eq!(
+            old,
+            pattern(2, 1),
+            "punched before its successor was durable"
+        );
+        assert_eq!(g.allocated_bytes(), g.file_len());
+        g.sync().unwrap();
+        g.file
+            .read_exact_at(&mut old, first_payload + 8192)
+            .unwrap();
+        assert_eq!(
+            old,
+            vec![0u8; BLOCK_SIZE],
+            "a superseded payload became a hole"
+        );
+        for gen in 3..=20u8 {
+            g.append(
+                RecordKind::RecordData,
+                u64::from(gen),
+                1,
+                0,
+                256,
+                &whole_group(gen),
+                false,
+            )
+            .unwrap();
+            g.sync().unwrap();
+            assert!(
+                !g.needs_compaction(),
+                "generation {gen}: holes, not garbage"
+            );
+        }
+        assert!(g.file_len() > 20 << 20, "{}", g.file_len());
+        assert!(
+            on_disk(&p) < (2 << 20) + (64 << 10),
+            "{} bytes on disk",
+            on_disk(&p)
+        );
+        assert!(g.allocated_bytes() < (2 << 20), "{}", g.allocated_bytes());
+        for g in [g, ExtentGroupFile::open(&p, true).unwrap()] {
+            assert_eq!(g.report().damage, None);
+            assert_eq!(g.report().torn_tail_bytes, 0);
+            assert_eq!(g.read(0, 256).unwrap(), whole_group(20));
+            assert!(g.verify().is_empty());
+            assert!(
+                g.allocated_bytes() < (2 << 20) + (64 << 10),
+                "{}",
+                g.allocated_bytes()
+            );
+        }
+        assert_eq!(
+            ExtentGroupFile::open(&p, false).unwrap().report().records,
+            20
+        );
+    }
+
+    #[test]
+    fn a_record_older_than_every_block_it_holds_is_a_hole_at_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("11.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(11)).unwrap();
+        g.append(RecordKind::RecordData, 5, 1, 0, 256, &whole_group(5), false)
+            .unwrap();
+        // A late copy of an older version: indexed nowhere.
+        g.append(RecordKind::RecordData, 3, 1, 0, 256, &whole_group(3), false)
+            .unwrap();
+        g.sync().unwrap();
+        assert!(on_disk(&p) < (1 << 20) + (64 << 10), "{}", on_disk(&p));
+        assert_eq!(g.read(0, 256).unwrap(), whole_group(5));
+        // Partly superseded: the record keeps its blocks.
+        g.append(
+            RecordKind::RecordData,
+            6,
+            1,
+            0,
+            128,
+            &whole_group(6)[..128 * BLOCK_SIZE],
+            false,
+        )
+        .unwrap();
+        g.sync().unwrap();
+        let g = ExtentGroupFile::open(&p, false).unwrap();
+        assert_eq!(g.read(0, 128).unwrap(), whole_group(6)[..128 * BLOCK_SIZE]);
+        assert_eq!(
+            g.read(128, 128).unwrap(),
+            whole_group(5)[128 * BLOCK_SIZE..]
+        );
+    }
+
+    #[test]
+    fn headers_of_many_superseded_records_are_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("12.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(12)).unwrap();
+        let mut gen = 0u8;
+        while !g.needs_compaction() {
+            gen += 1;
+            assert!(gen < 200, "never asked for compaction");
+            g.append(
+                RecordKind::RecordData,
+                u64::from(gen),
+                1,
+                0,
+                256,
+                &whole_group(gen),
+                false,
+            )
+            .unwrap();
+            g.sync().unwrap();
+        }
+        assert!(g.file_len() > MAX_SPARSE_FACTOR << 20);
+        g.compact().unwrap();
+        assert!(g.file_len() < (1 << 20) + 8192, "{}", g.file_len());
+        assert_eq!(g.read(0, 256).unwrap(), whole_group(gen));
     }
 
     /// Random byte flips and truncations: opening and reading never panic,

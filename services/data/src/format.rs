@@ -8,6 +8,9 @@
 //!              u32 RECORD_MAGIC | u32 header_len | u32 crc32c(header) | RecordHeader | payload
 //! ```
 //!
+//! The payload of a record no block points to any more may be a hole
+//! (zeros): scanning reads headers only, and no slot points into it.
+//!
 //! All integers are little-endian. Every field that can be wrong on disk is
 //! bounded before it is used to size an allocation.
 

@@ -320,7 +320,7 @@ impl LocalPool {
                         epoch: f.epoch(),
                         max_sequence: f.max_sequence(),
                         damaged: f.report().damage.is_some(),
-                        bytes: f.file_len(),
+                        bytes: f.allocated_bytes(),
                     }));
                 }
             }

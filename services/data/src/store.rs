@@ -163,7 +163,7 @@ impl DiskStore {
         for path in group_files(&self.root.join("groups")) {
             match ExtentGroupFile::open(&path, true) {
                 Ok(f) => {
-                    used += f.file_len();
+                    used += f.allocated_bytes();
                     let id = f.header().extent_group_id;
                     if f.report().damage.is_some() {
                         tracing::error!(disk = %self.id, group = id, path = %path.display(),
@@ -284,7 +284,7 @@ impl DiskStore {
             std::fs::create_dir_all(dir).map_err(|e| self.note(DataError::io(dir, e)))?;
         }
         let f = ExtentGroupFile::create(&path, header).map_err(|e| self.note(e))?;
-        self.used.fetch_add(f.file_len(), Ordering::Relaxed);
+        self.used.fetch_add(f.allocated_bytes(), Ordering::Relaxed);
         let g = Arc::new(Group::new(f)?);
         lock(&self.groups).insert(id, g.clone());
         Ok(g)
@@ -365,7 +365,7 @@ impl DiskStore {
         if !f.needs_compaction() {
             return Ok(());
         }
-        let before = f.file_len();
+        let before = f.allocated_bytes();
         if let Err(e) = f.compact() {
             // Not fatal: the old file is intact; a repair or a later try fixes it.
             tracing::warn!(disk = %self.id, path = %f.path().display(), error = %e, "compaction skipped");
@@ -373,14 +373,17 @@ impl DiskStore {
         }
         *lock(&group.fd) = Arc::new(f.sync_handle()?);
         group.synced.store(f.end(), Ordering::SeqCst);
-        let after = f.file_len();
-        self.used.fetch_sub(
-            before
-                .saturating_sub(after)
-                .min(self.used.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        let after = f.allocated_bytes();
+        self.release_bytes(before.saturating_sub(after));
         Ok(())
+    }
+
+    /// Takes bytes the filesystem got back off the disk's usage.
+    fn release_bytes(&self, n: u64) {
+        if n > 0 {
+            self.used
+                .fetch_sub(n.min(self.used.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
     }
 
     fn sync_to(&self, group: &Group, end: u64) -> Result<(), DataError> {
@@ -397,7 +400,8 @@ impl DiskStore {
         fd.sync_data()
             .map_err(|e| self.note(DataError::io(&self.root, e)))?;
         group.synced.fetch_max(target, Ordering::AcqRel);
-        lock(&group.file).mark_synced(target);
+        let freed = lock(&group.file).mark_synced(target);
+        self.release_bytes(freed);
         Ok(())
     }
 
@@ -438,15 +442,12 @@ impl DiskStore {
         let Some(g) = lock(&self.groups).remove(&id) else {
             return Ok(());
         };
-        let (path, len) = g.with(|f| (f.path().to_path_buf(), f.file_len()));
+        let (path, len) = g.with(|f| (f.path().to_path_buf(), f.allocated_bytes()));
         std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
         if let Some(dir) = path.parent() {
             let _ = cairn_util::durable::sync_dir(dir);
         }
-        self.used.fetch_sub(
-            len.min(self.used.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        self.release_bytes(len);
         Ok(())
     }
 
