@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // no `{:?}` of a record or command can put a secret into a log.
         .skip_debug(".cairn.metadata.v1.IscsiTargetRecord")
         // A primary sends one buffer to every replica: shared, not copied.
-        .bytes([".cairn.data.v1.ReplicaWrite.data"])
+        .bytes([
+            ".cairn.data.v1.ReplicaWrite.data",
+            ".cairn.data.v1.VdiskIo.data",
+        ])
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

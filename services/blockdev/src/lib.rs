@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+pub use bytes::Bytes;
 use cairn_util::error_code::{ErrorCode, HasErrorCode};
 
 /// The checksum block: the preferred I/O unit.
@@ -139,7 +140,9 @@ pub trait BlockDevice: Send + Sync {
     /// and survives a crash of any process; with `fua` it is also durable
     /// on their disks, otherwise only after [`Self::flush`] (a write-back
     /// cache, as SCSI WCE=1 and NFS UNSTABLE writes expect).
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError>;
+    /// `data` is shared, not copied, on its way to the replicas: a front
+    /// end hands over the buffer it received the data into.
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DataError>;
     /// Makes every write completed before it durable on every replica.
     async fn flush(&self) -> Result<(), DataError>;
     /// Deallocates a range; it reads as zeros afterwards.
@@ -149,7 +152,8 @@ pub trait BlockDevice: Send + Sync {
         if unmap {
             return self.unmap(offset, len).await;
         }
-        self.write(offset, &vec![0; len as usize], false).await
+        self.write(offset, Bytes::from(vec![0; len as usize]), false)
+            .await
     }
     /// Atomically: if the range equals `expected`, writes `data` there;
     /// otherwise fails with [`DataError::Miscompare`] naming the first

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use cairn_util::sync::lock;
 
-use crate::{check_range, BlockDevice, BlockService, DataError, Extent, BLOCK_SIZE};
+use crate::{check_range, BlockDevice, BlockService, Bytes, DataError, Extent, BLOCK_SIZE};
 
 /// The unit the undo log keeps (the smallest write a front end makes).
 const SECTOR: u64 = 512;
@@ -104,9 +104,9 @@ impl BlockDevice for MemDevice {
         Ok(lock(&self.data)[Self::range(offset, len)].to_vec())
     }
 
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError> {
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DataError> {
         self.check(offset, data.len() as u64)?;
-        self.store(&mut lock(&self.data), offset, data, fua);
+        self.store(&mut lock(&self.data), offset, &data, fua);
         self.mark_mapped(offset, data.len() as u64);
         Ok(())
     }

@@ -2,4 +2,4 @@
 //! need not depend on this crate); re-exported here for the data service's
 //! own implementations.
 
-pub use cairn_blockdev::{check_range, BlockDevice, BlockService, CommandHandler, Extent};
+pub use cairn_blockdev::{check_range, BlockDevice, BlockService, Bytes, CommandHandler, Extent};

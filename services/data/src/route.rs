@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::frontend::{BlockDevice, Extent};
+use crate::frontend::{BlockDevice, Bytes, Extent};
 use crate::volume::{lock, DataService, Forwarded, Volume};
 use crate::DataError;
 
@@ -116,7 +116,7 @@ impl BlockDevice for Routed {
         let d = self.dev().await?;
         self.settle(d.read(offset, len).await)
     }
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError> {
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DataError> {
         let d = self.dev().await?;
         self.settle(d.write(offset, data, fua).await)
     }

@@ -201,7 +201,7 @@ pub(crate) async fn serve_forward(
         // A sender that predates `cached` promised its clients
         // durable writes: without the field, every write is FUA.
         vdisk_io::Op::Write => dev
-            .write(r.offset, &r.data, r.fua || !r.cached)
+            .write(r.offset, r.data.clone(), r.fua || !r.cached)
             .await
             .map(|_| VdiskIoReply::default()),
         vdisk_io::Op::Flush => dev.flush().await.map(|_| VdiskIoReply::default()),

@@ -41,7 +41,7 @@ use cairn_util::error_code::codes as meta_codes;
 use futures::future::join_all;
 
 use crate::format::{self, BLOCK_SIZE};
-use crate::frontend::{check_range, BlockDevice, BlockService, CommandHandler, Extent};
+use crate::frontend::{check_range, BlockDevice, BlockService, Bytes, CommandHandler, Extent};
 use crate::pool::LocalPool;
 use crate::route::{Routed, Via};
 use crate::rpc::{from_status, Peers};
@@ -169,7 +169,7 @@ impl DataService {
             Target::Local => self.pool.write_local(req).await.map(|_| ()),
             Target::Remote(id, addr) => {
                 if let Some(w) = self.peers.wire(id, &addr).await {
-                    let r = w.write(&req, self.peers.timeout()).await.map(|_| ());
+                    let r = w.write(req, self.peers.timeout()).await.map(|_| ());
                     self.peers.observe(id, &r);
                     return r;
                 }
@@ -800,7 +800,9 @@ impl Volume {
                 {
                     b += 1;
                 }
-                let bytes = data[start as usize * BLOCK_SIZE..b as usize * BLOCK_SIZE].to_vec();
+                let bytes = Bytes::copy_from_slice(
+                    &data[start as usize * BLOCK_SIZE..b as usize * BLOCK_SIZE],
+                );
                 self.replicate(&gs, RecordKind::RecordData, start, b - start, bytes, true)
                     .await?;
             }
@@ -909,7 +911,7 @@ impl Volume {
         kind: RecordKind,
         first: u32,
         count: u32,
-        data: Vec<u8>,
+        data: Bytes,
         durable: bool,
     ) -> Result<(), DataError> {
         self.ensure_ready(gs).await?;
@@ -918,7 +920,6 @@ impl Volume {
         } else {
             Vec::new()
         };
-        let data = bytes::Bytes::from(data);
         for _attempt in 0..3 {
             let _gate = gs.gate.read().await;
             let rec = gs.rec_snapshot();
@@ -1370,13 +1371,13 @@ impl Volume {
     }
 
     /// Writes part of one vblock (read-modify-write at the block edges).
-    async fn write_piece(&self, p: &Piece, buf: &[u8], durable: bool) -> Result<(), DataError> {
+    async fn write_piece(&self, p: &Piece, buf: Bytes, durable: bool) -> Result<(), DataError> {
         let first = (p.off / BLOCK_SIZE as u64) as u32;
         let last = (p.off + p.len).div_ceil(BLOCK_SIZE as u64) as u32;
         let aligned =
             p.off.is_multiple_of(BLOCK_SIZE as u64) && p.len.is_multiple_of(BLOCK_SIZE as u64);
         let data = if aligned {
-            buf.to_vec()
+            buf
         } else {
             let whole = Piece {
                 vblock: p.vblock,
@@ -1386,8 +1387,8 @@ impl Volume {
             };
             let mut d = self.read_piece(&whole).await?;
             let skip = (p.off - whole.off) as usize;
-            d[skip..skip + buf.len()].copy_from_slice(buf);
-            d
+            d[skip..skip + buf.len()].copy_from_slice(&buf);
+            Bytes::from(d)
         };
         let gs = self.group_for_write(p.vblock).await?;
         self.replicate(
@@ -1413,7 +1414,7 @@ impl Volume {
                 len: head,
                 buf_off: 0,
             };
-            self.write_piece(&z, &vec![0u8; head as usize], false)
+            self.write_piece(&z, Bytes::from(vec![0u8; head as usize]), false)
                 .await?;
         }
         let tail_start = (last * BLOCK_SIZE as u64).max(p.off + head);
@@ -1425,7 +1426,8 @@ impl Volume {
                 len: n,
                 buf_off: 0,
             };
-            self.write_piece(&z, &vec![0u8; n as usize], false).await?;
+            self.write_piece(&z, Bytes::from(vec![0u8; n as usize]), false)
+                .await?;
         }
         if last <= first {
             return Ok(());
@@ -1468,7 +1470,7 @@ impl Volume {
             RecordKind::RecordTrim,
             first as u32,
             (last - first) as u32,
-            Vec::new(),
+            Bytes::new(),
             false,
         )
         .await
@@ -1549,7 +1551,7 @@ impl BlockDevice for Volume {
         Ok(out)
     }
 
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError> {
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DataError> {
         self.check(offset, data.len() as u64)?;
         let _shared = self.caw.read().await;
         self.write_locked(offset, data, fua).await
@@ -1586,7 +1588,8 @@ impl BlockDevice for Volume {
         if let Some(i) = current.iter().zip(expected).position(|(a, b)| a != b) {
             return Err(DataError::Miscompare { offset: i as u64 });
         }
-        self.write_locked(offset, data, true).await
+        self.write_locked(offset, Bytes::copy_from_slice(data), true)
+            .await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
@@ -1689,13 +1692,13 @@ impl Volume {
         first_err.map_or(Ok(()), Err)
     }
 
-    async fn write_locked(&self, offset: u64, data: &[u8], durable: bool) -> Result<(), DataError> {
+    async fn write_locked(&self, offset: u64, data: Bytes, durable: bool) -> Result<(), DataError> {
         let pieces = self.pieces(offset, data.len() as u64);
-        let results =
-            join_all(pieces.iter().map(|p| {
-                self.write_piece(p, &data[p.buf_off..p.buf_off + p.len as usize], durable)
-            }))
-            .await;
+        let results = join_all(pieces.iter().map(|p| {
+            let part = data.slice(p.buf_off..p.buf_off + p.len as usize);
+            self.write_piece(p, part, durable)
+        }))
+        .await;
         for r in results {
             r?;
         }
@@ -1720,7 +1723,7 @@ impl Forwarded {
         op: vdisk_io::Op,
         offset: u64,
         length: u64,
-        data: Vec<u8>,
+        data: Bytes,
         fua: bool,
     ) -> Result<Vec<u8>, DataError> {
         self.call_reply(op, offset, length, data, fua)
@@ -1787,7 +1790,7 @@ impl Forwarded {
         op: vdisk_io::Op,
         offset: u64,
         length: u64,
-        data: Vec<u8>,
+        data: Bytes,
         fua: bool,
     ) -> Result<cairn_api::data::v1::VdiskIoReply, DataError> {
         let req = VdiskIo {
@@ -1824,27 +1827,21 @@ impl BlockDevice for Forwarded {
         self.size
     }
     async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DataError> {
-        self.call(vdisk_io::Op::Read, offset, len, Vec::new(), false)
+        self.call(vdisk_io::Op::Read, offset, len, Bytes::new(), false)
             .await
     }
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DataError> {
-        self.call(
-            vdisk_io::Op::Write,
-            offset,
-            data.len() as u64,
-            data.to_vec(),
-            fua,
-        )
-        .await
-        .map(|_| ())
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DataError> {
+        self.call(vdisk_io::Op::Write, offset, data.len() as u64, data, fua)
+            .await
+            .map(|_| ())
     }
     async fn flush(&self) -> Result<(), DataError> {
-        self.call(vdisk_io::Op::Flush, 0, 0, Vec::new(), false)
+        self.call(vdisk_io::Op::Flush, 0, 0, Bytes::new(), false)
             .await
             .map(|_| ())
     }
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DataError> {
-        self.call(vdisk_io::Op::Unmap, offset, len, Vec::new(), false)
+        self.call(vdisk_io::Op::Unmap, offset, len, Bytes::new(), false)
             .await
             .map(|_| ())
     }
@@ -1852,7 +1849,7 @@ impl BlockDevice for Forwarded {
         if unmap {
             return self.unmap(offset, len).await;
         }
-        self.call(vdisk_io::Op::WriteZeroes, offset, len, Vec::new(), false)
+        self.call(vdisk_io::Op::WriteZeroes, offset, len, Bytes::new(), false)
             .await
             .map(|_| ())
     }
@@ -1868,7 +1865,7 @@ impl BlockDevice for Forwarded {
             ));
         }
         // Forwarded whole: the owner's lock makes it atomic.
-        let both = [expected, data].concat();
+        let both = Bytes::from([expected, data].concat());
         self.call(
             vdisk_io::Op::CompareAndWrite,
             offset,
@@ -1881,7 +1878,7 @@ impl BlockDevice for Forwarded {
     }
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DataError> {
         let reply = self
-            .call_reply(vdisk_io::Op::BlockStatus, offset, len, Vec::new(), false)
+            .call_reply(vdisk_io::Op::BlockStatus, offset, len, Bytes::new(), false)
             .await?;
         Ok(reply
             .extents

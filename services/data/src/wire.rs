@@ -63,6 +63,9 @@ pub const KIND_FORWARD: u8 = 3;
 pub const KIND_COMMAND: u8 = 4;
 pub const KIND_OK: u8 = 0x80;
 pub const KIND_ERR: u8 = 0x81;
+/// The field number of `ReplicaWrite.data` (see [`Outbox::put`]); a test
+/// checks it against the generated code.
+const REPLICA_WRITE_DATA_FIELD: u32 = 8;
 /// Kind and request id, after the length.
 const HEAD: usize = 1 + 8;
 /// The largest frame accepted: a whole extent group's data and its header.
@@ -113,6 +116,14 @@ async fn send_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> std::io::
     w.flush().await
 }
 
+/// [`send_frame`] for frames in parts.
+async fn send_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: &[Bytes]) -> std::io::Result<()> {
+    for p in parts {
+        w.write_all(p).await?;
+    }
+    w.flush().await
+}
+
 fn frame(kind: u8, id: u64, body: &impl Message) -> Vec<u8> {
     let mut out = Vec::new();
     put_frame(&mut out, kind, id, body);
@@ -121,13 +132,65 @@ fn frame(kind: u8, id: u64, body: &impl Message) -> Vec<u8> {
 
 /// Appends a frame to `out`.
 fn put_frame(out: &mut Vec<u8>, kind: u8, id: u64, body: &impl Message) {
-    let n = HEAD + body.encoded_len();
-    out.reserve(4 + n);
+    put_frame_head(out, kind, id, body, 0);
+}
+
+/// Appends a frame whose body is `body` followed by `tail` more bytes the
+/// caller writes next.
+fn put_frame_head(out: &mut Vec<u8>, kind: u8, id: u64, body: &impl Message, tail: usize) {
+    let n = HEAD + body.encoded_len() + tail;
+    out.reserve(4 + n - tail);
     out.extend_from_slice(&(n as u32).to_be_bytes());
     out.push(kind);
     out.extend_from_slice(&id.to_be_bytes());
     // A Vec grows as needed: encoding into it cannot fail.
     let _ = body.encode(out);
+}
+
+/// A bytes field at least this large leaves as the caller's shared buffer
+/// instead of being copied into the frame.
+const SHARE_FROM: usize = 16 << 10;
+
+/// Frames waiting for the socket: small ones gathered in one buffer (one
+/// TLS write carries many), large payloads as the callers' own buffers.
+#[derive(Default)]
+struct Outbox {
+    parts: Vec<Bytes>,
+    small: Vec<u8>,
+}
+
+impl Outbox {
+    /// Queues a frame whose message is `body` with the bytes field
+    /// `field` = `data` added at its end. Protobuf fields may come in any
+    /// order, so the peer decodes exactly what encoding the whole message
+    /// would have sent; the data itself is not copied.
+    fn put(&mut self, kind: u8, id: u64, body: &impl Message, field: u32, data: &Bytes) {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+        if data.is_empty() {
+            put_frame(&mut self.small, kind, id, body);
+            return;
+        }
+        let tail = key_len(field) + encoded_len_varint(data.len() as u64) + data.len();
+        put_frame_head(&mut self.small, kind, id, body, tail);
+        encode_key(field, WireType::LengthDelimited, &mut self.small);
+        encode_varint(data.len() as u64, &mut self.small);
+        if data.len() < SHARE_FROM {
+            self.small.extend_from_slice(data);
+        } else {
+            self.parts
+                .push(Bytes::from(std::mem::take(&mut self.small)));
+            self.parts.push(data.clone());
+        }
+    }
+
+    /// Everything queued, in order.
+    fn take(&mut self) -> Vec<Bytes> {
+        if !self.small.is_empty() {
+            self.parts
+                .push(Bytes::from(std::mem::take(&mut self.small)));
+        }
+        std::mem::take(&mut self.parts)
+    }
 }
 
 /// Answers smaller than this leave together in one write; a larger one
@@ -403,7 +466,7 @@ pub struct WireClient {
     /// `wr` and sends everything queued: with many calls in flight one TLS
     /// write and one syscall carry several requests (a write per request
     /// was a tenth of an RF2 primary's CPU).
-    outbox: Mutex<Vec<u8>>,
+    outbox: Mutex<Outbox>,
     pending: Arc<Pending>,
     next_id: AtomicU64,
     dead: Arc<AtomicBool>,
@@ -441,7 +504,7 @@ impl WireClient {
         Ok(Some(Arc::new(Self {
             node,
             wr: tokio::sync::Mutex::new(wr),
-            outbox: Mutex::new(Vec::new()),
+            outbox: Mutex::new(Outbox::default()),
             pending,
             next_id: AtomicU64::new(1),
             dead,
@@ -461,22 +524,36 @@ impl WireClient {
         body: &impl Message,
         timeout: Duration,
     ) -> Result<M, DataError> {
+        self.call_with_data(kind, body, 0, &Bytes::new(), timeout)
+            .await
+    }
+
+    /// [`Self::call`] for a message whose bytes field `field` holds `data`
+    /// (and `body` holds it empty): see [`Outbox::put`].
+    async fn call_with_data<M: Message + Default>(
+        &self,
+        kind: u8,
+        body: &impl Message,
+        field: u32,
+        data: &Bytes,
+        timeout: Duration,
+    ) -> Result<M, DataError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
-        put_frame(&mut lock(&self.outbox), kind, id, body);
+        lock(&self.outbox).put(kind, id, body, field, data);
         let gone = || DataError::Unavailable(format!("node {}: connection lost", self.node));
         let deadline = tokio::time::Instant::now() + timeout;
         // The deadline covers the send too: a peer that stopped reading (a
         // partition) must fail the call in time, as a gRPC timeout would.
         let sent = tokio::time::timeout_at(deadline, async {
             let mut wr = self.wr.lock().await;
-            let out = std::mem::take(&mut *lock(&self.outbox));
+            let out = lock(&self.outbox).take();
             if out.is_empty() {
                 // The caller before us sent ours with its own.
                 return Ok(());
             }
-            send_frame(&mut *wr, &out).await
+            send_parts(&mut *wr, &out).await
         })
         .await;
         if !matches!(sent, Ok(Ok(()))) || self.is_dead() {
@@ -520,10 +597,13 @@ impl WireClient {
 
     pub async fn write(
         &self,
-        req: &ReplicaWrite,
+        mut req: ReplicaWrite,
         timeout: Duration,
     ) -> Result<ReplicaWriteReply, DataError> {
-        self.call(KIND_WRITE, req, timeout).await
+        // Field 8 of `ReplicaWrite`: the data, sent from the caller's buffer.
+        let data = std::mem::take(&mut req.data);
+        self.call_with_data(KIND_WRITE, &req, REPLICA_WRITE_DATA_FIELD, &data, timeout)
+            .await
     }
 
     pub async fn read(
@@ -617,6 +697,46 @@ mod tests {
         }
     }
 
+    /// A write's data leaves as its own part yet the frame decodes to the
+    /// whole message, for small data (copied in), large (shared) and none.
+    #[test]
+    fn a_frame_with_shared_data_decodes_to_the_whole_message() {
+        let mut one = ReplicaWrite {
+            data: Bytes::from_static(&[1]),
+            ..Default::default()
+        };
+        let encoded = one.encode_to_vec();
+        assert_eq!(
+            encoded[0] >> 3,
+            REPLICA_WRITE_DATA_FIELD as u8,
+            "the data's field number"
+        );
+        for (n, len) in [(0u64, 0usize), (1, 4096), (2, 1 << 20)] {
+            let mut req = write_req(n + 1, n as u8 + 1, n == 1);
+            req.data = Bytes::from(vec![0xA5 ^ n as u8; len]);
+            req.block_count = (len / BLOCK_SIZE) as u32;
+            let mut body = req.clone();
+            let data = std::mem::take(&mut body.data);
+            let mut out = Outbox::default();
+            out.put(KIND_WRITE, 40 + n, &body, REPLICA_WRITE_DATA_FIELD, &data);
+            let parts = out.take();
+            if len >= SHARE_FROM {
+                assert!(
+                    parts.iter().any(|p| p.as_ptr() == data.as_ptr()),
+                    "large data is sent from its own buffer"
+                );
+            }
+            let wire: Vec<u8> = parts.concat();
+            let mut rd = &wire[..];
+            let (kind, id, msg) = futures::executor::block_on(read_frame(&mut rd)).unwrap();
+            assert_eq!((kind, id), (KIND_WRITE, 40 + n));
+            assert!(rd.is_empty(), "the length prefix covers the shared part");
+            assert_eq!(ReplicaWrite::decode(msg).unwrap(), req);
+        }
+        one.data = Bytes::new();
+        assert!(one.encode_to_vec().is_empty());
+    }
+
     /// Front ends with one 1 MiB memory vdisk, "m".
     fn no_frontend() -> Arc<dyn BlockService> {
         cairn_blockdev::mem::MemService::with([(
@@ -682,7 +802,7 @@ mod tests {
             op: cairn_api::data::v1::vdisk_io::Op::Write as i32,
             offset: 8192,
             length: 4096,
-            data: vec![0x5A; 4096],
+            data: vec![0x5A; 4096].into(),
             fua: false,
             forwarded: true,
             cached: true,

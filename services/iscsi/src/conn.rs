@@ -381,7 +381,7 @@ impl Conn {
         self.send(r, Stat::Advance);
     }
 
-    fn scsi_command(&mut self, p: Pdu) -> Result<bool, Fatal> {
+    fn scsi_command(&mut self, mut p: Pdu) -> Result<bool, Fatal> {
         if !self.accept_cmdsn(&p) {
             return Ok(true);
         }
@@ -427,17 +427,20 @@ impl Conn {
                 "write of {edtl} bytes exceeds the {MAX_TRANSFER}-byte transfer limit"
             )));
         }
+        // The immediate data starts the buffer (the reader made room for
+        // the rest): not copied.
+        let mut buf = std::mem::take(&mut p.data);
+        buf.reserve_exact((edtl as usize).saturating_sub(buf.len()));
         let mut w = PendingWrite {
             lun,
             cdb,
             edtl,
             immediate: p.immediate(),
-            buf: Vec::with_capacity(edtl as usize),
+            buf,
             seqs: Vec::new(),
             next_r2t: imm,
             r2tsn: 0,
         };
-        w.buf.extend_from_slice(&p.data);
         let unsolicited = !self.params.initial_r2t && !p.final_bit();
         if unsolicited {
             let end = edtl.min(self.params.first_burst);
@@ -856,7 +859,8 @@ async fn execute(
         // expected length is not transferred"); the residual says so.
         let wanted = unit.data_out_len(cdb);
         data_out.truncate(edtl as usize);
-        let r = busy_if_transient(unit.execute(&session.nexus, cdb, &data_out).await);
+        let data_out = cairn_blockdev::Bytes::from(data_out);
+        let r = busy_if_transient(unit.execute_owned(&session.nexus, cdb, data_out).await);
         return (r, i64::from(edtl) - i64::from(wanted));
     }
     let r = busy_if_transient(unit.execute(&session.nexus, cdb, &[]).await);

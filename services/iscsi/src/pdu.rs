@@ -216,6 +216,28 @@ async fn read_full<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Appends exactly `n` bytes to `buf`, read straight into its spare
+/// capacity (no zeroing of what the socket overwrites anyway).
+async fn read_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    n: usize,
+) -> Result<(), PduError> {
+    buf.reserve(n);
+    let want = buf.len() + n;
+    while buf.len() < want {
+        let left = (want - buf.len()) as u64;
+        if (&mut *r).take(left).read_buf(buf).await? == 0 {
+            return Err(PduError::Truncated);
+        }
+    }
+    Ok(())
+}
+
+/// The most a write command's first PDU reserves for the data still to
+/// come (a larger transfer grows its buffer as it arrives).
+const PREALLOCATE_WRITE: usize = 4 << 20;
+
 /// What a reader accepts on one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLimits {
@@ -259,8 +281,15 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
     let mut data_digest_bad = false;
     if dlen > 0 {
         let padded = (dlen as usize).div_ceil(4) * 4;
-        data = vec![0u8; padded];
-        read_full(r, &mut data, false).await?;
+        // A write command's immediate data starts the buffer its whole
+        // transfer is gathered in: room for the rest avoids a copy later.
+        let whole = if bhs[0] & 0x3f == 0x01 && bhs[1] & 0x20 != 0 {
+            (be32(&bhs, 20) as usize).min(PREALLOCATE_WRITE)
+        } else {
+            0
+        };
+        data = Vec::with_capacity(padded.max(whole));
+        read_into(r, &mut data, padded).await?;
         if limits.data_digest {
             let mut d = [0u8; 4];
             read_full(r, &mut d, false).await?;

@@ -152,7 +152,10 @@ impl CommandHandler for UnitHost {
             .map_err(bad)?;
         let unit = self.unit(vdisk_id, msg.vdisk_name).await?;
         let r = match msg.call.ok_or_else(|| bad("no call".into()))? {
-            Call::Execute(e) => unit.execute_here(&nexus, &e.cdb, &e.data_out).await,
+            Call::Execute(e) => {
+                let data_out = cairn_blockdev::Bytes::from(e.data_out);
+                unit.execute_here(&nexus, &e.cdb, &data_out).await
+            }
             Call::Reset(_) => {
                 unit.reset_here();
                 ScsiResponse::default()
@@ -199,7 +202,7 @@ mod tests {
         async fn read(&self, _: u64, _: u64) -> Result<Vec<u8>, DataError> {
             Err(no_io())
         }
-        async fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), DataError> {
+        async fn write(&self, _: u64, _: cairn_blockdev::Bytes, _: bool) -> Result<(), DataError> {
             Err(no_io())
         }
         async fn flush(&self) -> Result<(), DataError> {

@@ -314,7 +314,7 @@ fn vdisk_io(vdisk: &str, op: vdisk_io::Op, offset: u64, length: u64, data: Vec<u
         op: op as i32,
         offset,
         length,
-        data,
+        data: data.into(),
         fua: true,
         forwarded: false,
         cached: false,

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use cairn_blockdev::{BlockDevice, DataError};
+use cairn_blockdev::{BlockDevice, Bytes, DataError};
 use cairn_util::sync::lock;
 use prost::Message;
 use tracing::{debug, warn};
@@ -190,12 +190,19 @@ impl LogicalUnit {
 
     /// Executes one command, on the node that serves the vdisk.
     pub async fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        self.execute_owned(nexus, cdb, Bytes::copy_from_slice(data_out))
+            .await
+    }
+
+    /// [`Self::execute`] taking over the buffer the data arrived in: a
+    /// write's data goes on to the replicas without a copy.
+    pub async fn execute_owned(&self, nexus: &Nexus, cdb: &[u8], data_out: Bytes) -> ScsiResponse {
         if self.dev.served_elsewhere() {
-            if let Some(r) = crate::remote::execute(self, nexus, cdb, data_out).await {
+            if let Some(r) = crate::remote::execute(self, nexus, cdb, &data_out).await {
                 return r;
             }
         }
-        self.execute_here(nexus, cdb, data_out).await
+        self.execute_here(nexus, cdb, &data_out).await
     }
 
     /// Executes one command on this node's logical unit.
@@ -203,7 +210,7 @@ impl LogicalUnit {
         &self,
         nexus: &Nexus,
         cdb: &[u8],
-        data_out: &[u8],
+        data_out: &Bytes,
     ) -> ScsiResponse {
         match self.run(nexus, cdb, data_out).await {
             Ok(data_in) => ScsiResponse {
@@ -273,7 +280,7 @@ impl LogicalUnit {
         Ok(())
     }
 
-    async fn run(&self, nexus: &Nexus, raw: &[u8], data_out: &[u8]) -> CmdResult {
+    async fn run(&self, nexus: &Nexus, raw: &[u8], data_out: &Bytes) -> CmdResult {
         self.ensure_pr_loaded().await?;
         let c = Cdb::new(raw);
         let opcode = c.opcode();
@@ -307,7 +314,13 @@ impl LogicalUnit {
         self.dispatch(nexus, &c, info, data_out).await
     }
 
-    async fn dispatch(&self, nexus: &Nexus, c: &Cdb, info: &CmdInfo, data_out: &[u8]) -> CmdResult {
+    async fn dispatch(
+        &self,
+        nexus: &Nexus,
+        c: &Cdb,
+        info: &CmdInfo,
+        data_out: &Bytes,
+    ) -> CmdResult {
         match c.opcode() {
             op::TEST_UNIT_READY | op::START_STOP_UNIT => Ok(Vec::new()),
             op::REQUEST_SENSE => self.request_sense(nexus, c),
@@ -342,7 +355,7 @@ impl LogicalUnit {
         }
     }
 
-    async fn block_command(&self, c: &Cdb, data_out: &[u8]) -> CmdResult {
+    async fn block_command(&self, c: &Cdb, data_out: &Bytes) -> CmdResult {
         match c.opcode() {
             op::READ6 | op::READ10 | op::READ12 | op::READ16 => self.read(c).await,
             op::WRITE6 | op::WRITE10 | op::WRITE12 | op::WRITE16 => self.write(c, data_out).await,
@@ -471,10 +484,12 @@ impl LogicalUnit {
         (c.opcode() != op::WRITE6 && c.u8(1) & 0x08 != 0) || !self.write_cache()
     }
 
-    async fn write(&self, c: &Cdb, data_out: &[u8]) -> CmdResult {
+    async fn write(&self, c: &Cdb, data_out: &Bytes) -> CmdResult {
         let Some((r, data)) = self.write_data(c, data_out)? else {
             return Ok(Vec::new());
         };
+        // The part of the received buffer to write, shared rather than copied.
+        let data = data_out.slice(..data.len());
         let fua = self.fua(c);
         let _gate = self.write_gate.read().await;
         self.dev
@@ -567,9 +582,9 @@ impl LogicalUnit {
         let mut done = 0u64;
         while done < r.blocks {
             let n = (r.blocks - done).min(WRITE_SAME_CHUNK_BLOCKS);
-            let buf = pattern.repeat(n as usize);
+            let buf = Bytes::from(pattern.repeat(n as usize));
             self.dev
-                .write(offset + done * self.block(), &buf, fua)
+                .write(offset + done * self.block(), buf, fua)
                 .await
                 .map_err(|e| self.dev_err(&e, IoDir::Write))?;
             done += n;
@@ -668,7 +683,7 @@ impl LogicalUnit {
         }
         let fua = self.fua(c);
         self.dev
-            .write(offset, &cur, fua)
+            .write(offset, Bytes::from(cur), fua)
             .await
             .map_err(|e| self.dev_err(&e, IoDir::Write))?;
         Ok(Vec::new())
