@@ -262,8 +262,16 @@ impl LocalPool {
             );
         }
         blocking(move || {
+            // Grouped by disk: many groups of one disk share a syncfs.
+            let mut by_disk: Vec<(Arc<DiskStore>, Vec<Arc<Group>>)> = Vec::new();
             for (disk, group) in found {
-                disk.sync_group(&group)?;
+                match by_disk.iter_mut().find(|(d, _)| Arc::ptr_eq(d, &disk)) {
+                    Some((_, v)) => v.push(group),
+                    None => by_disk.push((disk, vec![group])),
+                }
+            }
+            for (disk, groups) in by_disk {
+                disk.sync_groups(&groups)?;
             }
             Ok(())
         })
