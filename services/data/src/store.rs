@@ -352,8 +352,13 @@ impl DiskStore {
         let dirty: Vec<(&Arc<Group>, u64, Arc<File>)> = groups
             .iter()
             .filter_map(|g| {
+                // The handle before the end: compaction swaps both under
+                // the file's lock, so an end read after the handle is the
+                // handle's file's or a newer one's, and a newer file shows
+                // as a changed handle below.
+                let fd = lock(&g.fd).clone();
                 let end = lock(&g.file).end();
-                (g.synced.load(Ordering::Acquire) < end).then(|| (g, end, lock(&g.fd).clone()))
+                (g.synced.load(Ordering::Acquire) < end).then_some((g, end, fd))
             })
             .collect();
         if dirty.len() < SYNCFS_FROM {
