@@ -146,8 +146,6 @@ pub struct ExtentGroupFile {
     records: HashMap<u64, LiveRecord>,
     /// Superseded payloads not punched yet.
     dead: Vec<DeadRange>,
-    /// Bytes in `dead`.
-    dead_bytes: u64,
     /// Bytes of `[0, end)` that are holes.
     holes: u64,
     /// The filesystem refused a hole once: superseded records wait for
@@ -237,7 +235,6 @@ impl ExtentGroupFile {
             staged: None,
             records: HashMap::new(),
             dead: Vec::new(),
-            dead_bytes: 0,
             holes: 0,
             no_holes: false,
         }
@@ -279,7 +276,6 @@ impl ExtentGroupFile {
         // process, not the machine): punching it now could outrun that
         // successor to the disk. Compaction reclaims it instead.
         me.dead.clear();
-        me.dead_bytes = 0;
         me.holes = me.end.saturating_sub(meta.blocks() * 512);
         Ok(me)
     }
@@ -430,7 +426,6 @@ impl ExtentGroupFile {
 
     fn bury(&mut self, from: u64, to: u64, after: u64) {
         self.dead.push(DeadRange { from, to, after });
-        self.dead_bytes += to - from;
     }
 
     /// Turns superseded payloads into holes once the records superseding
@@ -449,7 +444,6 @@ impl ExtentGroupFile {
                 continue;
             }
             self.dead.swap_remove(i);
-            self.dead_bytes -= d.to - d.from;
             if self.no_holes {
                 continue;
             }
@@ -810,7 +804,9 @@ impl ExtentGroupFile {
     /// the file long.
     pub fn needs_compaction(&self) -> bool {
         let live = self.mapped_bytes() + SUPERBLOCK_SIZE;
-        let kept = self.allocated_bytes().saturating_sub(self.dead_bytes);
+        // `dead` holds what superseded records since the last sync: short.
+        let dead: u64 = self.dead.iter().map(|d| d.to - d.from).sum();
+        let kept = self.allocated_bytes().saturating_sub(dead);
         kept > 2 * live + (1 << 20) || self.end > MAX_SPARSE_FACTOR * (live + (1 << 20))
     }
 
@@ -1142,6 +1138,21 @@ pub(crate) mod tests {
         (0..256).flat_map(|b| pattern(b, gen)).collect()
     }
 
+    /// Appends generation `gen` of every block of the group, as sequence `gen`.
+    fn append_whole(g: &mut ExtentGroupFile, gen: u8) {
+        let seq = u64::from(gen);
+        g.append(
+            RecordKind::RecordData,
+            seq,
+            1,
+            0,
+            256,
+            &whole_group(gen),
+            false,
+        )
+        .unwrap();
+    }
+
     fn on_disk(p: &Path) -> u64 {
         std::fs::metadata(p).unwrap().blocks() * 512
     }
@@ -1151,15 +1162,13 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("10.ceg");
         let mut g = ExtentGroupFile::create(&p, header(10)).unwrap();
-        g.append(RecordKind::RecordData, 1, 1, 0, 256, &whole_group(1), false)
-            .unwrap();
+        append_whole(&mut g, 1);
         g.sync().unwrap();
         let first_payload = match g.slots()[0] {
             Slot::Data(l) => l.payload_off,
             other => panic!("{other:?}"),
         };
-        g.append(RecordKind::RecordData, 2, 1, 0, 256, &whole_group(2), false)
-            .unwrap();
+        append_whole(&mut g, 2);
         // The successor is in the page cache only: the old version must
         // stay on disk until it is durable.
         let mut old = vec![0u8; BLOCK_SIZE];
@@ -1182,16 +1191,7 @@ pub(crate) mod tests {
             "a superseded payload became a hole"
         );
         for gen in 3..=20u8 {
-            g.append(
-                RecordKind::RecordData,
-                u64::from(gen),
-                1,
-                0,
-                256,
-                &whole_group(gen),
-                false,
-            )
-            .unwrap();
+            append_whole(&mut g, gen);
             g.sync().unwrap();
             assert!(
                 !g.needs_compaction(),
@@ -1227,11 +1227,9 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("11.ceg");
         let mut g = ExtentGroupFile::create(&p, header(11)).unwrap();
-        g.append(RecordKind::RecordData, 5, 1, 0, 256, &whole_group(5), false)
-            .unwrap();
+        append_whole(&mut g, 5);
         // A late copy of an older version: indexed nowhere.
-        g.append(RecordKind::RecordData, 3, 1, 0, 256, &whole_group(3), false)
-            .unwrap();
+        append_whole(&mut g, 3);
         g.sync().unwrap();
         assert!(on_disk(&p) < (1 << 20) + (64 << 10), "{}", on_disk(&p));
         assert_eq!(g.read(0, 256).unwrap(), whole_group(5));
@@ -1264,16 +1262,7 @@ pub(crate) mod tests {
         while !g.needs_compaction() {
             gen += 1;
             assert!(gen < 200, "never asked for compaction");
-            g.append(
-                RecordKind::RecordData,
-                u64::from(gen),
-                1,
-                0,
-                256,
-                &whole_group(gen),
-                false,
-            )
-            .unwrap();
+            append_whole(&mut g, gen);
             g.sync().unwrap();
         }
         assert!(g.file_len() > MAX_SPARSE_FACTOR << 20);
