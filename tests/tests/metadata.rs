@@ -522,12 +522,41 @@ fn security_and_bad_input() -> Result<()> {
         Some(tonic::Code::InvalidArgument)
     );
     assert!(status_with(&own).is_ok(), "node still serves RPC");
+
+    // The same on the raw raft stream: a frame that is not a RaftBatch
+    // closes that connection alone, with a log line.
+    let tls = cairn_rpc::tls::mtls_client_config(&own)?;
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = cairn_rpc::dial::connect_alpn(
+            &rpc,
+            &tls,
+            cairn_metadata::wire::ALPNS,
+            Duration::from_secs(3),
+        )
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the node must offer the raft stream"))?;
+        s.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0x01]).await?;
+        s.flush().await?;
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("a bad raft frame must close its connection"))?
+            .unwrap_or(0);
+        anyhow::ensure!(n == 0, "the raft stream never answers");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert!(status_with(&own).is_ok(), "node still serves RPC");
     let r = c.post(0, "/v1/datastores", &json!({ "name": "after-bad-input" }))?;
     assert_eq!(r.status, 201, "node still commits after bad input");
     std::thread::sleep(Duration::from_millis(200));
     assert!(
         c.nodes[0].log().contains("RPC refused"),
         "malformed RPC must be logged"
+    );
+    assert!(
+        c.nodes[0].log().contains("dropping raft stream connection"),
+        "a bad raft frame must be logged"
     );
     Ok(())
 }

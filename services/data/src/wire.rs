@@ -32,16 +32,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use cairn_api::data::v1::{
     FrontendCommand, FrontendReply, ReplicaRead, ReplicaReadReply, ReplicaWrite, ReplicaWriteReply,
     VdiskIo, VdiskIoReply, WireError,
 };
+use cairn_rpc::frame::{send_frame, send_parts, FrameError};
 use cairn_rpc::serve::{RawProtocol, ServerStream};
 use cairn_util::sync::lock;
 use prost::Message;
 use rustls::ClientConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::frontend::BlockService;
@@ -71,57 +72,14 @@ const HEAD: usize = 1 + 8;
 /// The largest frame accepted: a whole extent group's data and its header.
 const MAX_FRAME: usize = MAX_DATA_MESSAGE + (1 << 20);
 
-#[derive(Debug, thiserror::Error)]
-enum FrameError {
-    #[error("connection closed")]
-    Closed,
-    #[error("frame of {0} bytes (allowed {HEAD}..={MAX_FRAME})")]
-    Length(usize),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
+/// Reads one frame of this protocol: kind, request id, body.
 async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<(u8, u64, Bytes), FrameError> {
-    let mut len = [0u8; 4];
-    match rd.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if !(HEAD..=MAX_FRAME).contains(&len) {
-        return Err(FrameError::Length(len));
-    }
-    // Filled straight from the socket: no zeroing of what is overwritten.
-    let mut buf = BytesMut::with_capacity(len);
-    while buf.len() < len {
-        let mut part = (&mut *rd).take((len - buf.len()) as u64);
-        if part.read_buf(&mut buf).await? == 0 {
-            return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-    }
-    let mut buf = buf.freeze();
+    let mut buf = cairn_rpc::frame::read_frame(rd, HEAD..=MAX_FRAME).await?;
     let kind = buf[0];
     let id = u64::from_be_bytes([
         buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8],
     ]);
     Ok((kind, id, buf.split_off(HEAD)))
-}
-
-/// Writes a frame and flushes it: TLS may hold written bytes back until a
-/// flush (rustls buffers a record the socket could not take yet), and an
-/// unflushed answer is one the peer waits for forever.
-async fn send_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> std::io::Result<()> {
-    w.write_all(frame).await?;
-    w.flush().await
-}
-
-/// [`send_frame`] for frames in parts.
-async fn send_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: &[Bytes]) -> std::io::Result<()> {
-    for p in parts {
-        w.write_all(p).await?;
-    }
-    w.flush().await
 }
 
 fn frame(kind: u8, id: u64, body: &impl Message) -> Vec<u8> {

@@ -4,9 +4,10 @@
 //! - [`state`]: the replicated state machine, pure (no I/O); [`iscsi`]: its
 //!   iSCSI target rules and commands.
 //! - [`engine`] / [`log`]: RocksDB storage of the raft log and the state.
-//! - [`node`]: the raft-rs driver thread (Ready loop, apply, ReadIndex,
+//! - [`node`]: the raft-rs driver task (Ready loop, apply, ReadIndex,
 //!   snapshots, compaction, membership changes).
-//! - [`transport`]: raft messages to peers over mTLS gRPC.
+//! - [`transport`] / [`wire`]: raft messages to peers over mTLS, on a raw
+//!   stream of their own (gRPC for snapshots and older peers).
 //! - [`handle`]: the async API other services use.
 //! - [`service`]: the gRPC services a node exposes to its peers.
 
@@ -19,6 +20,7 @@ pub mod node;
 pub mod service;
 pub mod state;
 pub mod transport;
+pub mod wire;
 
 use std::time::Duration;
 

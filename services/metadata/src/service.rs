@@ -1,5 +1,6 @@
 //! The gRPC services a node serves to its peers (over mTLS): the raft
-//! transport, node status, and the key-value interface. Malformed requests
+//! transport (also reached by the raw raft stream, [`crate::wire`]), node
+//! status, and the key-value interface. Malformed requests
 //! are refused with a gRPC error and a log line; the connection and every
 //! other request carry on.
 
@@ -41,32 +42,52 @@ struct RaftService {
     version: String,
 }
 
+/// Why a batch of raft messages was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refused {
+    /// The batch itself is wrong: its sender is broken or hostile.
+    #[error("{0}")]
+    Malformed(String),
+    /// This node's driver could not take it.
+    #[error(transparent)]
+    Driver(MetaError),
+}
+
+/// Decodes one batch and hands its messages to the raft driver: all of them
+/// or, if one is malformed or addressed to another node, none.
+pub(crate) fn deliver(handle: &MetadataHandle, batch: RaftBatch) -> Result<(), Refused> {
+    let me = handle.node_id();
+    let mut decoded = Vec::with_capacity(batch.messages.len());
+    for bytes in &batch.messages {
+        let m = RaftMessage::parse_from_bytes(bytes)
+            .map_err(|e| Refused::Malformed(format!("malformed raft message: {e}")))?;
+        if m.to != me {
+            return Err(Refused::Malformed(format!(
+                "raft message addressed to node {} arrived at node {me}",
+                m.to
+            )));
+        }
+        decoded.push(m);
+    }
+    handle.learn_peer(batch.from_node, &batch.from_addr);
+    for m in decoded {
+        handle
+            .send(Msg::Raft(Box::new(m)))
+            .map_err(Refused::Driver)?;
+    }
+    Ok(())
+}
+
 impl RaftService {
-    /// Decodes and delivers one batch to the raft driver.
+    /// [`deliver`] for the gRPC handlers.
     // tonic handlers return `Status` by value; boxing it here only to unbox it
     // in both callers would buy nothing.
     #[allow(clippy::result_large_err)]
     fn deliver(&self, batch: RaftBatch) -> Result<(), Status> {
-        let me = self.handle.node_id();
-        let mut decoded = Vec::with_capacity(batch.messages.len());
-        for bytes in &batch.messages {
-            let m = RaftMessage::parse_from_bytes(bytes)
-                .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
-            if m.to != me {
-                return Err(Status::invalid_argument(format!(
-                    "raft message addressed to node {} arrived at node {me}",
-                    m.to
-                )));
-            }
-            decoded.push(m);
-        }
-        self.handle.learn_peer(batch.from_node, &batch.from_addr);
-        for m in decoded {
-            self.handle
-                .send(Msg::Raft(Box::new(m)))
-                .map_err(|e| to_status(&e))?;
-        }
-        Ok(())
+        deliver(&self.handle, batch).map_err(|e| match e {
+            Refused::Malformed(m) => Status::invalid_argument(m),
+            Refused::Driver(e) => to_status(&e),
+        })
     }
 }
 

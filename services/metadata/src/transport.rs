@@ -1,6 +1,8 @@
 //! Raft messages to peers: one task and one bounded queue per peer, batching
-//! whatever is queued into a single mTLS gRPC call. A slow or partitioned peer
-//! only fills its own queue; when it is full, messages are dropped and raft
+//! whatever is queued into one frame of the raft stream ([`crate::wire`]),
+//! or into one message of a gRPC stream for a peer without it; snapshots
+//! and oversized messages go by gRPC call. A slow or partitioned peer only
+//! fills its own queue; when it is full, messages are dropped and raft
 //! retransmits (raft tolerates loss, not unbounded memory).
 
 use std::collections::HashMap;
@@ -9,14 +11,18 @@ use std::time::{Duration, Instant};
 
 use cairn_api::rpc::v1::raft_transport_client::RaftTransportClient;
 use cairn_api::rpc::v1::{NodeStatusReply, NodeStatusRequest, RaftBatch};
+use cairn_rpc::dial::ClientStream;
+use cairn_rpc::frame::send_frame;
 use protobuf::Message as _;
 use raft::eraftpb::{Message as RaftMessage, MessageType};
 use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::transport::Channel;
 
 use crate::node::Msg;
+use crate::wire;
 use crate::MetaError;
 
 const PEER_QUEUE: usize = 4096;
@@ -126,6 +132,7 @@ impl Transport {
             addr.to_string(),
             rx,
             client,
+            self.tls.clone(),
             self.inbox(),
             self.self_id,
             self.self_addr.clone(),
@@ -160,16 +167,77 @@ impl Transport {
 
 /// Bound on one unary raft call (a batch, or a snapshot being installed).
 const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on connecting to a peer's raft stream.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on writing one frame: a peer that stops reading (or a partition
+/// that swallows packets) gets a new connection instead of a stuck one.
+const FRAME_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The task driving a peer's raft stream; it ends when the stream does.
+/// The task driving a peer's gRPC raft stream; it ends when the stream does.
 type StreamCall =
     tokio::task::JoinHandle<Result<tonic::Response<cairn_api::rpc::v1::RaftAck>, tonic::Status>>;
 
+/// A connection carrying the raft stream ([`crate::wire`]) to a peer.
+struct RawLink {
+    wr: WriteHalf<ClientStream>,
+    /// Reads the (silent) other direction, so a peer that closed the
+    /// connection is noticed before the next frame is lost in it.
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawLink {
+    fn drop(&mut self) {
+        // The watcher holds the read half: the connection closes with it.
+        self.watch.abort();
+    }
+}
+
+/// How ordinary messages to a peer travel.
+enum Link {
+    /// Not connected: the next batch connects, trying the raft stream first.
+    Down,
+    Raw(RawLink),
+    /// A peer without the raft stream (an older version): a gRPC stream.
+    Grpc(mpsc::Sender<RaftBatch>, StreamCall),
+}
+
+/// Splits encoded messages into raft stream frames of at most
+/// [`wire::FRAME_FILL`] bytes of messages each (at least one message).
+fn frames(messages: Vec<Vec<u8>>, from_node: u64, from_addr: &str) -> Vec<bytes::Bytes> {
+    let mut out = Vec::new();
+    let mut chunk: Vec<Vec<u8>> = Vec::new();
+    let mut fill = 0;
+    let mut flush = |chunk: &mut Vec<Vec<u8>>| {
+        out.push(wire::encode_frame(&RaftBatch {
+            format_version: cairn_api::FORMAT_VERSION,
+            from_node,
+            messages: std::mem::take(chunk),
+            from_addr: from_addr.to_string(),
+        }))
+    };
+    for m in messages {
+        if !chunk.is_empty() && fill + m.len() > wire::FRAME_FILL {
+            flush(&mut chunk);
+            fill = 0;
+        }
+        fill += m.len();
+        chunk.push(m);
+    }
+    if !chunk.is_empty() {
+        flush(&mut chunk);
+    }
+    out
+}
+
+// One task per peer owns everything about reaching it; splitting its state
+// into a struct would only move these arguments.
+#[allow(clippy::too_many_arguments)]
 async fn peer_loop(
     id: u64,
     addr: String,
     mut rx: mpsc::Receiver<RaftMessage>,
     mut client: RaftTransportClient<Channel>,
+    tls: Arc<ClientConfig>,
     inbox: UnboundedSender<Msg>,
     from_node: u64,
     from_addr: String,
@@ -181,9 +249,11 @@ async fn peer_loop(
             last_warn = Some(Instant::now());
         }
     };
-    // The open stream to the peer: its sender and the call driving it.
-    let mut stream: Option<(mpsc::Sender<RaftBatch>, StreamCall)> = None;
-    let mut streaming_supported = true;
+    let mut link = Link::Down;
+    // The peer answered the last connection without the raft stream; asked
+    // again whenever its gRPC stream ends (it may have been upgraded).
+    let mut stream_refused = false;
+    let mut grpc_streaming = true;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -204,26 +274,23 @@ async fn peer_loop(
                 Err(e) => tracing::error!(peer = id, error = %e, "cannot encode raft message"),
             }
         }
-        let req = RaftBatch {
-            format_version: cairn_api::FORMAT_VERSION,
-            from_node,
-            messages,
-            from_addr: from_addr.clone(),
-        };
+        let oversized = messages.iter().any(|m| m.len() > wire::MAX_STREAM_MESSAGE);
 
-        // Ordinary messages ride the stream; snapshots (and peers without
-        // Stream) use a call whose answer says the batch arrived.
-        if snapshots.is_empty() && streaming_supported {
-            if let Some((_, call)) = &stream {
-                if call.is_finished() {
-                    if let Some((_, call)) = stream.take() {
+        // Ordinary messages ride a stream; snapshots, oversized messages
+        // (and peers without any stream) use a call whose answer says the
+        // batch arrived.
+        if snapshots.is_empty() && !oversized {
+            match &link {
+                Link::Raw(raw) if raw.watch.is_finished() => link = Link::Down,
+                Link::Grpc(_, call) if call.is_finished() => {
+                    if let Link::Grpc(_, call) = std::mem::replace(&mut link, Link::Down) {
                         match call.await {
                             Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
                                 tracing::info!(
                                     peer = id,
                                     "peer has no raft stream; using one call per batch"
                                 );
-                                streaming_supported = false;
+                                grpc_streaming = false;
                             }
                             Ok(Err(s)) => {
                                 warn("raft stream to peer ended (peer unreachable?)", s.message())
@@ -231,29 +298,92 @@ async fn peer_loop(
                             _ => {}
                         }
                     }
+                    stream_refused = false;
                     let _ = inbox.send(Msg::Unreachable(id));
                 }
+                _ => {}
             }
-            if streaming_supported {
-                if stream.is_none() {
-                    let (tx, brx) = mpsc::channel::<RaftBatch>(256);
-                    let body = futures::stream::unfold(brx, |mut r| async move {
-                        r.recv().await.map(|b| (b, r))
-                    });
-                    let mut c = client.clone();
-                    let call = tokio::spawn(async move { c.stream(body).await });
-                    stream = Some((tx, call));
-                }
-                if let Some((tx, _)) = &stream {
-                    if tx.try_send(req).is_err() {
-                        // Full or closed: drop this batch (raft resends) and reopen.
-                        stream = None;
+            if matches!(link, Link::Down) && !stream_refused {
+                match cairn_rpc::dial::connect_alpn(&addr, &tls, wire::ALPNS, CONNECT_TIMEOUT).await
+                {
+                    Ok(Some(stream)) => {
+                        let (mut rd, wr) = tokio::io::split(stream);
+                        let watch = tokio::spawn(async move {
+                            let mut buf = [0u8; 64];
+                            // The receiver never writes: anything, or the
+                            // end, means the connection is over.
+                            let _ = rd.read(&mut buf).await;
+                        });
+                        link = Link::Raw(RawLink { wr, watch });
+                    }
+                    Ok(None) => {
+                        tracing::info!(peer = id, "peer has no raft stream; using gRPC");
+                        stream_refused = true;
+                    }
+                    Err(e) => {
+                        warn("cannot connect to raft peer", &e.to_string());
                         let _ = inbox.send(Msg::Unreachable(id));
+                        // Drop what queued up meanwhile: raft resends what still matters.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        while rx.try_recv().is_ok() {}
+                        continue;
                     }
                 }
-                continue;
+            }
+            if matches!(link, Link::Down) && grpc_streaming {
+                let (tx, brx) = mpsc::channel::<RaftBatch>(256);
+                let body =
+                    futures::stream::unfold(
+                        brx,
+                        |mut r| async move { r.recv().await.map(|b| (b, r)) },
+                    );
+                let mut c = client.clone();
+                let call = tokio::spawn(async move { c.stream(body).await });
+                link = Link::Grpc(tx, call);
+            }
+            match &mut link {
+                Link::Raw(raw) => {
+                    for frame in frames(messages, from_node, &from_addr) {
+                        let sent = tokio::time::timeout(
+                            FRAME_WRITE_TIMEOUT,
+                            send_frame(&mut raw.wr, &frame),
+                        )
+                        .await;
+                        let err = match sent {
+                            Ok(Ok(())) => continue,
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => "writing a frame timed out".to_string(),
+                        };
+                        warn("raft stream to peer broke (peer unreachable?)", &err);
+                        link = Link::Down;
+                        let _ = inbox.send(Msg::Unreachable(id));
+                        break;
+                    }
+                    continue;
+                }
+                Link::Grpc(tx, _) => {
+                    let req = RaftBatch {
+                        format_version: cairn_api::FORMAT_VERSION,
+                        from_node,
+                        messages,
+                        from_addr: from_addr.clone(),
+                    };
+                    if tx.try_send(req).is_err() {
+                        // Full or closed: drop this batch (raft resends) and reopen.
+                        link = Link::Down;
+                        let _ = inbox.send(Msg::Unreachable(id));
+                    }
+                    continue;
+                }
+                Link::Down => {}
             }
         }
+        let req = RaftBatch {
+            format_version: cairn_api::FORMAT_VERSION,
+            from_node,
+            messages,
+            from_addr: from_addr.clone(),
+        };
         let sent = match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.send(req)).await {
             Ok(r) => r,
             Err(_) => Err(tonic::Status::deadline_exceeded("raft call timed out")),

@@ -119,19 +119,23 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         cfg.node_id,
         stop_rx.clone(),
     ));
-    // The RPC port also speaks the replica fast path, chosen by ALPN.
+    // The RPC port also speaks the raft stream and the replica fast path,
+    // chosen by ALPN.
+    let raw: Vec<Arc<dyn cairn_rpc::serve::RawProtocol>> = vec![
+        cairn_metadata::wire::RaftStreamServer::new(meta.clone()),
+        cairn_data::wire::WireServer::new(pool.clone(), frontend.clone()),
+    ];
     let mut rpc_tls = (*cairn_rpc::tls::server_config(&identity, true)?).clone();
-    rpc_tls
-        .alpn_protocols
-        .extend(cairn_data::wire::ALPNS.iter().map(|a| a.to_vec()));
+    for r in &raw {
+        rpc_tls
+            .alpn_protocols
+            .extend(r.alpns().iter().map(|a| a.to_vec()));
+    }
     tokio::spawn(cairn_rpc::serve::serve_tls_with(
         rpc_listener,
         Arc::new(rpc_tls),
         rpc_router,
-        Some(cairn_data::wire::WireServer::new(
-            pool.clone(),
-            frontend.clone(),
-        )),
+        raw,
         "rpc",
         stop_rx.clone(),
     ));

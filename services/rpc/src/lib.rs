@@ -1,13 +1,15 @@
 //! Transport security for everything that crosses the network: the cluster CA
 //! and node certificates ([`pki`]), rustls configurations ([`tls`]), and one
 //! accept loop that serves an axum/tonic router over TLS ([`serve`]) plus the
-//! dialer for mTLS gRPC channels ([`dial`]).
+//! dialer for mTLS gRPC channels ([`dial`]), and the length-prefixed framing
+//! of the raw protocols chosen by ALPN on the RPC port ([`frame`]).
 //!
 //! Node-to-node RPC requires a client certificate signed by the cluster CA;
 //! the REST API uses server-side TLS and bearer tokens (checked by the
 //! management service).
 
 pub mod dial;
+pub mod frame;
 
 // HTTP/2 flow control, both directions: with h2's 64 KiB defaults a 1 MiB
 // replica write waited for 16 window updates, a round trip each, and RF2

@@ -45,20 +45,21 @@ pub async fn serve_tls(
     listener_name: &'static str,
     shutdown: watch::Receiver<bool>,
 ) {
-    serve_tls_with(listener, tls, router, None, listener_name, shutdown).await
+    serve_tls_with(listener, tls, router, Vec::new(), listener_name, shutdown).await
 }
 
-/// [`serve_tls`] that also hands connections that chose one of `raw`'s
-/// ALPN ids to it.
+/// [`serve_tls`] that also hands a connection whose handshake chose an ALPN
+/// id of one of the `raw` protocols to that protocol.
 pub async fn serve_tls_with(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     router: axum::Router,
-    raw: Option<Arc<dyn RawProtocol>>,
+    raw: Vec<Arc<dyn RawProtocol>>,
     listener_name: &'static str,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let raw: Arc<[Arc<dyn RawProtocol>]> = raw.into();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -91,7 +92,8 @@ pub async fn serve_tls_with(
                 }
             };
             let chosen = tls.get_ref().1.alpn_protocol();
-            if let Some(raw) = raw.filter(|r| chosen.is_some_and(|c| r.alpns().contains(&c))) {
+            let raw = chosen.and_then(|c| raw.iter().find(|r| r.alpns().contains(&c)));
+            if let Some(raw) = raw {
                 raw.serve(tls, peer).await;
                 return;
             }
