@@ -145,6 +145,16 @@ impl Engine {
         Ok(self.db.write_opt(batch, &wo)?)
     }
 
+    /// Writes a batch without logging it to the WAL: it is in the memtable
+    /// (read by everyone at once) and reaches disk only with the next flush
+    /// of its column families, so a crash loses it. Only for writes that
+    /// can be redone from what is durable (see `node::apply_entries`).
+    pub fn write_unlogged(&self, batch: WriteBatch) -> Result<(), MetaError> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        Ok(self.db.write_opt(batch, &wo)?)
+    }
+
     /// Flushes memtables to SST files (at clean shutdown).
     pub fn flush(&self) -> Result<(), MetaError> {
         for name in [CF_RAFT, CF_STATE] {
@@ -189,6 +199,14 @@ impl Batch<'_> {
             return Ok(());
         }
         self.engine.write(self.wb, sync)
+    }
+
+    /// [`Engine::write_unlogged`].
+    pub fn commit_unlogged(self) -> Result<(), MetaError> {
+        if self.wb.is_empty() {
+            return Ok(());
+        }
+        self.engine.write_unlogged(self.wb)
     }
 
     /// The batch's writes, for committing them on another thread

@@ -128,11 +128,18 @@ impl MetadataHandle {
         rt: tokio::runtime::Handle,
     ) -> Result<(Self, tokio::task::JoinHandle<Result<(), MetaError>>), MetaError> {
         let engine = Engine::open(&cfg.db_path)?;
-        let log = RaftLog::load(engine.clone())?;
+        let mut log = RaftLog::load(engine.clone())?;
         let applied = match engine.get(CF_STATE, KEY_APPLIED)? {
             Some(b) => decode_pair(&b)?,
             None => (log.truncated_index(), 0),
         };
+        if log.recover_commit(applied.0)? {
+            tracing::info!(
+                node = cfg.node_id,
+                commit = applied.0,
+                "commit index raised to the applied state found on disk"
+            );
+        }
         let conf_state = match engine.get(CF_STATE, KEY_CONF_STATE)? {
             Some(b) => ConfState::parse_from_bytes(&b)?,
             None => ConfState::default(),

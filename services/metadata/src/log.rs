@@ -132,6 +132,24 @@ impl RaftLog {
         batch.put(CF_RAFT, KEY_HS, &hs.write_to_bytes()?)
     }
 
+    /// At start: the state machine is applied up to `applied`, so those
+    /// entries were committed, but the stored commit index may say less.
+    /// Applies are written without the WAL (`node::apply_entries`) and the
+    /// commit index rides in them, and the state column family may have
+    /// been flushed while the raft one was not before a crash. raft-rs
+    /// refuses an applied index beyond the commit index, so the commit index
+    /// is raised (and synced) here. Returns whether it was.
+    pub fn recover_commit(&mut self, applied: u64) -> Result<bool, MetaError> {
+        if applied <= self.hard_state.commit {
+            return Ok(false);
+        }
+        let engine = self.engine.clone();
+        let mut batch = engine.batch();
+        self.set_commit(applied, &mut batch)?;
+        batch.commit(true)?;
+        Ok(true)
+    }
+
     /// Raises the stored commit index to at least `commit`.
     pub fn set_commit(&mut self, commit: u64, batch: &mut Batch<'_>) -> Result<(), MetaError> {
         if commit > self.hard_state.commit {
@@ -325,5 +343,35 @@ fn blocking_in_place<T>(f: impl FnOnce() -> T) -> T {
             tokio::task::block_in_place(f)
         }
         _ => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_index_behind_the_applied_state_is_raised_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let engine = Engine::open(dir.path()).unwrap();
+            let mut log = RaftLog::load(engine.clone()).unwrap();
+            let mut batch = engine.batch();
+            let hs = HardState {
+                term: 3,
+                vote: 2,
+                commit: 5,
+                ..Default::default()
+            };
+            log.set_hard_state(&hs, &mut batch).unwrap();
+            batch.commit(true).unwrap();
+            assert!(!log.recover_commit(4).unwrap(), "5 already covers 4");
+            assert!(log.recover_commit(9).unwrap());
+            assert_eq!(log.hard_state().commit, 9);
+        }
+        let engine = Engine::open(dir.path()).unwrap();
+        let log = RaftLog::load(engine).unwrap();
+        assert_eq!(log.hard_state().commit, 9, "the raised commit is on disk");
+        assert_eq!((log.hard_state().term, log.hard_state().vote), (3, 2));
     }
 }
