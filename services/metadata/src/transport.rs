@@ -410,3 +410,192 @@ async fn peer_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Both ways a peer is reached, over real mTLS on loopback: the raft
+    //! stream when the peer offers it, the gRPC stream when it does not (a
+    //! node of an older version), and a snapshot by unary call either way.
+
+    use super::*;
+    use cairn_api::rpc::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
+    use cairn_api::rpc::v1::RaftAck;
+    use cairn_rpc::serve::{RawProtocol, ServerStream};
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+
+    type Seen = Arc<Mutex<Vec<RaftBatch>>>;
+
+    /// An older peer's gRPC service: records what arrives, and how.
+    #[derive(Default, Clone)]
+    struct Grpc {
+        streamed: Seen,
+        called: Seen,
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for Grpc {
+        async fn send(
+            &self,
+            r: tonic::Request<RaftBatch>,
+        ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+            self.called.lock().unwrap().push(r.into_inner());
+            Ok(tonic::Response::new(RaftAck {}))
+        }
+        async fn stream(
+            &self,
+            r: tonic::Request<tonic::Streaming<RaftBatch>>,
+        ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+            let mut s = r.into_inner();
+            while let Some(b) = s.message().await? {
+                self.streamed.lock().unwrap().push(b);
+            }
+            Ok(tonic::Response::new(RaftAck {}))
+        }
+        async fn status(
+            &self,
+            _: tonic::Request<NodeStatusRequest>,
+        ) -> Result<tonic::Response<NodeStatusReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+    }
+
+    struct RawSink(Seen);
+
+    impl RawProtocol for RawSink {
+        fn alpns(&self) -> &'static [&'static [u8]] {
+            wire::ALPNS
+        }
+        fn serve(
+            &self,
+            stream: ServerStream,
+            peer: SocketAddr,
+        ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+            let seen = self.0.clone();
+            Box::pin(wire::serve_conn(stream, peer, move |b| {
+                seen.lock().unwrap().push(b);
+                Ok(())
+            }))
+        }
+    }
+
+    fn message(t: MessageType) -> RaftMessage {
+        let mut m = RaftMessage::default();
+        m.set_msg_type(t);
+        m.from = 1;
+        m.to = 2;
+        m.term = 7;
+        m
+    }
+
+    /// The types of the messages that arrived, in order.
+    fn types(seen: &Seen) -> Vec<MessageType> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.messages.clone())
+            .map(|m| RaftMessage::parse_from_bytes(&m).unwrap().get_msg_type())
+            .collect()
+    }
+
+    /// Waits (at most 5 s) until `n` messages arrived.
+    async fn wait_for(seen: &Seen, n: usize) -> Vec<MessageType> {
+        for _ in 0..500 {
+            if types(seen).len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        types(seen)
+    }
+
+    /// Node 2 serving the gRPC service, plus the raft stream if `raw`;
+    /// returns its address and a transport of node 1 pointed at it.
+    async fn peer_and_sender(
+        grpc: Grpc,
+        raw: Option<Seen>,
+    ) -> (Transport, tokio::sync::mpsc::UnboundedReceiver<Msg>) {
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let ca = cairn_rpc::pki::ClusterCa::generate("transport-test").unwrap();
+        let server_id = ca.issue_node(2, &[ip]).unwrap();
+        let client_id = ca.issue_node(1, &[ip]).unwrap();
+        let mut tls = (*cairn_rpc::tls::server_config(&server_id, true).unwrap()).clone();
+        let mut raws: Vec<Arc<dyn RawProtocol>> = Vec::new();
+        if let Some(seen) = raw {
+            tls.alpn_protocols
+                .extend(wire::ALPNS.iter().map(|a| a.to_vec()));
+            raws.push(Arc::new(RawSink(seen)));
+        }
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let router = tonic::service::Routes::new(RaftTransportServer::new(grpc)).into_axum_router();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        // The listener lives as long as the test's runtime.
+        std::mem::forget(stop_tx);
+        tokio::spawn(cairn_rpc::serve::serve_tls_with(
+            listener,
+            Arc::new(tls),
+            router,
+            raws,
+            "test",
+            stop,
+        ));
+        let (inbox, rx) = tokio::sync::mpsc::unbounded_channel();
+        let t = Transport::new(
+            1,
+            "127.0.0.1:1".into(),
+            cairn_rpc::tls::mtls_client_config(&client_id).unwrap(),
+            inbox,
+            tokio::runtime::Handle::current(),
+        );
+        t.set_peer(2, &addr);
+        (t, rx)
+    }
+
+    async fn snapshot_done(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>) -> bool {
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, rx.recv()).await {
+            if let Msg::SnapshotDone { to: 2, ok } = m {
+                return ok;
+            }
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_peer_offering_the_raft_stream_gets_frames_on_it() {
+        let grpc = Grpc::default();
+        let raw: Seen = Arc::default();
+        let (t, mut rx) = peer_and_sender(grpc.clone(), Some(raw.clone())).await;
+        t.send(vec![message(MessageType::MsgHeartbeat)]);
+        t.send(vec![message(MessageType::MsgAppend)]);
+        assert_eq!(
+            wait_for(&raw, 2).await,
+            vec![MessageType::MsgHeartbeat, MessageType::MsgAppend]
+        );
+        assert_eq!(raw.lock().unwrap()[0].from_node, 1);
+        assert!(types(&grpc.streamed).is_empty(), "nothing by gRPC stream");
+
+        t.send(vec![message(MessageType::MsgSnapshot)]);
+        assert!(snapshot_done(&mut rx).await, "a snapshot goes by call");
+        assert_eq!(types(&grpc.called), vec![MessageType::MsgSnapshot]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_raft_stream_gets_the_grpc_stream() {
+        let grpc = Grpc::default();
+        let (t, mut rx) = peer_and_sender(grpc.clone(), None).await;
+        t.send(vec![message(MessageType::MsgHeartbeat)]);
+        t.send(vec![message(MessageType::MsgAppend)]);
+        assert_eq!(
+            wait_for(&grpc.streamed, 2).await,
+            vec![MessageType::MsgHeartbeat, MessageType::MsgAppend],
+            "an older peer must still get raft messages, in order"
+        );
+
+        t.send(vec![message(MessageType::MsgSnapshot)]);
+        assert!(snapshot_done(&mut rx).await, "a snapshot goes by call");
+        assert_eq!(types(&grpc.called), vec![MessageType::MsgSnapshot]);
+    }
+}

@@ -86,7 +86,7 @@ impl RawProtocol for RaftStreamServer {
 
 /// Reads frames until the peer closes the connection or sends something
 /// wrong, handing each batch to `sink`.
-async fn serve_conn<R, F>(mut rd: R, peer: SocketAddr, sink: F)
+pub(crate) async fn serve_conn<R, F>(mut rd: R, peer: SocketAddr, sink: F)
 where
     R: AsyncRead + Unpin,
     F: Fn(RaftBatch) -> Result<(), Refused>,
