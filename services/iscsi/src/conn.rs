@@ -101,6 +101,14 @@ struct Conn {
     peer: String,
 }
 
+type PduReader = tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>;
+
+/// Reads the next PDU, handing the reader back with it.
+async fn read_next(mut rd: PduReader, limits: ReadLimits) -> (PduReader, Result<Pdu, PduError>) {
+    let r = pdu::read_pdu(&mut rd, limits).await;
+    (rd, r)
+}
+
 /// Runs a logged-in connection to its end.
 pub async fn run(
     shared: Arc<Shared>,
@@ -118,25 +126,20 @@ pub async fn run(
     let (rd, wr) = stream.into_split();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(writer(wr, out_rx, session.clone(), params, statsn));
-    let (pdu_tx, mut pdu_rx) = mpsc::channel::<Result<Pdu, PduError>>(16);
     let limits = ReadLimits {
         max_data: params.max_recv_data_segment,
         header_digest: params.header_digest,
         data_digest: params.data_digest,
     };
-    let reader = tokio::spawn(async move {
-        // Buffered: with 32 commands in flight one read takes many PDUs
-        // (it was a read for each header, each data segment, and an
-        // EAGAIN). Data segments larger than the buffer bypass it.
-        let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
-        loop {
-            let r = pdu::read_pdu(&mut rd, limits).await;
-            let end = r.is_err();
-            if pdu_tx.send(r).await.is_err() || end {
-                return;
-            }
-        }
-    });
+    // Buffered: with 32 commands in flight one read takes many PDUs (it was
+    // a read for each header, each data segment, and an EAGAIN). Data
+    // segments larger than the buffer bypass it.
+    let rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
+    // PDUs are read by this task, not a reader task of their own: that
+    // hand-off was a task wakeup (often a thread wakeup) per PDU. The read
+    // in progress is one future kept across the loop, so the other branches
+    // of the select never cancel it halfway through a PDU.
+    let mut next = Box::pin(read_next(rd, limits));
     let mut conn = Conn {
         shared: shared.clone(),
         session: session.clone(),
@@ -159,14 +162,17 @@ pub async fn run(
             }
         };
         tokio::select! {
-            r = pdu_rx.recv() => match r {
-                Some(Ok(p)) => match conn.handle(p).await {
-                    Ok(true) => continue,
-                    Ok(false) => break "logged out".to_string(),
-                    Err(e) => break format!("protocol error: {e}"),
-                },
-                Some(Err(PduError::Closed)) | None => break "closed by the initiator".to_string(),
-                Some(Err(e)) => break format!("bad PDU: {e}"),
+            (rd, r) = &mut next => match r {
+                Ok(p) => {
+                    next = Box::pin(read_next(rd, limits));
+                    match conn.handle(p).await {
+                        Ok(true) => continue,
+                        Ok(false) => break "logged out".to_string(),
+                        Err(e) => break format!("protocol error: {e}"),
+                    }
+                }
+                Err(PduError::Closed) => break "closed by the initiator".to_string(),
+                Err(e) => break format!("bad PDU: {e}"),
             },
             _ = async { stop.wait_for(|s| *s).await.is_ok() }, if logout_deadline.is_none() => {
                 if session.kind == SessionKind::Discovery {
@@ -183,7 +189,7 @@ pub async fn run(
     tracing::info!(peer = %conn.peer, initiator = %session.initiator_name,
         target = %session.target_name, tsih = session.tsih, cid, reason = %reason,
         "iSCSI connection ended");
-    reader.abort();
+    drop(next);
     for r in lock(&conn.running).values() {
         r.aborted.store(true, Ordering::SeqCst);
     }
