@@ -45,6 +45,22 @@ fn write_vdisks(
 }
 
 /// The vdisk names node `i` holds, through a linearizable read.
+/// Waits until node index `i` has applied up to `target`; `what` says what
+/// went wrong if it has not by `deadline`.
+fn wait_applied(c: &Cluster, i: usize, target: u64, deadline: Instant, what: &str) -> Result<()> {
+    loop {
+        if let Ok(s) = c.status(i) {
+            if s["applied_index"].as_u64().unwrap_or(0) >= target {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not applied up to {target}\n{}", c.logs_tail());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn names_on(c: &Cluster, i: usize) -> Result<BTreeSet<String>> {
     let r = c.get(i, VDISKS)?;
     if r.status != 200 {
@@ -143,21 +159,13 @@ fn three_nodes_form_survive_leader_kill_and_catch_up() -> Result<()> {
     // The killed node restarts and catches up.
     c.spawn(li)?;
     let target = c.status(survivor)?["commit_index"].as_u64().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(s) = c.status(li) {
-            if s["applied_index"].as_u64().unwrap_or(0) >= target {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "restarted node did not catch up to {target}\n{}",
-                c.logs_tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_applied(
+        &c,
+        li,
+        target,
+        Instant::now() + Duration::from_secs(60),
+        "restarted node did not catch up",
+    )?;
     let on_restarted = names_on(&c, li)?;
     for name in acked.iter().chain(&acked2) {
         assert!(
@@ -180,20 +188,13 @@ fn three_nodes_form_survive_leader_kill_and_catch_up() -> Result<()> {
     c.wait_leader(Duration::from_secs(20))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     for i in 0..3 {
-        loop {
-            if let Ok(s) = c.status(i) {
-                if s["applied_index"].as_u64().unwrap_or(0) >= commit {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "node index {i} did not apply up to {commit} after a whole-cluster kill\n{}",
-                    c.logs_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_applied(
+            &c,
+            i,
+            commit,
+            deadline,
+            &format!("node index {i} did not apply everything after a whole-cluster kill"),
+        )?;
         let names = names_on(&c, i)?;
         let lost: Vec<_> = acked
             .iter()

@@ -164,7 +164,8 @@ pub async fn run(
         tokio::select! {
             (rd, r) = &mut next => match r {
                 Ok(p) => {
-                    next = Box::pin(read_next(rd, limits));
+                    // Same future type: the box is reused, not reallocated.
+                    next.set(read_next(rd, limits));
                     match conn.handle(p).await {
                         Ok(true) => continue,
                         Ok(false) => break "logged out".to_string(),

@@ -201,6 +201,16 @@ enum Link {
     Grpc(mpsc::Sender<RaftBatch>, StreamCall),
 }
 
+/// The batch that carries `messages` from this node, whichever way it goes.
+fn raft_batch(from_node: u64, from_addr: &str, messages: Vec<Vec<u8>>) -> RaftBatch {
+    RaftBatch {
+        format_version: cairn_api::FORMAT_VERSION,
+        from_node,
+        messages,
+        from_addr: from_addr.to_string(),
+    }
+}
+
 /// Splits encoded messages into raft stream frames of at most
 /// [`wire::FRAME_FILL`] bytes of messages each (at least one message).
 fn frames(messages: Vec<Vec<u8>>, from_node: u64, from_addr: &str) -> Vec<bytes::Bytes> {
@@ -208,12 +218,11 @@ fn frames(messages: Vec<Vec<u8>>, from_node: u64, from_addr: &str) -> Vec<bytes:
     let mut chunk: Vec<Vec<u8>> = Vec::new();
     let mut fill = 0;
     let mut flush = |chunk: &mut Vec<Vec<u8>>| {
-        out.push(wire::encode_frame(&RaftBatch {
-            format_version: cairn_api::FORMAT_VERSION,
+        out.push(wire::encode_frame(&raft_batch(
             from_node,
-            messages: std::mem::take(chunk),
-            from_addr: from_addr.to_string(),
-        }))
+            from_addr,
+            std::mem::take(chunk),
+        )))
     };
     for m in messages {
         if !chunk.is_empty() && fill + m.len() > wire::FRAME_FILL {
@@ -362,13 +371,10 @@ async fn peer_loop(
                     continue;
                 }
                 Link::Grpc(tx, _) => {
-                    let req = RaftBatch {
-                        format_version: cairn_api::FORMAT_VERSION,
-                        from_node,
-                        messages,
-                        from_addr: from_addr.clone(),
-                    };
-                    if tx.try_send(req).is_err() {
+                    if tx
+                        .try_send(raft_batch(from_node, &from_addr, messages))
+                        .is_err()
+                    {
                         // Full or closed: drop this batch (raft resends) and reopen.
                         link = Link::Down;
                         let _ = inbox.send(Msg::Unreachable(id));
@@ -378,12 +384,7 @@ async fn peer_loop(
                 Link::Down => {}
             }
         }
-        let req = RaftBatch {
-            format_version: cairn_api::FORMAT_VERSION,
-            from_node,
-            messages,
-            from_addr: from_addr.clone(),
-        };
+        let req = raft_batch(from_node, &from_addr, messages);
         let sent = match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.send(req)).await {
             Ok(r) => r,
             Err(_) => Err(tonic::Status::deadline_exceeded("raft call timed out")),
