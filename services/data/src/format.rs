@@ -127,6 +127,36 @@ pub fn encode_record_head(rh: &RecordHeader) -> Vec<u8> {
     out
 }
 
+/// [`encode_record_head`] with the header padded (`RecordHeader.padding`)
+/// so that, written at file offset `at`, it ends on a block boundary: the
+/// payload after it can then go to the disk with direct I/O.
+pub fn encode_record_head_block_aligned(rh: &RecordHeader, at: u64) -> Vec<u8> {
+    let mut rh = RecordHeader {
+        padding: Vec::new(),
+        ..rh.clone()
+    };
+    let base = RECORD_PREFIX + rh.encoded_len();
+    let block = BLOCK_SIZE as u64;
+    // The padding field costs its tag (1 byte), its length (1 or 2 bytes)
+    // and the zeros; at least one zero, or proto3 would not encode it.
+    let mut want = base + 3;
+    loop {
+        let end = at + want as u64;
+        let total = want + ((block - end % block) % block) as usize;
+        let extra = total - base;
+        let fits = [extra.saturating_sub(2), extra.saturating_sub(3)]
+            .into_iter()
+            .find(|&n| n >= 1 && 1 + prost::length_delimiter_len(n) + n == extra);
+        if let Some(n) = fits {
+            rh.padding = vec![0; n];
+            return encode_record_head(&rh);
+        }
+        // No padding length fills exactly this gap (a 1-byte length for 127
+        // zeros is 2 short of 130 bytes, a 2-byte one 1 over): next block.
+        want = total + 1;
+    }
+}
+
 /// Reads a record prefix: returns the header length and its checksum.
 pub fn decode_record_prefix(
     buf: &[u8; RECORD_PREFIX],
@@ -272,6 +302,7 @@ mod tests {
             block_crc32c: vec![0, 0],
             payload_len: 8192,
             payload_crc32c: 0,
+            padding: Vec::new(),
         };
         let head = encode_record_head(&rh);
         let mut prefix = [0u8; RECORD_PREFIX];
@@ -282,5 +313,42 @@ mod tests {
             matches!(err, Err(FormatError::InvalidRecord { .. })),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn block_aligned_heads_end_on_a_block_and_decode_as_written() {
+        let g = group();
+        let rh = RecordHeader {
+            format_version: 1,
+            kind: RecordKind::RecordData as i32,
+            sequence: 9,
+            epoch: 3,
+            first_block: 0,
+            block_count: 2,
+            codec: 0,
+            block_crc32c: vec![7, 8],
+            payload_len: 8192,
+            payload_crc32c: 0,
+            padding: Vec::new(),
+        };
+        for at in (4096..8192 + 1).chain([1 << 30, (1 << 30) + 4095]) {
+            let head = encode_record_head_block_aligned(&rh, at);
+            assert_eq!(
+                (at + head.len() as u64) % BLOCK_SIZE as u64,
+                0,
+                "head at {at} ends off a block"
+            );
+            assert!(head.len() <= 2 * BLOCK_SIZE, "{} bytes at {at}", head.len());
+            let mut prefix = [0u8; RECORD_PREFIX];
+            prefix.copy_from_slice(&head[..RECORD_PREFIX]);
+            let (len, crc) = decode_record_prefix(&prefix, at).unwrap_or((0, 0));
+            assert_eq!(RECORD_PREFIX + len, head.len());
+            let back = decode_record_header(&head[RECORD_PREFIX..], crc, at, &g);
+            let back = back.map(|b| RecordHeader {
+                padding: Vec::new(),
+                ..b
+            });
+            assert_eq!(back, Ok(rh.clone()), "at {at}");
+        }
     }
 }

@@ -78,6 +78,14 @@ impl LocalPool {
         self.disks.iter().any(|d| d.accepts_new_groups())
     }
 
+    /// Whether [`Self::write`] applies `req` on the calling thread: a
+    /// deferred write too small for direct I/O is a copy into the page
+    /// cache. Anything else waits for the disk and goes to a blocking
+    /// thread; the replica fast path's reader hands it to a task.
+    pub fn applies_inline(req: &ReplicaWrite) -> bool {
+        req.deferred_sync && req.data.len() < crate::egroup::DIRECT_WRITE_MIN
+    }
+
     /// Applies one replicated write (creating the group when asked to).
     pub async fn write(&self, req: ReplicaWrite) -> Result<ReplicaWriteReply, DataError> {
         self.write_checked(req, true).await
@@ -143,7 +151,10 @@ impl LocalPool {
                 group.with(|f| f.header().codec == cairn_api::data::v1::Codec::Zstd as i32)
             });
         let (d, g) = (disk.clone(), group.clone());
-        let deferred = req.deferred_sync;
+        // Another node's write (`verify`): this node holds a copy that reads
+        // do not come to while the writer owns the vdisk.
+        let direct = verify && !compress;
+        let inline = Self::applies_inline(&req);
         let append = move || {
             let rec = Append {
                 kind,
@@ -157,10 +168,11 @@ impl LocalPool {
                 crcs: Some(&req.block_crc32c)
                     .filter(|c| !c.is_empty())
                     .map(|c| &c[..]),
+                direct,
             };
             d.write(&g, rec)
         };
-        if deferred {
+        if inline {
             // Only a copy into the page cache: cheaper here than the two
             // thread hand-offs a blocking task costs.
             append()?;

@@ -80,6 +80,9 @@ pub struct Append<'a> {
     pub durable: bool,
     /// The blocks' checksums, when already computed (else computed here).
     pub crcs: Option<&'a [u32]>,
+    /// Keep a large payload out of the page cache: for a replica that
+    /// serves no reads (see `egroup::DIRECT_WRITE_MIN`).
+    pub direct: bool,
 }
 
 impl Append<'_> {
@@ -95,6 +98,7 @@ impl Append<'_> {
             compress: false,
             durable: true,
             crcs: None,
+            direct: false,
         }
     }
 }
@@ -318,6 +322,7 @@ impl DiskStore {
                 rec.data,
                 rec.compress,
                 rec.crcs,
+                rec.direct,
             )
             .map_err(|e| self.note(e))?;
             self.used
@@ -598,6 +603,7 @@ mod tests {
                                 compress: false,
                                 durable: t % 2 == 0,
                                 crcs: None,
+                                direct: false,
                             };
                             store.write(&g, rec).unwrap();
                             store.maybe_compact(&g).unwrap();
@@ -620,6 +626,7 @@ mod tests {
             compress: false,
             durable: false,
             crcs: None,
+            direct: false,
         };
         store.write(&g, last).unwrap();
         assert!(g.synced.load(Ordering::Acquire) < lock(&g.file).end());
@@ -666,6 +673,7 @@ mod tests {
                     compress: false,
                     durable: false,
                     crcs: None,
+                    direct: false,
                 };
                 store.write(g, rec).unwrap();
             }
@@ -705,6 +713,7 @@ mod tests {
             compress: false,
             durable: true,
             crcs: None,
+            direct: false,
         };
         let err = store.write(&g, rec).unwrap_err();
         assert!(

@@ -240,7 +240,7 @@ async fn serve_conn<S>(
                     Ok(r) => r,
                     Err(e) => break format!("malformed ReplicaWrite: {e}"),
                 };
-                if req.deferred_sync {
+                if LocalPool::applies_inline(&req) {
                     // A copy into the page cache: done here, in order, no
                     // task hand-off.
                     let r = pool.write(req).await;

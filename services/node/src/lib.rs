@@ -597,6 +597,33 @@ fn seg(s: &str) -> String {
         .collect()
 }
 
+/// Tells glibc's allocator to keep freed buffers for reuse. A node
+/// allocates and frees a buffer per large I/O (an iSCSI command's data, a
+/// replica frame of up to 17 MiB). By default glibc maps those above a
+/// threshold it raises as it goes, and gives freed memory back to the
+/// kernel, so buffers kept arriving as new pages: a page fault per 4 KiB.
+/// Under a hypervisor that reclaims freed guest memory each fault is dear:
+/// on the test VM they were ~8 % of a replica's CPU on 1 MiB writes. Up to
+/// 256 MiB of free heap stays with the process instead.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // Larger than any frame or command buffer a node allocates.
+        const MMAP_FROM: libc::c_int = 64 << 20;
+        const TRIM_FROM: libc::c_int = 256 << 20;
+        #[allow(unsafe_code)]
+        // SAFETY: mallopt(3) only sets allocator parameters; it is called
+        // before the runtime starts any thread.
+        let ok = unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_FROM) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_FROM) == 1
+        };
+        if !ok {
+            tracing::warn!("mallopt refused; freed I/O buffers go back to the kernel");
+        }
+    }
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let image = cli.conn.output.clone();
     let out = match &cli.cmd {
@@ -607,6 +634,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Node(NodeCmd::Run { config }) => {
             init_tracing();
+            keep_freed_buffers();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("cairn")
