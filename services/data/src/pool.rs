@@ -78,12 +78,13 @@ impl LocalPool {
         self.disks.iter().any(|d| d.accepts_new_groups())
     }
 
-    /// Whether [`Self::write`] applies `req` on the calling thread: a
-    /// deferred write too small for direct I/O is a copy into the page
-    /// cache. Anything else waits for the disk and goes to a blocking
-    /// thread; the replica fast path's reader hands it to a task.
-    pub fn applies_inline(req: &ReplicaWrite) -> bool {
-        req.deferred_sync && req.data.len() < crate::egroup::DIRECT_WRITE_MIN
+    /// Whether a write is applied on the calling thread: a deferred write
+    /// that stays buffered is only a copy into the page cache. A durable one
+    /// or one that may go direct (`direct`: another node's, large enough)
+    /// waits for the disk and goes to a blocking thread; the replica fast
+    /// path's reader hands it to a task.
+    pub fn applies_inline(req: &ReplicaWrite, direct: bool) -> bool {
+        req.deferred_sync && !(direct && req.data.len() >= crate::egroup::DIRECT_WRITE_MIN)
     }
 
     /// Applies one replicated write (creating the group when asked to).
@@ -154,7 +155,7 @@ impl LocalPool {
         // Another node's write (`verify`): this node holds a copy that reads
         // do not come to while the writer owns the vdisk.
         let direct = verify && !compress;
-        let inline = Self::applies_inline(&req);
+        let inline = Self::applies_inline(&req, direct);
         let append = move || {
             let rec = Append {
                 kind,

@@ -240,7 +240,8 @@ async fn serve_conn<S>(
                     Ok(r) => r,
                     Err(e) => break format!("malformed ReplicaWrite: {e}"),
                 };
-                if LocalPool::applies_inline(&req) {
+                // Another node's write: large ones may go direct.
+                if LocalPool::applies_inline(&req, true) {
                     // A copy into the page cache: done here, in order, no
                     // task hand-off.
                     let r = pool.write(req).await;

@@ -598,17 +598,19 @@ fn seg(s: &str) -> String {
 }
 
 /// Tells glibc's allocator to keep freed buffers for reuse. A node
-/// allocates and frees a buffer per large I/O (an iSCSI command's data, a
-/// replica frame of up to 17 MiB). By default glibc maps those above a
-/// threshold it raises as it goes, and gives freed memory back to the
-/// kernel, so buffers kept arriving as new pages: a page fault per 4 KiB.
+/// allocates and frees a buffer per large I/O (an iSCSI command's data of
+/// up to a 1 MiB burst, a replica frame carrying one vblock's piece). By
+/// default glibc maps those above a threshold it raises as it goes, and
+/// gives freed memory back to the kernel, so buffers kept arriving as new
+/// pages: a page fault per 4 KiB.
 /// Under a hypervisor that reclaims freed guest memory each fault is dear:
 /// on the test VM they were ~8 % of a replica's CPU on 1 MiB writes. Up to
 /// 256 MiB of free heap stays with the process instead.
 fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // Larger than any frame or command buffer a node allocates.
+        // Far above the data path's buffers; only a rare frame near the
+        // replica fast path's 65 MiB limit is still mapped.
         const MMAP_FROM: libc::c_int = 64 << 20;
         const TRIM_FROM: libc::c_int = 256 << 20;
         #[allow(unsafe_code)]
