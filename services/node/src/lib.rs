@@ -626,7 +626,26 @@ fn keep_freed_buffers() {
     }
 }
 
+/// A one-shot command piped into `head` ends quietly, as other Unix tools
+/// do, instead of panicking on its next print ("Broken pipe"): the Rust
+/// runtime ignores SIGPIPE, which only the servers (`node run`, `demo`)
+/// need, for their sockets.
+fn end_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    {
+        #[allow(unsafe_code)]
+        // SAFETY: signal(2) with SIG_DFL installs no handler code; it runs
+        // before this one-shot command starts any thread.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.cmd, Cmd::Node(NodeCmd::Run { .. }) | Cmd::Demo { .. }) {
+        end_quietly_on_closed_pipe();
+    }
     let image = cli.conn.output.clone();
     let out = match &cli.cmd {
         Cmd::Extent(ExtentCmd::Export { .. }) => Output::Table,
