@@ -447,6 +447,13 @@ impl ExtentGroupFile {
         self.dead.push(DeadRange { from, to, after });
     }
 
+    /// Bytes of superseded payloads waiting for their successors to be
+    /// durable before they are punched (what superseded records since the
+    /// last sync: a short list).
+    pub fn buried_bytes(&self) -> u64 {
+        self.dead.iter().map(|d| d.to - d.from).sum()
+    }
+
     /// Turns superseded payloads into holes once the records superseding
     /// them are durable; returns the bytes given back to the filesystem.
     fn punch_synced(&mut self) -> u64 {
@@ -905,8 +912,7 @@ impl ExtentGroupFile {
     /// the file long.
     pub fn needs_compaction(&self) -> bool {
         let live = self.mapped_bytes() + SUPERBLOCK_SIZE;
-        // `dead` holds what superseded records since the last sync: short.
-        let dead: u64 = self.dead.iter().map(|d| d.to - d.from).sum();
+        let dead = self.buried_bytes();
         let kept = self.allocated_bytes().saturating_sub(dead);
         kept > 2 * live + (1 << 20) || self.end > MAX_SPARSE_FACTOR * (live + (1 << 20))
     }

@@ -83,12 +83,14 @@ pub async fn register_disks(
 /// its client did not ask for durability): the syncer's period.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Makes deferred writes durable every [`SYNC_INTERVAL`] until `stop` (the
-/// node syncs once more after its front ends have stopped).
+/// Makes deferred writes durable every [`SYNC_INTERVAL`], and sooner when
+/// a disk holds [`crate::store::RECLAIM_AFTER`] of superseded data, until
+/// `stop` (the node syncs once more after its front ends have stopped).
 pub async fn sync_deferred(pool: Arc<LocalPool>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+            _ = pool.reclaim_wanted() => {}
             _ = stop.changed() => return,
         }
         match pool.sync_dirty().await {

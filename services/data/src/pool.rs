@@ -21,6 +21,9 @@ use crate::DataError;
 #[derive(Debug, Clone)]
 pub struct LocalPool {
     disks: Vec<Arc<DiskStore>>,
+    /// Wakes the syncer early when a disk holds enough superseded data
+    /// ([`DiskStore::reclaim_due`]).
+    reclaim: Arc<tokio::sync::Notify>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -38,7 +41,10 @@ impl LocalPool {
             .iter()
             .map(|(p, c)| DiskStore::open(p, *c).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { disks })
+        Ok(Self {
+            disks,
+            reclaim: Arc::new(tokio::sync::Notify::new()),
+        })
     }
 
     pub fn disks(&self) -> &[Arc<DiskStore>] {
@@ -180,6 +186,9 @@ impl LocalPool {
         } else {
             blocking(append).await?;
         }
+        if disk.reclaim_due() {
+            self.reclaim.notify_one();
+        }
         // Compaction rewrites the file: off the write's path, one at a time.
         if disk.needs_compaction(&group) && !group.compacting.swap(true, Ordering::AcqRel) {
             let g = group.clone();
@@ -289,6 +298,12 @@ impl LocalPool {
             Ok(())
         })
         .await
+    }
+
+    /// Returns when a disk asks for an early [`Self::sync_dirty`] (at once
+    /// if one asked since the last call).
+    pub async fn reclaim_wanted(&self) {
+        self.reclaim.notified().await
     }
 
     /// Syncs every group with records not yet durable, on every disk (the
