@@ -532,6 +532,15 @@ impl Conn {
                 "Data-Out at offset {offset}+{len} outside its sequence {}+{} (received {})",
                 s.offset, s.len, s.received
             ))
+        } else if offset as usize != w.buf.len() {
+            // DataSequenceInOrder=Yes: sequences do not interleave, and the
+            // buffer is gathered in arrival order, so data for a later R2T
+            // before an earlier one is complete would land at the wrong
+            // offset.
+            Some(format!(
+                "Data-Out at offset {offset} while the data before it is incomplete ({} bytes)",
+                w.buf.len()
+            ))
         } else {
             let complete = s.received + len == s.len;
             // F ends a sequence; unsolicited data may end early.

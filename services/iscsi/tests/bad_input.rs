@@ -93,6 +93,54 @@ impl Initiator {
         i
     }
 
+    /// Logs in through the operational stage, offering `keys` there.
+    async fn login_with(
+        addr: std::net::SocketAddr,
+        isid_tail: u8,
+        keys: &[(&str, &str)],
+    ) -> Initiator {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let mut i = Initiator {
+            s,
+            itt: 1,
+            cmdsn: 1,
+            isid: [0x80, 0, 0, 0, 0, isid_tail],
+        };
+        let mut p = Pdu::new(op::LOGIN, 0x80 | 1);
+        p.bhs[0] |= 0x40;
+        p.bhs[8..14].copy_from_slice(&i.isid);
+        p.set_u32(24, 1);
+        p.data = pdu::build_text(&[
+            (
+                "InitiatorName".into(),
+                "iqn.2026-11.io.cairn.test:host".into(),
+            ),
+            ("TargetName".into(), IQN.into()),
+            ("SessionType".into(), "Normal".into()),
+            ("AuthMethod".into(), "None".into()),
+        ]);
+        i.send(&p).await;
+        let r = i.recv().await;
+        assert_eq!((r.opcode(), r.u16_at(36)), (op::LOGIN_RESP, 0));
+        let mut p = Pdu::new(op::LOGIN, 0x80 | (1 << 2) | 3);
+        p.bhs[0] |= 0x40;
+        p.bhs[8..14].copy_from_slice(&i.isid);
+        p.bhs[14..16].copy_from_slice(&r.bhs[14..16]);
+        p.set_u32(24, 1);
+        p.data = pdu::build_text(
+            &keys
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+        );
+        i.send(&p).await;
+        let r = i.recv().await;
+        assert_eq!(r.opcode(), op::LOGIN_RESP);
+        assert_eq!(r.u16_at(36), 0, "login refused");
+        assert_eq!(r.flags() & 0x83, 0x83, "login did not complete");
+        i
+    }
+
     async fn send(&mut self, p: &Pdu) {
         self.s.write_all(&p.encode(false, false)).await.unwrap();
     }
@@ -257,6 +305,42 @@ async fn bad_initiators_do_not_disturb_a_good_session() {
         seq.read(64, 8).await,
         vec![0u8; 4096],
         "bad write left data"
+    );
+
+    // 8. Data-Out for a later R2T before an earlier one is complete: with
+    // DataSequenceInOrder=Yes sequences may not interleave, and gathering
+    // such data in arrival order would put it at the wrong offsets. Only
+    // that command fails.
+    let mut order = Initiator::login_with(
+        addr,
+        6,
+        &[
+            ("MaxOutstandingR2T", "2"),
+            ("MaxBurstLength", "512"),
+            ("FirstBurstLength", "512"),
+            ("InitialR2T", "Yes"),
+            ("ImmediateData", "No"),
+        ],
+    )
+    .await;
+    let p = order.command(&[0x2a, 0, 0, 0, 0, 80, 0, 0, 8, 0], 0x20, 4096);
+    let itt = p.itt();
+    order.send(&p).await;
+    let (first, second) = (order.recv().await, order.recv().await);
+    assert_eq!((first.opcode(), second.opcode()), (op::R2T, op::R2T));
+    assert_eq!((first.u32_at(40), second.u32_at(40)), (0, 512));
+    let mut d = Pdu::new(op::DATA_OUT, 0x80);
+    d.set_itt(itt);
+    d.set_u32(20, second.u32_at(20));
+    d.set_u32(40, 512);
+    d.data = vec![5u8; 512];
+    order.send(&d).await;
+    let r = order.recv().await;
+    assert_eq!((r.opcode(), r.bhs[3]), (op::SCSI_RESP, 0x02));
+    assert_eq!(
+        order.read(80, 8).await,
+        vec![0u8; 4096],
+        "out-of-order write left data"
     );
 
     // The good session never noticed, and its data is intact.
