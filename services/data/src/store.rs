@@ -28,6 +28,11 @@ use crate::DataError;
 pub const FAULT_EIO_FILE: &str = "FAULT-EIO";
 /// Free bytes kept back on the file system: below this the disk is full for placement.
 pub const DEFAULT_RESERVE: u64 = 32 << 20;
+/// On a filesystem the disk shares (its folder is not a mount point: the
+/// demo, tests, a one-disk node), appends stop with "no space" this far from
+/// full: the node's metadata (RocksDB) usually lives there too, and when
+/// data took the last bytes the node lost its metadata quorum.
+pub const SHARED_FS_RESERVE: u64 = 128 << 20;
 
 use cairn_util::sync::lock;
 
@@ -141,7 +146,11 @@ pub struct DiskStore {
     own_fs: bool,
     full: AtomicBool,
     failed: AtomicBool,
-    fault: Mutex<(Instant, bool)>,
+    /// When the fault marker and the free space were last looked at, and
+    /// what was found: (at, EIO injected, below the shared-filesystem reserve).
+    fault: Mutex<(Instant, bool, bool)>,
+    /// Free bytes appends leave to others (0 on a filesystem of its own).
+    keep_free: u64,
 }
 
 impl DiskStore {
@@ -165,18 +174,26 @@ impl DiskStore {
         };
         let fs_total = statvfs(root).map(|s| s.0).unwrap_or(0);
         let capacity = if capacity == 0 { fs_total } else { capacity };
+        let own_fs = is_mount_point(root);
+        let keep_free = if own_fs {
+            0
+        } else {
+            SHARED_FS_RESERVE.min(fs_total / 10)
+        };
         let me = Self {
             id,
             root: root.to_path_buf(),
             capacity,
-            reserve: DEFAULT_RESERVE.min(capacity / 10),
+            // Placement stops no later than appends do.
+            reserve: DEFAULT_RESERVE.min(capacity / 10).max(keep_free),
             groups: Mutex::new(HashMap::new()),
             used: AtomicU64::new(0),
             buried: AtomicU64::new(0),
-            own_fs: is_mount_point(root),
+            own_fs,
             full: AtomicBool::new(false),
             failed: AtomicBool::new(false),
-            fault: Mutex::new((Instant::now() - Duration::from_secs(1), false)),
+            fault: Mutex::new((Instant::now() - Duration::from_secs(1), false, false)),
+            keep_free,
         };
         me.load()?;
         Ok(me)
@@ -230,16 +247,31 @@ impl DiskStore {
 
     /// Fails with EIO while the fault marker exists (see the module doc).
     fn check_fault(&self) -> Result<(), DataError> {
+        self.check(false)
+    }
+
+    /// [`Self::check_fault`], and for a write that grows a file, "no
+    /// space" below the shared-filesystem reserve ([`SHARED_FS_RESERVE`]).
+    /// Both are looked at most every 200 ms.
+    fn check(&self, grows: bool) -> Result<(), DataError> {
         let mut f = lock(&self.fault);
         if f.0.elapsed() > Duration::from_millis(200) {
-            *f = (Instant::now(), self.root.join(FAULT_EIO_FILE).exists());
+            let low = self.keep_free > 0
+                && statvfs(&self.root).is_some_and(|(_, free)| free < self.keep_free);
+            *f = (Instant::now(), self.root.join(FAULT_EIO_FILE).exists(), low);
         }
-        if f.1 {
-            drop(f);
+        let (eio, low) = (f.1, f.2);
+        drop(f);
+        if eio {
             return Err(self.note(DataError::io(
                 &self.root,
                 std::io::Error::from_raw_os_error(libc::EIO),
             )));
+        }
+        if grows && low {
+            return Err(self.note(DataError::NoSpace {
+                path: self.root.clone(),
+            }));
         }
         Ok(())
     }
@@ -299,7 +331,7 @@ impl DiskStore {
 
     /// Creates a group file (or returns the existing one).
     pub fn create_group(&self, header: ExtentGroupHeader) -> Result<Arc<Group>, DataError> {
-        self.check_fault()?;
+        self.check(true)?;
         let id = header.extent_group_id;
         if let Some(g) = self.group(id) {
             return Ok(g);
@@ -320,7 +352,7 @@ impl DiskStore {
     /// the page cache, where it survives a crash of this process but not of
     /// the machine until [`Self::sync_group`] or the syncer runs.
     pub fn write(&self, group: &Group, rec: Append<'_>) -> Result<(), DataError> {
-        self.check_fault()?;
+        self.check(true)?;
         let end = {
             let mut f = lock(&group.file);
             if rec.epoch < f.epoch() {
@@ -734,6 +766,47 @@ mod tests {
             g.with(|f| f.allocated_bytes())
         );
         assert_eq!(store.read(&g, 0, 256).unwrap(), data);
+    }
+
+    /// On a shared filesystem appends stop short of its last bytes, with
+    /// the same "no space" error as a full disk; reads go on.
+    #[test]
+    fn a_shared_filesystem_keeps_its_reserve_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DiskStore::open(dir.path(), 0).unwrap();
+        assert!(
+            store.keep_free > 0,
+            "a temporary folder is on a shared filesystem"
+        );
+        let g = store.create_group(header(3)).unwrap();
+        let data = vec![4u8; BLOCK_SIZE];
+        let rec = |seq| Append {
+            kind: RecordKind::RecordData,
+            sequence: seq,
+            epoch: 1,
+            first_block: 0,
+            block_count: 1,
+            data: &data,
+            compress: false,
+            durable: true,
+            crcs: None,
+            direct: false,
+        };
+        store.write(&g, rec(1)).unwrap();
+        // As if the filesystem had less than the reserve left.
+        store.keep_free = u64::MAX;
+        lock(&store.fault).0 = Instant::now() - Duration::from_secs(1);
+        let e = store.write(&g, rec(2)).unwrap_err();
+        assert!(matches!(e, DataError::NoSpace { .. }), "{e}");
+        assert!(e.to_string().contains("no space left"), "{e}");
+        assert!(matches!(
+            store.create_group(header(4)),
+            Err(DataError::NoSpace { .. })
+        ));
+        assert_eq!(store.read(&g, 0, 1).unwrap(), data);
+        store.keep_free = 1;
+        lock(&store.fault).0 = Instant::now() - Duration::from_secs(1);
+        store.write(&g, rec(3)).unwrap();
     }
 
     /// Many dirty groups share one syncfs: each is then marked durable up
