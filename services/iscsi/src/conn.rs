@@ -105,7 +105,7 @@ type PduReader = tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>;
 
 /// Reads the next PDU, handing the reader back with it.
 async fn read_next(mut rd: PduReader, limits: ReadLimits) -> (PduReader, Result<Pdu, PduError>) {
-    let r = pdu::read_pdu(&mut rd, limits).await;
+    let r = pdu::read_pdu_head(&mut rd, limits).await;
     (rd, r)
 }
 
@@ -163,7 +163,13 @@ pub async fn run(
         };
         tokio::select! {
             (rd, r) = &mut next => match r {
-                Ok(p) => {
+                Ok(mut p) => {
+                    let mut rd = rd;
+                    if p.data_pending {
+                        if let Err(e) = conn.read_data_out(&mut rd, &mut p, limits).await {
+                            break format!("bad PDU: {e}");
+                        }
+                    }
                     // Same future type: the box is reused, not reallocated.
                     next.set(read_next(rd, limits));
                     match conn.handle(p).await {
@@ -506,6 +512,32 @@ impl Conn {
         }
     }
 
+    /// Reads a Data-Out's data segment: into the buffer of its write when
+    /// it is that buffer's next piece (no copy), else into the PDU (for
+    /// [`Self::data_out`] to judge). Data gathered for a Data-Out that then
+    /// breaks a rule goes with its failed write.
+    async fn read_data_out(
+        &mut self,
+        rd: &mut PduReader,
+        p: &mut Pdu,
+        limits: ReadLimits,
+    ) -> Result<(), PduError> {
+        let at = p.u32_at(40) as usize;
+        let len = p.data_segment_len() as usize;
+        match self.writes.get_mut(&p.itt()) {
+            Some(w) if at == w.buf.len() && at + len <= w.edtl as usize => {
+                pdu::read_data_into(rd, p, &mut w.buf, limits).await?;
+                p.gathered = true;
+            }
+            _ => {
+                let mut data = Vec::new();
+                pdu::read_data_into(rd, p, &mut data, limits).await?;
+                p.data = data;
+            }
+        }
+        Ok(())
+    }
+
     fn data_out(&mut self, p: Pdu) -> Result<bool, Fatal> {
         let itt = p.itt();
         let Some(mut w) = self.writes.remove(&itt) else {
@@ -517,7 +549,13 @@ impl Conn {
         let ttt = p.u32_at(20);
         let datasn = p.u32_at(36);
         let offset = p.u32_at(40);
-        let len = p.data.len() as u32;
+        let len = if p.gathered {
+            p.data_segment_len()
+        } else {
+            p.data.len() as u32
+        };
+        // What the buffer held before this PDU.
+        let have = w.buf.len() - if p.gathered { len as usize } else { 0 };
         let Some(si) = w.seqs.iter().position(|s| s.ttt == ttt) else {
             return Ok(self.fail_write(itt, w, &format!("Data-Out with unknown TTT {ttt:#x}")));
         };
@@ -532,14 +570,13 @@ impl Conn {
                 "Data-Out at offset {offset}+{len} outside its sequence {}+{} (received {})",
                 s.offset, s.len, s.received
             ))
-        } else if offset as usize != w.buf.len() {
+        } else if offset as usize != have {
             // DataSequenceInOrder=Yes: sequences do not interleave, and the
             // buffer is gathered in arrival order, so data for a later R2T
             // before an earlier one is complete would land at the wrong
             // offset.
             Some(format!(
-                "Data-Out at offset {offset} while the data before it is incomplete ({} bytes)",
-                w.buf.len()
+                "Data-Out at offset {offset} while the data before it is incomplete ({have} bytes)"
             ))
         } else {
             let complete = s.received + len == s.len;
@@ -552,7 +589,9 @@ impl Conn {
         }
         s.next_datasn += 1;
         s.received += len;
-        w.buf.extend_from_slice(&p.data);
+        if !p.gathered {
+            w.buf.extend_from_slice(&p.data);
+        }
         if p.final_bit() {
             let s = w.seqs.remove(si);
             if s.ttt == RESERVED_TAG && s.received < s.len {
