@@ -633,6 +633,22 @@ fn rand_u64() -> u64 {
 mod tests {
     use super::*;
 
+    /// A DATA record of `data` (whole blocks) from `first_block`, epoch 1.
+    fn data_rec(sequence: u64, first_block: u32, data: &[u8], durable: bool) -> Append<'_> {
+        Append {
+            kind: RecordKind::RecordData,
+            sequence,
+            epoch: 1,
+            first_block,
+            block_count: (data.len() / BLOCK_SIZE) as u32,
+            data,
+            compress: false,
+            durable,
+            crcs: None,
+            direct: false,
+        }
+    }
+
     fn header(id: u64) -> ExtentGroupHeader {
         ExtentGroupHeader {
             format_version: 1,
@@ -669,18 +685,8 @@ mod tests {
                             let data = vec![(b + round) as u8; BLOCK_SIZE];
                             // Half the writers wait for durability, half
                             // leave it to a later sync.
-                            let rec = Append {
-                                kind: RecordKind::RecordData,
-                                sequence: u64::from(round * 1000 + b) + 1,
-                                epoch: 1,
-                                first_block: b,
-                                block_count: 1,
-                                data: &data,
-                                compress: false,
-                                durable: t % 2 == 0,
-                                crcs: None,
-                                direct: false,
-                            };
+                            let seq = u64::from(round * 1000 + b) + 1;
+                            let rec = data_rec(seq, b, &data, t % 2 == 0);
                             store.write(&g, rec).unwrap();
                             store.maybe_compact(&g).unwrap();
                         }
@@ -692,18 +698,7 @@ mod tests {
             t.join().unwrap();
         }
         // One more deferred write (the threads' last sync may have covered theirs).
-        let last = Append {
-            kind: RecordKind::RecordData,
-            sequence: 100_000,
-            epoch: 1,
-            first_block: 0,
-            block_count: 1,
-            data: &[7u8; BLOCK_SIZE],
-            compress: false,
-            durable: false,
-            crcs: None,
-            direct: false,
-        };
+        let last = data_rec(100_000, 0, &[7u8; BLOCK_SIZE], false);
         store.write(&g, last).unwrap();
         assert!(g.synced.load(Ordering::Acquire) < lock(&g.file).end());
         assert_eq!(store.sync_dirty().unwrap(), 1, "the deferred record");
@@ -734,18 +729,7 @@ mod tests {
         let store = DiskStore::open(dir.path(), 0).unwrap();
         let g = store.create_group(header(5)).unwrap();
         let data = vec![3u8; 256 * BLOCK_SIZE];
-        let whole = |seq| Append {
-            kind: RecordKind::RecordData,
-            sequence: seq,
-            epoch: 1,
-            first_block: 0,
-            block_count: 256,
-            data: &data,
-            compress: false,
-            durable: false,
-            crcs: None,
-            direct: false,
-        };
+        let whole = |seq| data_rec(seq, 0, &data, false);
         let per_record = data.len() as u64;
         // The first record supersedes nothing; each later one a whole
         // record (what of it can become a hole: its whole blocks).
@@ -780,18 +764,7 @@ mod tests {
         );
         let g = store.create_group(header(3)).unwrap();
         let data = vec![4u8; BLOCK_SIZE];
-        let rec = |seq| Append {
-            kind: RecordKind::RecordData,
-            sequence: seq,
-            epoch: 1,
-            first_block: 0,
-            block_count: 1,
-            data: &data,
-            compress: false,
-            durable: true,
-            crcs: None,
-            direct: false,
-        };
+        let rec = |seq| data_rec(seq, 0, &data, true);
         store.write(&g, rec(1)).unwrap();
         // As if the filesystem had less than the reserve left.
         store.keep_free = u64::MAX;
@@ -837,19 +810,7 @@ mod tests {
         for (i, g) in groups.iter().enumerate() {
             // Two generations of the whole group: the first becomes a hole.
             for seq in 1..=2 {
-                let rec = Append {
-                    kind: RecordKind::RecordData,
-                    sequence: seq,
-                    epoch: 1,
-                    first_block: 0,
-                    block_count: 256,
-                    data: &data,
-                    compress: false,
-                    durable: false,
-                    crcs: None,
-                    direct: false,
-                };
-                store.write(g, rec).unwrap();
+                store.write(g, data_rec(seq, 0, &data, false)).unwrap();
             }
             assert!(
                 g.synced.load(Ordering::Acquire) < lock(&g.file).end(),
@@ -878,16 +839,8 @@ mod tests {
         let g = store.create_group(header(1)).unwrap();
         store.write(&g, Append::epoch(5)).unwrap();
         let rec = Append {
-            kind: RecordKind::RecordData,
-            sequence: 1,
             epoch: 4,
-            first_block: 0,
-            block_count: 1,
-            data: &[0; BLOCK_SIZE],
-            compress: false,
-            durable: true,
-            crcs: None,
-            direct: false,
+            ..data_rec(1, 0, &[0; BLOCK_SIZE], true)
         };
         let err = store.write(&g, rec).unwrap_err();
         assert!(

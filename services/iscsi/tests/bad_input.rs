@@ -62,7 +62,9 @@ struct Initiator {
 }
 
 impl Initiator {
-    async fn login(addr: std::net::SocketAddr, isid_tail: u8) -> Initiator {
+    /// Connects and sends the security stage (no authentication), asking
+    /// to go on to stage `next`; returns the target's (successful) answer.
+    async fn security(addr: std::net::SocketAddr, isid_tail: u8, next: u8) -> (Initiator, Pdu) {
         let s = TcpStream::connect(addr).await.unwrap();
         let mut i = Initiator {
             s,
@@ -70,8 +72,7 @@ impl Initiator {
             cmdsn: 1,
             isid: [0x80, 0, 0, 0, 0, isid_tail],
         };
-        // Security stage with no authentication, straight to full feature.
-        let mut p = Pdu::new(op::LOGIN, 0x80 | 3);
+        let mut p = Pdu::new(op::LOGIN, 0x80 | next);
         p.bhs[0] |= 0x40;
         p.bhs[8..14].copy_from_slice(&i.isid);
         p.set_itt(0);
@@ -89,6 +90,12 @@ impl Initiator {
         let r = i.recv().await;
         assert_eq!(r.opcode(), op::LOGIN_RESP);
         assert_eq!(r.u16_at(36), 0, "login refused");
+        (i, r)
+    }
+
+    /// Security stage with no authentication, straight to full feature.
+    async fn login(addr: std::net::SocketAddr, isid_tail: u8) -> Initiator {
+        let (i, r) = Self::security(addr, isid_tail, 3).await;
         assert_eq!(r.flags() & 0x83, 0x83, "login did not complete");
         i
     }
@@ -99,29 +106,7 @@ impl Initiator {
         isid_tail: u8,
         keys: &[(&str, &str)],
     ) -> Initiator {
-        let s = TcpStream::connect(addr).await.unwrap();
-        let mut i = Initiator {
-            s,
-            itt: 1,
-            cmdsn: 1,
-            isid: [0x80, 0, 0, 0, 0, isid_tail],
-        };
-        let mut p = Pdu::new(op::LOGIN, 0x80 | 1);
-        p.bhs[0] |= 0x40;
-        p.bhs[8..14].copy_from_slice(&i.isid);
-        p.set_u32(24, 1);
-        p.data = pdu::build_text(&[
-            (
-                "InitiatorName".into(),
-                "iqn.2026-11.io.cairn.test:host".into(),
-            ),
-            ("TargetName".into(), IQN.into()),
-            ("SessionType".into(), "Normal".into()),
-            ("AuthMethod".into(), "None".into()),
-        ]);
-        i.send(&p).await;
-        let r = i.recv().await;
-        assert_eq!((r.opcode(), r.u16_at(36)), (op::LOGIN_RESP, 0));
+        let (mut i, r) = Self::security(addr, isid_tail, 1).await;
         let mut p = Pdu::new(op::LOGIN, 0x80 | (1 << 2) | 3);
         p.bhs[0] |= 0x40;
         p.bhs[8..14].copy_from_slice(&i.isid);
