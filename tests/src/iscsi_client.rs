@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cairn_iscsi::pdu::{self, op, Pdu, ReadLimits};
+use cairn_iscsi::pdu::{self, op, Pdu, ReadLimits, RESERVED_TAG};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -121,6 +121,17 @@ impl Client {
                         data_in,
                         sense,
                     });
+                }
+                // A ping from a target that found the session idle (a
+                // test may leave it so for longer than the node's interval).
+                op::NOP_IN if r.itt() == RESERVED_TAG && r.u32_at(20) != RESERVED_TAG => {
+                    let mut a = Pdu::new(op::NOP_OUT, 0x80);
+                    a.bhs[0] |= 0x40;
+                    a.set_itt(RESERVED_TAG);
+                    a.set_u32(20, r.u32_at(20));
+                    a.set_u32(24, self.cmdsn);
+                    let bytes = a.encode(false, false);
+                    self.rt.block_on(self.s.write_all(&bytes))?;
                 }
                 o => bail!("unexpected PDU opcode {o:#04x}"),
             }

@@ -52,6 +52,8 @@ async fn main() {
             ServerConfig {
                 portal: addr,
                 portal_group_tag: 1,
+                nop_interval: ServerConfig::NOP_INTERVAL,
+                nop_timeout: ServerConfig::NOP_TIMEOUT,
             },
             blocks,
             Arc::new(targets),

@@ -154,6 +154,13 @@ pub async fn run(
     };
     let mut closing = session.closing.subscribe();
     let mut logout_deadline: Option<tokio::time::Instant> = None;
+    // Liveness: when the initiator last sent a PDU, and when we pinged it
+    // since. One timer, moved only when it fires: resetting it for every
+    // PDU would cost a timer-wheel update per command.
+    let (nop_interval, nop_timeout) = (shared.cfg.nop_interval, shared.cfg.nop_timeout);
+    let mut heard = tokio::time::Instant::now();
+    let mut pinged = false;
+    let mut ping_timer = Box::pin(tokio::time::sleep_until(heard + nop_interval));
     let reason = loop {
         let deadline = async {
             match logout_deadline {
@@ -164,6 +171,8 @@ pub async fn run(
         tokio::select! {
             (rd, r) = &mut next => match r {
                 Ok(mut p) => {
+                    heard = tokio::time::Instant::now();
+                    pinged = false;
                     let mut rd = rd;
                     if p.data_pending {
                         if let Err(e) = conn.read_data_out(&mut rd, &mut p, limits).await {
@@ -190,6 +199,19 @@ pub async fn run(
                     + Duration::from_secs(u64::from(ASYNC_LOGOUT_SECS) + 1));
             },
             _ = deadline => break "no logout after the asynchronous logout request".to_string(),
+            () = &mut ping_timer, if !nop_interval.is_zero() => {
+                let now = tokio::time::Instant::now();
+                if pinged {
+                    break format!("no answer to a NOP-In ping in {} s", nop_timeout.as_secs_f32());
+                }
+                if now < heard + nop_interval {
+                    ping_timer.as_mut().reset(heard + nop_interval);
+                } else {
+                    conn.ping();
+                    pinged = true;
+                    ping_timer.as_mut().reset(now + nop_timeout);
+                }
+            },
             _ = async { closing.wait_for(|c| *c).await.is_ok() } => break "session closed".to_string(),
         }
     };
@@ -378,6 +400,26 @@ impl Conn {
         }
     }
 
+    /// A fresh target transfer tag: never 0 or the reserved 0xffffffff.
+    fn take_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+        if self.next_ttt == RESERVED_TAG {
+            self.next_ttt = 1;
+        }
+        t
+    }
+
+    /// A NOP-In ping (RFC 7143 11.19.2): a valid target transfer tag asks
+    /// the initiator for a NOP-Out; StatSN is not consumed.
+    fn ping(&mut self) {
+        let mut p = Pdu::new(op::NOP_IN, 0x80);
+        p.set_itt(RESERVED_TAG);
+        p.set_u32(20, self.take_ttt());
+        self.send(p, Stat::Current);
+        tracing::debug!(peer = %self.peer, tsih = self.session.tsih, "NOP-In ping");
+    }
+
     fn nop_out(&self, p: Pdu) {
         if !self.accept_cmdsn(&p) {
             return;
@@ -486,11 +528,7 @@ impl Conn {
         let mut outstanding = solicited;
         while outstanding < self.params.max_outstanding_r2t && w.next_r2t < w.edtl {
             let len = (w.edtl - w.next_r2t).min(self.params.max_burst);
-            let ttt = self.next_ttt;
-            self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
-            if self.next_ttt == RESERVED_TAG {
-                self.next_ttt = 1;
-            }
+            let ttt = self.take_ttt();
             let mut r = Pdu::new(op::R2T, 0x80);
             r.set_lun(scsi::encode_lun(w.lun));
             r.set_itt(itt);
@@ -799,8 +837,7 @@ impl Conn {
         let mut r = Pdu::new(op::TEXT_RESP, 0x80);
         r.set_itt(p.itt());
         if answer.len() > max {
-            let t = self.next_ttt;
-            self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+            let t = self.take_ttt();
             r.bhs[1] = 0x40; // C: more follows
             r.set_u32(20, t);
             r.data = answer[..max].to_vec();

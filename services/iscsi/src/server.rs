@@ -22,6 +22,20 @@ pub struct ServerConfig {
     pub portal: SocketAddr,
     /// This node's target portal group tag (≥ 1; the node id fits).
     pub portal_group_tag: u16,
+    /// A connection the initiator has sent nothing on for this long gets a
+    /// NOP-In ping (RFC 7143 11.19); zero turns pings off.
+    pub nop_interval: Duration,
+    /// A pinged connection still silent after this long is dropped: its
+    /// initiator is gone (a crashed host, a pulled cable) and would
+    /// otherwise keep its session, and any reservation it holds, forever.
+    pub nop_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// The defaults a node runs with (those of Linux LIO: ping after 15 s
+    /// of silence, drop 30 s after the ping).
+    pub const NOP_INTERVAL: Duration = Duration::from_secs(15);
+    pub const NOP_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 /// What every connection of this server shares.

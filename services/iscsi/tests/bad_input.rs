@@ -22,6 +22,12 @@ const LIMITS: ReadLimits = ReadLimits {
 };
 
 async fn start() -> std::net::SocketAddr {
+    start_with(Duration::ZERO, Duration::ZERO).await
+}
+
+/// A server that pings silent initiators after `nop_interval` and drops
+/// them `nop_timeout` after an unanswered ping.
+async fn start_with(nop_interval: Duration, nop_timeout: Duration) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let blocks = MemService::with([("d0".to_string(), MemDevice::new(16 << 20))]);
@@ -44,6 +50,8 @@ async fn start() -> std::net::SocketAddr {
             ServerConfig {
                 portal: addr,
                 portal_group_tag: 1,
+                nop_interval,
+                nop_timeout,
             },
             blocks,
             Arc::new(targets),
@@ -190,6 +198,31 @@ impl Initiator {
         }
     }
 
+    /// Waits for the target's next PDU, which must be a NOP-In ping; returns
+    /// its target transfer tag and StatSN.
+    async fn ping(&mut self) -> (u32, u32) {
+        let p = self.recv().await;
+        assert_eq!(p.opcode(), op::NOP_IN, "not a NOP-In");
+        assert_eq!(
+            p.itt(),
+            pdu::RESERVED_TAG,
+            "a ping carries the reserved ITT"
+        );
+        let ttt = p.u32_at(20);
+        assert_ne!(ttt, pdu::RESERVED_TAG, "a ping asks for an answer");
+        (ttt, p.u32_at(24))
+    }
+
+    /// The NOP-Out a ping asks for (immediate, reserved ITT, its TTT).
+    async fn answer_ping(&mut self, ttt: u32) {
+        let mut p = Pdu::new(op::NOP_OUT, 0x80);
+        p.bhs[0] |= 0x40;
+        p.set_itt(pdu::RESERVED_TAG);
+        p.set_u32(20, ttt);
+        p.set_u32(24, self.cmdsn);
+        self.send(&p).await;
+    }
+
     /// True when the server closed the connection (EOF) within 5 s.
     async fn closed(&mut self) -> bool {
         let mut b = [0u8; 4096];
@@ -333,4 +366,54 @@ async fn bad_initiators_do_not_disturb_a_good_session() {
     assert_eq!(good.read(16, 8).await, pattern(3));
     assert_eq!(good.write(24, &pattern(7)).await, 0);
     assert_eq!(good.read(24, 8).await, pattern(7));
+}
+
+/// A silent initiator is pinged (NOP-In with a target transfer tag; StatSN
+/// not consumed). One that answers keeps its session for as long as it
+/// answers; one that stops answering (a crashed host) is dropped, and
+/// what it wrote stays.
+#[tokio::test]
+async fn silent_initiators_are_pinged_and_dead_ones_dropped() {
+    let interval = Duration::from_millis(300);
+    let addr = start_with(interval, Duration::from_millis(600)).await;
+    let mut live = Initiator::login(addr, 1).await;
+    let mut dead = Initiator::login(addr, 2).await;
+    assert_eq!(dead.write(8, &pattern(2)).await, 0);
+    let started = std::time::Instant::now();
+    dead.ping().await;
+    assert!(
+        started.elapsed() >= interval - Duration::from_millis(50),
+        "pinged after {:?}, before the interval",
+        started.elapsed()
+    );
+    let mut statsn = None;
+    let mut last_ttt = None;
+    for _ in 0..4 {
+        let (ttt, sn) = live.ping().await;
+        assert_ne!(Some(ttt), last_ttt, "every ping has a tag of its own");
+        assert!(
+            statsn.is_none() || statsn == Some(sn),
+            "a ping consumed a StatSN"
+        );
+        statsn = Some(sn);
+        last_ttt = Some(ttt);
+        live.answer_ping(ttt).await;
+    }
+    // 4 answered pings took > 1.2 s: `dead` stayed silent past its timeout.
+    assert!(
+        dead.closed().await,
+        "an initiator that never answered was kept"
+    );
+    // The live session still works, and its next response takes the
+    // StatSN the pings showed.
+    let p = live.command(&[0u8; 6], 0, 0); // TEST UNIT READY
+    live.send(&p).await;
+    let r = live.recv().await;
+    assert_eq!((r.opcode(), r.bhs[3]), (op::SCSI_RESP, 0));
+    assert_eq!(Some(r.u32_at(24)), statsn, "the pings consumed StatSNs");
+    assert_eq!(
+        live.read(8, 8).await,
+        pattern(2),
+        "the dropped session's write"
+    );
 }

@@ -89,6 +89,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             // The node id is unique in the cluster, so every node is its own
             // portal group (tag 0 is reserved: clamp to 1..=65535).
             portal_group_tag: u16::try_from(cfg.node_id).unwrap_or(u16::MAX).max(1),
+            nop_interval: cairn_iscsi::server::ServerConfig::NOP_INTERVAL,
+            nop_timeout: cairn_iscsi::server::ServerConfig::NOP_TIMEOUT,
         },
         frontend.clone(),
         crate::iscsi::MetaTargetDirectory::new(meta.clone()),
