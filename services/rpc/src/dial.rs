@@ -43,7 +43,7 @@ pub fn mtls_channel(
             let host = uri.host().unwrap_or("127.0.0.1").to_string();
             let port = uri.port_u16().unwrap_or(7100);
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
+            crate::sock::tune(&tcp)?;
             let name = ServerName::try_from(NODE_SERVER_NAME)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
             let stream = TlsConnector::from(tls).connect(name, tcp).await?;
@@ -73,7 +73,7 @@ pub async fn connect_alpn(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let connect = async {
         let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
+        crate::sock::tune(&tcp)?;
         TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await
     };
     let stream = match tokio::time::timeout(timeout, connect).await {

@@ -2,7 +2,8 @@
 //! and node certificates ([`pki`]), rustls configurations ([`tls`]), and one
 //! accept loop that serves an axum/tonic router over TLS ([`serve`]) plus the
 //! dialer for mTLS gRPC channels ([`dial`]), and the length-prefixed framing
-//! of the raw protocols chosen by ALPN on the RPC port ([`frame`]).
+//! of the raw protocols chosen by ALPN on the RPC port ([`frame`]), and the
+//! socket options every connection gets ([`sock`]: keepalive).
 //!
 //! Node-to-node RPC requires a client certificate signed by the cluster CA;
 //! the REST API uses server-side TLS and bearer tokens (checked by the
@@ -22,6 +23,7 @@ pub const CONNECTION_WINDOW: u32 = 32 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
 pub mod pki;
 pub mod serve;
+pub mod sock;
 pub mod tls;
 
 /// Errors from certificate handling and TLS setup.

@@ -73,7 +73,9 @@ pub async fn serve_tls_with(
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
+        if let Err(e) = crate::sock::tune(&tcp) {
+            tracing::debug!(listener = listener_name, %peer, error = %e, "socket options not set");
+        }
         let acceptor = acceptor.clone();
         let router = router.clone();
         let raw = raw.clone();
