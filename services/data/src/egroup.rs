@@ -163,6 +163,8 @@ pub struct ExtentGroupFile {
     records: HashMap<u64, LiveRecord>,
     /// Superseded payloads not punched yet.
     dead: Vec<DeadRange>,
+    /// Their total length: read on every append, so kept rather than summed.
+    dead_bytes: u64,
     /// Bytes of `[0, end)` that are holes.
     holes: u64,
     /// The filesystem refused a hole once: superseded records wait for
@@ -253,6 +255,7 @@ impl ExtentGroupFile {
             staged: None,
             records: HashMap::new(),
             dead: Vec::new(),
+            dead_bytes: 0,
             holes: 0,
             no_holes: false,
             direct: Direct::Untried,
@@ -295,6 +298,7 @@ impl ExtentGroupFile {
         // process, not the machine): punching it now could outrun that
         // successor to the disk. Compaction reclaims it instead.
         me.dead.clear();
+        me.dead_bytes = 0;
         me.holes = me.end.saturating_sub(meta.blocks() * 512);
         Ok(me)
     }
@@ -445,13 +449,13 @@ impl ExtentGroupFile {
 
     fn bury(&mut self, from: u64, to: u64, after: u64) {
         self.dead.push(DeadRange { from, to, after });
+        self.dead_bytes += to - from;
     }
 
     /// Bytes of superseded payloads waiting for their successors to be
-    /// durable before they are punched (what superseded records since the
-    /// last sync: a short list).
+    /// durable before they are punched.
     pub fn buried_bytes(&self) -> u64 {
-        self.dead.iter().map(|d| d.to - d.from).sum()
+        self.dead_bytes
     }
 
     /// Turns superseded payloads into holes once the records superseding
@@ -470,6 +474,7 @@ impl ExtentGroupFile {
                 continue;
             }
             self.dead.swap_remove(i);
+            self.dead_bytes -= d.to - d.from;
             if self.no_holes {
                 continue;
             }
@@ -1405,7 +1410,12 @@ pub(crate) mod tests {
             "punched before its successor was durable"
         );
         assert_eq!(g.allocated_bytes(), g.file_len());
+        let waiting: u64 = g.dead.iter().map(|d| d.to - d.from).sum();
+        // The first version's whole blocks (its payload is not aligned).
+        assert!(waiting >= (1 << 20) - 2 * BLOCK_SIZE as u64, "{waiting}");
+        assert_eq!(g.buried_bytes(), waiting);
         g.sync().unwrap();
+        assert_eq!(g.buried_bytes(), 0, "punched, no longer waiting");
         g.file
             .read_exact_at(&mut old, first_payload + 8192)
             .unwrap();
