@@ -288,18 +288,30 @@ pub async fn read_data_into<R: AsyncRead + Unpin>(
     into: &mut Vec<u8>,
     limits: ReadLimits,
 ) -> Result<(), PduError> {
-    let dlen = p.data_segment_len() as usize;
+    p.data_digest_bad = read_segment(r, into, p.data_segment_len() as usize, limits).await?;
+    p.data_pending = false;
+    Ok(())
+}
+
+/// Appends a data segment of `dlen` bytes to `into` (its padding read and
+/// dropped); returns whether its data digest, when negotiated, was wrong.
+async fn read_segment<R: AsyncRead + Unpin>(
+    r: &mut R,
+    into: &mut Vec<u8>,
+    dlen: usize,
+    limits: ReadLimits,
+) -> Result<bool, PduError> {
     let padded = dlen.div_ceil(4) * 4;
     let start = into.len();
     read_into(r, into, padded).await?;
+    let mut bad = false;
     if limits.data_digest {
         let mut d = [0u8; 4];
         read_full(r, &mut d, false).await?;
-        p.data_digest_bad = u32::from_le_bytes(d) != crc32c::crc32c(&into[start..start + padded]);
+        bad = u32::from_le_bytes(d) != crc32c::crc32c(&into[start..start + padded]);
     }
     into.truncate(start + dlen);
-    p.data_pending = false;
-    Ok(())
+    Ok(bad)
 }
 
 async fn read_pdu_opts<R: AsyncRead + Unpin>(
@@ -345,13 +357,7 @@ async fn read_pdu_opts<R: AsyncRead + Unpin>(
             0
         };
         data = Vec::with_capacity(padded.max(whole));
-        read_into(r, &mut data, padded).await?;
-        if limits.data_digest {
-            let mut d = [0u8; 4];
-            read_full(r, &mut d, false).await?;
-            data_digest_bad = u32::from_le_bytes(d) != crc32c::crc32c(&data);
-        }
-        data.truncate(dlen as usize);
+        data_digest_bad = read_segment(r, &mut data, dlen as usize, limits).await?;
     }
     Ok(Pdu {
         bhs,
