@@ -288,26 +288,36 @@ mod tests {
             .contains("unknown format version 9"));
     }
 
-    #[test]
-    fn record_bounds_are_checked() {
-        let g = group();
-        let rh = RecordHeader {
+    /// A raw DATA record header of two blocks.
+    fn two_blocks(sequence: u64, epoch: u64, first_block: u32, crcs: [u32; 2]) -> RecordHeader {
+        RecordHeader {
             format_version: 1,
             kind: RecordKind::RecordData as i32,
-            sequence: 1,
-            epoch: 1,
-            first_block: 255,
+            sequence,
+            epoch,
+            first_block,
             block_count: 2,
             codec: 0,
-            block_crc32c: vec![0, 0],
+            block_crc32c: crcs.to_vec(),
             payload_len: 8192,
             payload_crc32c: 0,
             padding: Vec::new(),
-        };
-        let head = encode_record_head(&rh);
+        }
+    }
+
+    /// The header length and checksum in the prefix of an encoded head
+    /// found at `at` ((0, 0) when the prefix does not decode).
+    fn prefix_of(head: &[u8], at: u64) -> (usize, u32) {
         let mut prefix = [0u8; RECORD_PREFIX];
         prefix.copy_from_slice(&head[..RECORD_PREFIX]);
-        let (len, crc) = decode_record_prefix(&prefix, 4096).unwrap_or((0, 0));
+        decode_record_prefix(&prefix, at).unwrap_or((0, 0))
+    }
+
+    #[test]
+    fn record_bounds_are_checked() {
+        let g = group();
+        let head = encode_record_head(&two_blocks(1, 1, 255, [0, 0]));
+        let (len, crc) = prefix_of(&head, 4096);
         let err = decode_record_header(&head[RECORD_PREFIX..RECORD_PREFIX + len], crc, 4096, &g);
         assert!(
             matches!(err, Err(FormatError::InvalidRecord { .. })),
@@ -318,19 +328,7 @@ mod tests {
     #[test]
     fn block_aligned_heads_end_on_a_block_and_decode_as_written() {
         let g = group();
-        let rh = RecordHeader {
-            format_version: 1,
-            kind: RecordKind::RecordData as i32,
-            sequence: 9,
-            epoch: 3,
-            first_block: 0,
-            block_count: 2,
-            codec: 0,
-            block_crc32c: vec![7, 8],
-            payload_len: 8192,
-            payload_crc32c: 0,
-            padding: Vec::new(),
-        };
+        let rh = two_blocks(9, 3, 0, [7, 8]);
         for at in (4096..8192 + 1).chain([1 << 30, (1 << 30) + 4095]) {
             let head = encode_record_head_block_aligned(&rh, at);
             assert_eq!(
@@ -339,9 +337,7 @@ mod tests {
                 "head at {at} ends off a block"
             );
             assert!(head.len() <= 2 * BLOCK_SIZE, "{} bytes at {at}", head.len());
-            let mut prefix = [0u8; RECORD_PREFIX];
-            prefix.copy_from_slice(&head[..RECORD_PREFIX]);
-            let (len, crc) = decode_record_prefix(&prefix, at).unwrap_or((0, 0));
+            let (len, crc) = prefix_of(&head, at);
             assert_eq!(RECORD_PREFIX + len, head.len());
             let back = decode_record_header(&head[RECORD_PREFIX..], crc, at, &g);
             let back = back.map(|b| RecordHeader {

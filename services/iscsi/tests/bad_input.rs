@@ -198,6 +198,25 @@ impl Initiator {
         }
     }
 
+    /// Sends the final Data-Out of task `itt` for the R2T tagged `ttt`.
+    async fn data_out(&mut self, itt: u32, ttt: u32, datasn: u32, offset: u32, data: Vec<u8>) {
+        let mut d = Pdu::new(op::DATA_OUT, 0x80);
+        d.set_itt(itt);
+        d.set_u32(20, ttt);
+        d.set_u32(36, datasn);
+        d.set_u32(40, offset);
+        d.data = data;
+        self.send(&d).await;
+    }
+
+    /// The next PDU is a CHECK CONDITION response, and the 8 blocks at
+    /// `lba` the failed 4 KiB write was for still read as zeros.
+    async fn expect_failed_and_unwritten(&mut self, lba: u32, what: &str) {
+        let r = self.recv().await;
+        assert_eq!((r.opcode(), r.bhs[3]), (op::SCSI_RESP, 0x02));
+        assert_eq!(self.read(lba, 8).await, vec![0u8; 4096], "{what}");
+    }
+
     /// Waits for the target's next PDU, which must be a NOP-In ping; returns
     /// its target transfer tag and StatSN.
     async fn ping(&mut self) -> (u32, u32) {
@@ -311,19 +330,11 @@ async fn bad_initiators_do_not_disturb_a_good_session() {
     seq.send(&p).await;
     let r2t = seq.recv().await;
     assert_eq!(r2t.opcode(), op::R2T);
-    let mut d = Pdu::new(op::DATA_OUT, 0x80);
-    d.set_itt(itt);
-    d.set_u32(20, r2t.u32_at(20));
-    d.set_u32(36, 5); // wrong DataSN
-    d.data = vec![9u8; 4096];
-    seq.send(&d).await;
-    let r = seq.recv().await;
-    assert_eq!((r.opcode(), r.bhs[3]), (op::SCSI_RESP, 0x02));
-    assert_eq!(
-        seq.read(64, 8).await,
-        vec![0u8; 4096],
-        "bad write left data"
-    );
+    let wrong_datasn = 5;
+    seq.data_out(itt, r2t.u32_at(20), wrong_datasn, 0, vec![9u8; 4096])
+        .await;
+    seq.expect_failed_and_unwritten(64, "bad write left data")
+        .await;
 
     // 8. Data-Out for a later R2T before an earlier one is complete: with
     // DataSequenceInOrder=Yes sequences may not interleave, and gathering
@@ -347,19 +358,12 @@ async fn bad_initiators_do_not_disturb_a_good_session() {
     let (first, second) = (order.recv().await, order.recv().await);
     assert_eq!((first.opcode(), second.opcode()), (op::R2T, op::R2T));
     assert_eq!((first.u32_at(40), second.u32_at(40)), (0, 512));
-    let mut d = Pdu::new(op::DATA_OUT, 0x80);
-    d.set_itt(itt);
-    d.set_u32(20, second.u32_at(20));
-    d.set_u32(40, 512);
-    d.data = vec![5u8; 512];
-    order.send(&d).await;
-    let r = order.recv().await;
-    assert_eq!((r.opcode(), r.bhs[3]), (op::SCSI_RESP, 0x02));
-    assert_eq!(
-        order.read(80, 8).await,
-        vec![0u8; 4096],
-        "out-of-order write left data"
-    );
+    order
+        .data_out(itt, second.u32_at(20), 0, 512, vec![5u8; 512])
+        .await;
+    order
+        .expect_failed_and_unwritten(80, "out-of-order write left data")
+        .await;
 
     // The good session never noticed, and its data is intact.
     assert_eq!(good.read(8, 8).await, pattern(1));
