@@ -3,22 +3,24 @@
 //! and Data-In, task management, NOP, text (SendTargets), logout, and the
 //! asynchronous logout request sent when the node is going down.
 //!
-//! Three parts: a reader task that only parses PDUs (so that waiting for
-//! one can be cancelled without losing framing), this loop that owns the
-//! per-command state, and a writer task that stamps StatSN, ExpCmdSN and
-//! MaxCmdSN at the moment a PDU goes out, so they are always in order.
-//! Commands run concurrently as their own tasks.
+//! One task per connection reads PDUs (the read in progress is one future
+//! kept across its loop, so waiting for a PDU can be cancelled without
+//! losing framing) and owns the per-command state. A read that completes
+//! without waiting runs on that task; writes, and reads that wait (the disk,
+//! another node), run as tasks of their own, so commands still overlap. Everything
+//! goes out through the connection's [`Outbox`], which stamps StatSN,
+//! ExpCmdSN and MaxCmdSN as it writes, so they are always in order.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use crate::outbox::{Out, Outbox, Stat};
 use crate::pdu::{self, op, reject, Pdu, PduError, ReadLimits, RESERVED_TAG};
 use crate::scsi::sense::Sense;
 use crate::scsi::{self, status, LogicalUnit, ScsiResponse};
@@ -31,23 +33,6 @@ use cairn_util::sync::lock;
 pub const MAX_TRANSFER: u32 = 64 * 1024 * 1024;
 /// How long initiators get to log out after an asynchronous logout request.
 pub const ASYNC_LOGOUT_SECS: u16 = 5;
-
-/// When the writer fills in StatSN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stat {
-    /// Not a status PDU (Data-In without S).
-    None,
-    /// Carries the current StatSN without consuming it (R2T).
-    Current,
-    /// Consumes a StatSN (responses).
-    Advance,
-}
-
-enum Out {
-    Pdu(Box<Pdu>, Stat),
-    /// Flush and close the socket.
-    Close,
-}
 
 /// A command that has started running.
 struct Running {
@@ -78,6 +63,10 @@ struct Seq {
     next_datasn: u32,
 }
 
+/// Reads of at most this many bytes are first polled on the connection's
+/// own task (see [`Conn::start`]).
+const INLINE_MAX: u32 = 64 << 10;
+
 /// A connection error that ends the connection after a log line.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -92,7 +81,7 @@ struct Conn {
     session: Arc<Session>,
     params: Params,
     cid: u16,
-    out: mpsc::UnboundedSender<Out>,
+    out: Arc<Outbox>,
     running: Arc<Mutex<HashMap<u32, Running>>>,
     writes: HashMap<u32, PendingWrite>,
     next_ttt: u32,
@@ -124,8 +113,8 @@ pub async fn run(
         statsn,
     } = login;
     let (rd, wr) = stream.into_split();
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(writer(wr, out_rx, session.clone(), params, statsn));
+    let out = Outbox::new(wr, session.clone(), params, statsn);
+    let writer = tokio::spawn(out.clone().run_writer());
     let limits = ReadLimits {
         max_data: params.max_recv_data_segment,
         header_digest: params.header_digest,
@@ -145,7 +134,7 @@ pub async fn run(
         session: session.clone(),
         params,
         cid,
-        out: out_tx,
+        out,
         running: Arc::new(Mutex::new(HashMap::new())),
         writes: HashMap::new(),
         next_ttt: 1,
@@ -179,9 +168,19 @@ pub async fn run(
                             break format!("bad PDU: {e}");
                         }
                     }
+                    // More commands already here (queue depth > 1): their
+                    // answers go out with this one's, in one write.
+                    let more = pdu::starts_with_whole_pdu(rd.buffer(), limits);
                     // Same future type: the box is reused, not reallocated.
                     next.set(read_next(rd, limits));
-                    match conn.handle(p).await {
+                    if more {
+                        conn.out.hold();
+                    }
+                    let r = conn.handle(p).await;
+                    if !more {
+                        conn.out.release();
+                    }
+                    match r {
                         Ok(true) => continue,
                         Ok(false) => break "logged out".to_string(),
                         Err(e) => break format!("protocol error: {e}"),
@@ -222,7 +221,7 @@ pub async fn run(
     for r in lock(&conn.running).values() {
         r.aborted.store(true, Ordering::SeqCst);
     }
-    let _ = conn.out.send(Out::Close);
+    conn.out.send(Out::Close);
     drop(conn);
     if tokio::time::timeout(Duration::from_secs(5), writer)
         .await
@@ -237,66 +236,9 @@ pub async fn run(
     }
 }
 
-async fn writer(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    session: Arc<Session>,
-    params: Params,
-    mut statsn: u32,
-) {
-    let mut buf = Vec::new();
-    let mut close = false;
-    while let Some(first) = rx.recv().await {
-        buf.clear();
-        let mut next = Some(first);
-        // Batch what is already queued into one write.
-        while let Some(m) = next.take() {
-            match m {
-                Out::Close => {
-                    close = true;
-                    break;
-                }
-                Out::Pdu(mut p, stat) => {
-                    tracing::trace!(
-                        opcode = p.opcode(),
-                        flags = p.flags(),
-                        itt = p.itt(),
-                        data = p.data.len(),
-                        "PDU out"
-                    );
-                    match stat {
-                        Stat::None => {}
-                        Stat::Current => p.set_u32(24, statsn),
-                        Stat::Advance => {
-                            p.set_u32(24, statsn);
-                            statsn = statsn.wrapping_add(1);
-                        }
-                    }
-                    {
-                        let w = lock(&session.window);
-                        p.set_u32(28, w.exp_cmdsn);
-                        p.set_u32(32, w.max_cmdsn);
-                    }
-                    p.encode_into(&mut buf, params.header_digest, params.data_digest);
-                }
-            }
-            if buf.len() < 1 << 20 {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
-            return;
-        }
-        if close {
-            let _ = wr.shutdown().await;
-            return;
-        }
-    }
-}
-
 impl Conn {
     fn send(&self, p: Pdu, stat: Stat) {
-        let _ = self.out.send(Out::Pdu(Box::new(p), stat));
+        self.out.send(Out::Pdu(Box::new(p), stat));
     }
 
     fn reject(&self, req: &Pdu, reason: u8) {
@@ -670,9 +612,8 @@ impl Conn {
         self.release_slot(&w);
         // ABORTED COMMAND / DATA PHASE ERROR
         let resp = ScsiResponse::check(&Sense::new(0x0b, 0x4b, 0x00));
-        for o in respond(itt, w.lun, w.edtl, false, resp, 0, &self.params) {
-            let _ = self.out.send(o);
-        }
+        self.out
+            .send_all(respond(itt, w.lun, w.edtl, false, resp, 0, &self.params));
         true
     }
 
@@ -703,7 +644,8 @@ impl Conn {
         let running = self.running.clone();
         let params = self.params;
         let write = !data_out.is_empty() || (!read && edtl > 0);
-        tokio::spawn(async move {
+        let inline = !write && edtl <= INLINE_MAX;
+        let mut task = Box::pin(async move {
             let (resp, residual) = execute(&session, lun, &cdb, edtl, read, write, data_out).await;
             // The slot frees before the status goes out, so the MaxCmdSN the
             // initiator reads already counts it (and never runs ahead of us).
@@ -712,13 +654,29 @@ impl Conn {
             }
             // Whoever claims the task first wins: this response, or an abort.
             if !aborted.swap(true, Ordering::SeqCst) {
-                for p in respond(itt, lun, edtl, read, resp, residual, &params) {
-                    let _ = out.send(p);
-                }
+                out.send_all(respond(itt, lun, edtl, read, resp, residual, &params));
             }
             lock(&running).remove(&itt);
             let _ = done_tx.send(true);
         });
+        // A read from the page cache is done on its first poll: run that
+        // here rather than in a task of its own, and with the answers held
+        // while more commands are buffered, a batch of reads is answered in
+        // one write (4 KiB reads at queue depth 32 on an RF1 owner: 60-66k
+        // -> 110-125k IOPS). A command that has to wait moves on to a task,
+        // which polls it again with its own waker (a future must only wake
+        // the waker of its latest poll, so the no-op one here loses
+        // nothing). Writes always get a task: run here, their copies into
+        // the page cache and their replica sends held up the reading of the
+        // next PDUs (RF2 4 KiB writes at queue depth 32 lost 10-25 %), as
+        // do large reads.
+        if inline {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if task.as_mut().poll(&mut cx).is_ready() {
+                return;
+            }
+        }
+        tokio::spawn(task);
     }
 
     fn task_mgmt(&mut self, p: Pdu) {
@@ -803,9 +761,9 @@ impl Conn {
             for mut w in waits {
                 let _ = w.wait_for(|d| *d).await;
             }
-            let _ = out.send(Out::Pdu(Box::new(r), Stat::Advance));
+            out.send(Out::Pdu(Box::new(r), Stat::Advance));
             if close_after {
-                let _ = out.send(Out::Close);
+                out.send(Out::Close);
             }
         });
     }

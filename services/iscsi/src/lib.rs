@@ -16,6 +16,7 @@
 pub mod chap;
 pub mod conn;
 pub mod login;
+mod outbox;
 pub mod pdu;
 pub mod remote;
 pub mod scsi;

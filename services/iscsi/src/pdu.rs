@@ -260,6 +260,23 @@ pub struct ReadLimits {
     pub data_digest: bool,
 }
 
+/// Whether `buf` starts with a whole PDU (header, AHS, digests, padded
+/// data): reading it then takes no wait on the socket.
+pub fn starts_with_whole_pdu(buf: &[u8], limits: ReadLimits) -> bool {
+    if buf.len() < BHS_LEN {
+        return false;
+    }
+    let ahs = usize::from(buf[4]) * 4;
+    let dlen = usize::from(buf[5]) << 16 | usize::from(buf[6]) << 8 | usize::from(buf[7]);
+    let digest = |on: bool, present: bool| if on && present { 4 } else { 0 };
+    let total = BHS_LEN
+        + ahs
+        + digest(limits.header_digest, true)
+        + dlen.div_ceil(4) * 4
+        + digest(limits.data_digest, dlen > 0);
+    buf.len() >= total
+}
+
 /// Reads one PDU.
 pub async fn read_pdu<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -411,6 +428,34 @@ mod tests {
         header_digest: true,
         data_digest: true,
     };
+
+    /// A PDU counts as buffered only with its last digest byte: with and
+    /// without digests, with AHS, with and without data.
+    #[test]
+    fn whole_pdu_is_told_from_a_partial_one() {
+        for (hd, dd) in [(false, false), (true, false), (false, true), (true, true)] {
+            let limits = ReadLimits {
+                header_digest: hd,
+                data_digest: dd,
+                ..LIMITS
+            };
+            for data in [&b""[..], b"hello", b"four"] {
+                let mut p = Pdu::new(op::SCSI_CMD, 0x80);
+                p.ahs = vec![1; 8];
+                p.data = data.to_vec();
+                let mut wire = p.encode(hd, dd);
+                for cut in 0..wire.len() {
+                    assert!(
+                        !starts_with_whole_pdu(&wire[..cut], limits),
+                        "{hd} {dd} {cut}"
+                    );
+                }
+                assert!(starts_with_whole_pdu(&wire, limits));
+                wire.extend_from_slice(&[0; 7]);
+                assert!(starts_with_whole_pdu(&wire, limits));
+            }
+        }
+    }
 
     #[tokio::test]
     async fn round_trip_with_digests() {
