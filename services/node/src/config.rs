@@ -38,6 +38,38 @@ pub struct NodeConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
     pub data: DataConfig,
+    /// Written only when it differs from the defaults, so a node of the
+    /// previous version (which refuses unknown keys) still reads the file.
+    #[serde(default, skip_serializing_if = "IscsiConfig::is_default")]
+    pub iscsi: IscsiConfig,
+}
+
+/// The iSCSI target's checks on silent initiators (RFC 7143 11.19.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IscsiConfig {
+    /// A connection whose initiator sent nothing for this long gets a
+    /// NOP-In ping; 0 turns pings off.
+    pub nop_interval_secs: u64,
+    /// A pinged initiator still silent this long after the ping loses its
+    /// connection (and, with it, what its nexus held).
+    pub nop_timeout_secs: u64,
+}
+
+impl Default for IscsiConfig {
+    fn default() -> Self {
+        use cairn_iscsi::server::ServerConfig;
+        Self {
+            nop_interval_secs: ServerConfig::NOP_INTERVAL.as_secs(),
+            nop_timeout_secs: ServerConfig::NOP_TIMEOUT.as_secs(),
+        }
+    }
+}
+
+impl IscsiConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Background work of the data service.
@@ -144,6 +176,13 @@ impl NodeConfig {
                 path.display()
             );
         }
+        if cfg.iscsi.nop_interval_secs > 0 && cfg.iscsi.nop_timeout_secs == 0 {
+            bail!(
+                "invalid config {}: iscsi.nop_timeout_secs must be positive while pings are on \
+                 (nop_interval_secs = 0 turns them off)",
+                path.display()
+            );
+        }
         Ok(cfg)
     }
 
@@ -207,6 +246,53 @@ mod tests {
         let cfg = cfg?;
         assert_eq!(cfg.iscsi_addr(), "127.0.0.2:3260".parse()?);
         assert_eq!(cfg.iscsi_addr, Some("127.0.0.2:3260".parse()?));
+        assert_eq!(cfg.iscsi, IscsiConfig::default());
+        assert_eq!(cfg.iscsi.nop_interval_secs, 15);
+        Ok(())
+    }
+
+    /// `[iscsi]` sets the ping interval and timeout; pings on with a zero
+    /// timeout is refused; a config at the defaults is saved without the
+    /// section, so the previous version can still read it.
+    #[test]
+    fn iscsi_pings_are_configurable() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("cairn-config-iscsi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(CONFIG_FILE);
+        let base = "node_id = 2\ncluster_id = \"c\"\nrpc_addr = \"127.0.0.2:7100\"\n\
+                    api_addr = \"127.0.0.2:8443\"\nadmin_token_sha256 = \"00\"\n";
+        std::fs::write(
+            &path,
+            format!("{base}[iscsi]\nnop_interval_secs = 5\nnop_timeout_secs = 7\n"),
+        )?;
+        let cfg = NodeConfig::load(&path)?;
+        assert_eq!(
+            (cfg.iscsi.nop_interval_secs, cfg.iscsi.nop_timeout_secs),
+            (5, 7)
+        );
+        assert!(toml::to_string_pretty(&cfg)?.contains("[iscsi]"));
+
+        std::fs::write(&path, format!("{base}[iscsi]\nnop_interval_secs = 0\n"))?;
+        let cfg = NodeConfig::load(&path)?;
+        assert_eq!(
+            (cfg.iscsi.nop_interval_secs, cfg.iscsi.nop_timeout_secs),
+            (0, 30)
+        );
+
+        std::fs::write(&path, format!("{base}[iscsi]\nnop_timeout_secs = 0\n"))?;
+        let err = format!("{:#}", NodeConfig::load(&path).err().context("accepted")?);
+        assert!(err.contains("nop_timeout_secs"), "{err}");
+
+        std::fs::write(&path, format!("{base}[iscsi]\nnop_intervall_secs = 3\n"))?;
+        assert!(
+            NodeConfig::load(&path).is_err(),
+            "a misspelt key was accepted"
+        );
+
+        std::fs::write(&path, base)?;
+        let cfg = NodeConfig::load(&path)?;
+        assert!(!toml::to_string_pretty(&cfg)?.contains("iscsi]"));
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 }

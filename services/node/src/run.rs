@@ -89,8 +89,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             // The node id is unique in the cluster, so every node is its own
             // portal group (tag 0 is reserved: clamp to 1..=65535).
             portal_group_tag: u16::try_from(cfg.node_id).unwrap_or(u16::MAX).max(1),
-            nop_interval: cairn_iscsi::server::ServerConfig::NOP_INTERVAL,
-            nop_timeout: cairn_iscsi::server::ServerConfig::NOP_TIMEOUT,
+            nop_interval: Duration::from_secs(cfg.iscsi.nop_interval_secs),
+            nop_timeout: Duration::from_secs(cfg.iscsi.nop_timeout_secs),
         },
         frontend.clone(),
         crate::iscsi::MetaTargetDirectory::new(meta.clone()),

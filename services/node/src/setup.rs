@@ -81,6 +81,7 @@ pub fn init(
         raft: RaftConfig::default(),
         disks: Vec::new(),
         data: Default::default(),
+        iscsi: Default::default(),
     };
     cairn_metadata::bootstrap::bootstrap_first_node(
         &cfg.db_path(),
@@ -168,6 +169,7 @@ pub fn join(
         raft: RaftConfig::default(),
         disks: Vec::new(),
         data: Default::default(),
+        iscsi: Default::default(),
     };
     cfg.save()?;
     Ok(cfg)
