@@ -223,11 +223,18 @@ pub async fn run(
     }
     conn.out.send(Out::Close);
     drop(conn);
+    let abort = writer.abort_handle();
     if tokio::time::timeout(Duration::from_secs(5), writer)
         .await
         .is_err()
     {
-        tracing::warn!(tsih = session.tsih, "iSCSI writer did not finish in 5 s");
+        // An initiator that stopped reading: left alone, the writer task
+        // would keep the socket (and its buffers) open for good.
+        abort.abort();
+        tracing::warn!(
+            tsih = session.tsih,
+            "iSCSI writer did not finish in 5 s; stopped"
+        );
     }
     if shared.registry.detach(&session) {
         for lu in session.luns.values() {

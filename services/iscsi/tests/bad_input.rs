@@ -421,3 +421,41 @@ async fn silent_initiators_are_pinged_and_dead_ones_dropped() {
         "the dropped session's write"
     );
 }
+
+/// An initiator that stops reading (and sending) is dropped by the ping
+/// timeout, and then loses its socket too: the answers queued for it are
+/// thrown away after 5 s instead of waiting for it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initiator_that_stops_reading_loses_its_socket() {
+    let addr = start_with(Duration::from_millis(300), Duration::from_millis(300)).await;
+    let mut stuck = Initiator::login(addr, 3).await;
+    // 32 reads of 2 MiB: far more than loopback socket buffers hold.
+    let (reads, blocks) = (32u32, 4096u16);
+    for i in 0..reads {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x28;
+        cdb[2..6].copy_from_slice(&(i % 8 * u32::from(blocks)).to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        let p = stuck.command(&cdb, 0x40, u32::from(blocks) * 512);
+        stuck.send(&p).await;
+    }
+    // Ping after 0.3 s, dropped 0.3 s later, writer given up 5 s after that.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut total = 0u64;
+    let mut b = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stuck.s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => total += n as u64,
+            Err(_) => panic!("socket still open after {total} bytes"),
+        }
+    }
+    let queued = u64::from(reads) * u64::from(blocks) * 512;
+    assert!(
+        total < queued,
+        "all {queued} bytes were delivered: the writer was not stopped"
+    );
+    // The server itself is fine.
+    let mut fresh = Initiator::login(addr, 4).await;
+    assert_eq!(fresh.read(0, 8).await.len(), 4096);
+}
