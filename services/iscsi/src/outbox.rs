@@ -101,27 +101,26 @@ impl Outbox {
     /// Sends `outs` in order after everything sent before them, in one
     /// write when the socket takes it; never waits.
     pub(crate) fn send_all(&self, outs: impl IntoIterator<Item = Out>) {
-        let mut st = lock(&self.state);
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
         if st.done {
             return;
         }
         for o in outs {
             match o {
                 Out::Pdu(p, stat) if !st.busy => {
-                    let mut pending = std::mem::take(&mut st.pending);
-                    self.encode(&mut st, *p, stat, &mut pending);
-                    st.pending = pending;
+                    self.encode(&mut st.statsn, *p, stat, &mut st.pending)
                 }
                 o => {
                     if !st.busy {
-                        self.hand_over(&mut st);
+                        self.hand_over(st);
                     }
                     st.queue.push_back(o);
                 }
             }
         }
         if !st.busy && !st.held {
-            self.flush(&mut st);
+            self.flush(st);
         }
     }
 
@@ -164,14 +163,14 @@ impl Outbox {
 
     /// Gives the socket to the writer task, `pending` first.
     fn hand_over(&self, st: &mut State) {
-        let mut pending = std::mem::take(&mut st.pending);
-        st.backlog.append(&mut pending);
-        st.pending = pending;
+        st.backlog.append(&mut st.pending);
         st.busy = true;
         self.kick.notify_one();
     }
 
-    fn encode(&self, st: &mut State, mut p: Pdu, stat: Stat, buf: &mut Vec<u8>) {
+    /// Stamps `p` (StatSN from `statsn`, the session's command window) and
+    /// appends its bytes to `buf`.
+    fn encode(&self, statsn: &mut u32, mut p: Pdu, stat: Stat, buf: &mut Vec<u8>) {
         tracing::trace!(
             opcode = p.opcode(),
             flags = p.flags(),
@@ -181,10 +180,10 @@ impl Outbox {
         );
         match stat {
             Stat::None => {}
-            Stat::Current => p.set_u32(24, st.statsn),
+            Stat::Current => p.set_u32(24, *statsn),
             Stat::Advance => {
-                p.set_u32(24, st.statsn);
-                st.statsn = st.statsn.wrapping_add(1);
+                p.set_u32(24, *statsn);
+                *statsn = statsn.wrapping_add(1);
             }
         }
         {
@@ -203,16 +202,21 @@ impl Outbox {
             self.kick.notified().await;
             loop {
                 let close = {
-                    let mut st = lock(&self.state);
-                    if st.done && st.queue.is_empty() {
+                    let mut guard = lock(&self.state);
+                    let st = &mut *guard;
+                    // Closing empties the queue; a failed send happens
+                    // only with nothing queued.
+                    if st.done {
                         return;
                     }
                     buf.clear();
-                    buf.append(&mut st.backlog);
+                    std::mem::swap(&mut buf, &mut st.backlog);
                     let mut close = false;
                     while buf.len() < BATCH {
                         match st.queue.pop_front() {
-                            Some(Out::Pdu(p, stat)) => self.encode(&mut st, *p, stat, &mut buf),
+                            Some(Out::Pdu(p, stat)) => {
+                                self.encode(&mut st.statsn, *p, stat, &mut buf)
+                            }
                             Some(Out::Close) => {
                                 close = true;
                                 st.done = true;

@@ -90,6 +90,11 @@ impl std::fmt::Debug for Pdu {
     }
 }
 
+/// DataSegmentLength of a basic header segment (bytes 5..8).
+fn segment_len(bhs: &[u8]) -> u32 {
+    u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]])
+}
+
 fn be32(b: &[u8], at: usize) -> u32 {
     match b.get(at..at + 4) {
         Some(s) => u32::from_be_bytes([s[0], s[1], s[2], s[3]]),
@@ -115,7 +120,7 @@ impl Pdu {
 
     /// DataSegmentLength, from the header.
     pub fn data_segment_len(&self) -> u32 {
-        u32::from_be_bytes([0, self.bhs[5], self.bhs[6], self.bhs[7]])
+        segment_len(&self.bhs)
     }
 
     pub fn opcode(&self) -> u8 {
@@ -166,9 +171,6 @@ impl Pdu {
     /// ExpStatSN of initiator PDUs (bytes 28..32).
     pub fn exp_statsn(&self) -> u32 {
         self.u32_at(28)
-    }
-    pub fn data_segment_len_field(&self) -> u32 {
-        u32::from_be_bytes([0, self.bhs[5], self.bhs[6], self.bhs[7]])
     }
 
     /// Serialises the PDU, with digests when negotiated.
@@ -267,7 +269,7 @@ pub fn starts_with_whole_pdu(buf: &[u8], limits: ReadLimits) -> bool {
         return false;
     }
     let ahs = usize::from(buf[4]) * 4;
-    let dlen = usize::from(buf[5]) << 16 | usize::from(buf[6]) << 8 | usize::from(buf[7]);
+    let dlen = segment_len(buf) as usize;
     let digest = |on: bool, present: bool| if on && present { 4 } else { 0 };
     let total = BHS_LEN
         + ahs
@@ -339,7 +341,7 @@ async fn read_pdu_opts<R: AsyncRead + Unpin>(
     let mut bhs = [0u8; BHS_LEN];
     read_full(r, &mut bhs, true).await?;
     // Refuse an oversized PDU before reading any more of it.
-    let dlen = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]);
+    let dlen = segment_len(&bhs);
     if dlen > limits.max_data {
         return Err(PduError::DataTooLong {
             len: dlen,

@@ -172,11 +172,7 @@ impl Initiator {
     }
 
     async fn read(&mut self, lba: u32, blocks: u16) -> Vec<u8> {
-        let mut cdb = [0u8; 10];
-        cdb[0] = 0x28;
-        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
-        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
-        let p = self.command(&cdb, 0x40, u32::from(blocks) * 512);
+        let p = self.command(&read10(lba, blocks), 0x40, u32::from(blocks) * 512);
         self.send(&p).await;
         let mut out = Vec::new();
         loop {
@@ -253,6 +249,15 @@ impl Initiator {
             }
         }
     }
+}
+
+/// A READ(10) CDB.
+fn read10(lba: u32, blocks: u16) -> [u8; 10] {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x28;
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+    cdb
 }
 
 fn pattern(seed: u8) -> Vec<u8> {
@@ -432,10 +437,7 @@ async fn an_initiator_that_stops_reading_loses_its_socket() {
     // 32 reads of 2 MiB: far more than loopback socket buffers hold.
     let (reads, blocks) = (32u32, 4096u16);
     for i in 0..reads {
-        let mut cdb = [0u8; 10];
-        cdb[0] = 0x28;
-        cdb[2..6].copy_from_slice(&(i % 8 * u32::from(blocks)).to_be_bytes());
-        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        let cdb = read10(i % 8 * u32::from(blocks), blocks);
         let p = stuck.command(&cdb, 0x40, u32::from(blocks) * 512);
         stuck.send(&p).await;
     }

@@ -229,6 +229,10 @@ pub fn read_token(data_dir: &Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
 
+    /// The keys every config must have, and nothing else.
+    const MINIMAL: &str = "node_id = 2\ncluster_id = \"c\"\nrpc_addr = \"127.0.0.2:7100\"\n\
+                           api_addr = \"127.0.0.2:8443\"\nadmin_token_sha256 = \"00\"\n";
+
     /// A config written before iSCSI existed still loads, with the portal
     /// on the RPC IP and the standard port.
     #[test]
@@ -236,11 +240,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cairn-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(CONFIG_FILE);
-        std::fs::write(
-            &path,
-            "node_id = 2\ncluster_id = \"c\"\nrpc_addr = \"127.0.0.2:7100\"\n\
-             api_addr = \"127.0.0.2:8443\"\nadmin_token_sha256 = \"00\"\n",
-        )?;
+        std::fs::write(&path, MINIMAL)?;
         let cfg = NodeConfig::load(&path);
         let _ = std::fs::remove_dir_all(&dir);
         let cfg = cfg?;
@@ -259,8 +259,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cairn-config-iscsi-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(CONFIG_FILE);
-        let base = "node_id = 2\ncluster_id = \"c\"\nrpc_addr = \"127.0.0.2:7100\"\n\
-                    api_addr = \"127.0.0.2:8443\"\nadmin_token_sha256 = \"00\"\n";
+        let base = MINIMAL;
         std::fs::write(
             &path,
             format!("{base}[iscsi]\nnop_interval_secs = 5\nnop_timeout_secs = 7\n"),
