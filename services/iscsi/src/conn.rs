@@ -638,20 +638,24 @@ impl Conn {
     ) {
         let aborted = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = watch::channel(false);
-        lock(&self.running).insert(
-            itt,
-            Running {
-                lun,
-                aborted: aborted.clone(),
-                done: done_rx,
-            },
-        );
+        let alone = {
+            let mut running = lock(&self.running);
+            running.insert(
+                itt,
+                Running {
+                    lun,
+                    aborted: aborted.clone(),
+                    done: done_rx,
+                },
+            );
+            running.len() == 1
+        };
         let session = self.session.clone();
         let out = self.out.clone();
         let running = self.running.clone();
         let params = self.params;
         let write = !data_out.is_empty() || (!read && edtl > 0);
-        let inline = !write && edtl <= INLINE_MAX;
+        let inline = edtl <= INLINE_MAX && (!write || alone);
         let mut task = Box::pin(async move {
             let (resp, residual) = execute(&session, lun, &cdb, edtl, read, write, data_out).await;
             // The slot frees before the status goes out, so the MaxCmdSN the
@@ -673,10 +677,13 @@ impl Conn {
         // -> 110-125k IOPS). A command that has to wait moves on to a task,
         // which polls it again with its own waker (a future must only wake
         // the waker of its latest poll, so the no-op one here loses
-        // nothing). Writes always get a task: run here, their copies into
-        // the page cache and their replica sends held up the reading of the
-        // next PDUs (RF2 4 KiB writes at queue depth 32 lost 10-25 %), as
-        // do large reads.
+        // nothing). A write runs here only when no other command of the
+        // connection is running: with several, its copy into the page cache
+        // and its replica sends held up the reading of the next PDUs (RF2
+        // 4 KiB writes at queue depth 32 lost 10-25 %); alone, it saves the
+        // task (RF1 4 KiB writes at queue depth 4: 18.5-25.2k -> 24.9-28.6k
+        // IOPS; depth 1 and 32, and RF2, unchanged). Large reads and writes
+        // always get a task.
         if inline {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             if task.as_mut().poll(&mut cx).is_ready() {
