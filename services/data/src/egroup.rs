@@ -38,6 +38,15 @@ const SEPARATE_PAYLOAD_WRITE: usize = 64 << 10;
 /// write waits for the device, a buffered one only for a copy.
 pub const DIRECT_WRITE_MIN: usize = 64 << 10;
 
+// A replica's payload is written direct from the frame it arrived in when
+// that is block-aligned (`write_direct`); the RPC crate aligns large frames
+// by its own constants, as it does not know the block size. Held together
+// here, where both are known: a change to either fails the build.
+const _: () = assert!(
+    cairn_rpc::frame::ALIGN.is_multiple_of(BLOCK_SIZE)
+        && cairn_rpc::frame::ALIGN_FROM <= DIRECT_WRITE_MIN
+);
+
 /// The file's second handle, opened with `O_DIRECT` on first use.
 #[derive(Debug, Default)]
 enum Direct {
