@@ -77,6 +77,18 @@ impl Client {
             .map_err(|e| anyhow::anyhow!("connection broke: {e}"))
     }
 
+    /// The next PDU the target sends unasked (a ping); `None` once it has
+    /// closed the connection; an error when nothing comes within `within`.
+    pub fn next_pdu(&mut self, within: Duration) -> Result<Option<Pdu>> {
+        self.rt.block_on(async {
+            match tokio::time::timeout(within, pdu::read_pdu(&mut self.s, LIMITS)).await {
+                Err(_) => bail!("nothing from the target in {within:?}"),
+                Ok(Ok(p)) => Ok(Some(p)),
+                Ok(Err(_)) => Ok(None),
+            }
+        })
+    }
+
     /// Runs `cdb` on LUN 0, sending `data_out` as immediate data and
     /// accepting up to `read_len` bytes of Data-In.
     pub fn command(&mut self, cdb: &[u8], data_out: &[u8], read_len: u32) -> Result<Answer> {

@@ -628,3 +628,80 @@ fn a_write_right_after_a_snapshot_stays_out_of_it() -> Result<()> {
     }
     Ok(())
 }
+
+/// The `[iscsi]` ping settings in `cairn.toml` reach the running target:
+/// with a 1 s interval and a 2 s timeout, a logged-in initiator that stays
+/// silent is pinged well before the default interval (15 s) and dropped
+/// well before the default timeout (30 s) would allow; one that answers its
+/// pings keeps its session and runs commands.
+#[test]
+fn ping_settings_in_cairn_toml_reach_the_target() -> Result<()> {
+    use cairn_iscsi::pdu::{op, RESERVED_TAG};
+    use cairn_tests::iscsi_client::Client;
+    let _g = serial();
+    let mut c = Cluster::start(1)?;
+    let vd = c.make_vdisk("rf1", 1, "ping", 64 * MIB, 0)?;
+    let iqn = "iqn.2026-11.io.cairn.test:ping";
+    make_target(&c, iqn, &vd, json!({}))?;
+    c.stop(0)?;
+    let cfg = c.nodes[0].dir.join("cairn.toml");
+    let text = std::fs::read_to_string(&cfg)?;
+    ensure!(
+        !text.contains("[iscsi]"),
+        "the default config has [iscsi]: {text}"
+    );
+    std::fs::write(
+        &cfg,
+        format!("{text}\n[iscsi]\nnop_interval_secs = 1\nnop_timeout_secs = 2\n"),
+    )?;
+    c.spawn(0)?;
+    let portal = c.nodes[0].iscsi_addr();
+    let login = |name: &str, isid: u8| -> Result<Client> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Client::login(&portal, name, isid, iqn) {
+                Ok(cl) => return Ok(cl),
+                Err(e) if Instant::now() > deadline => {
+                    bail!("no login after the restart: {e:#}\n{}", c.logs_tail())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    };
+    let mut silent = login("iqn.2026-11.io.cairn.test:silent", 1)?;
+
+    // The silent initiator: pinged, never answers, dropped.
+    let t0 = Instant::now();
+    let ping = silent
+        .next_pdu(Duration::from_secs(10))?
+        .context("closed before any ping")?;
+    ensure!(
+        ping.opcode() == op::NOP_IN && ping.itt() == RESERVED_TAG,
+        "expected a NOP-In ping, got opcode {:#04x}",
+        ping.opcode()
+    );
+    let pinged = t0.elapsed();
+    let closed = loop {
+        match silent.next_pdu(Duration::from_secs(20))? {
+            None => break t0.elapsed(),
+            Some(p) => ensure!(p.opcode() == op::NOP_IN, "opcode {:#04x}", p.opcode()),
+        }
+    };
+    eprintln!("silent initiator: pinged after {pinged:.1?}, dropped after {closed:.1?}");
+    ensure!(
+        closed < Duration::from_secs(14),
+        "dropped after {closed:?}: the configured timeout was not used"
+    );
+
+    // An initiator that answers (`command` answers pings) keeps its session.
+    let mut awake = login("iqn.2026-11.io.cairn.test:awake", 2)?;
+    let tur = [0u8; 6];
+    // Idle for longer than the interval between commands: each command
+    // first meets a ping, answers it, then gets its status.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let a = awake.command(&tur, &[], 0)?;
+        ensure!(a.status == 0, "TEST UNIT READY: status {}", a.status);
+    }
+    Ok(())
+}
