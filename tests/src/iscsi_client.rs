@@ -78,13 +78,20 @@ impl Client {
     }
 
     /// The next PDU the target sends unasked (a ping); `None` once it has
-    /// closed the connection; an error when nothing comes within `within`.
+    /// closed the connection between PDUs; an error when nothing comes
+    /// within `within`, or when what comes is not a whole, valid PDU.
     pub fn next_pdu(&mut self, within: Duration) -> Result<Option<Pdu>> {
         self.rt.block_on(async {
             match tokio::time::timeout(within, pdu::read_pdu(&mut self.s, LIMITS)).await {
                 Err(_) => bail!("nothing from the target in {within:?}"),
                 Ok(Ok(p)) => Ok(Some(p)),
-                Ok(Err(_)) => Ok(None),
+                Ok(Err(pdu::PduError::Closed)) => Ok(None),
+                Ok(Err(pdu::PduError::Io(e)))
+                    if e.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    Ok(None)
+                }
+                Ok(Err(e)) => bail!("bad PDU from the target: {e}"),
             }
         })
     }

@@ -5,9 +5,10 @@
 //!
 //! One task per connection reads PDUs (the read in progress is one future
 //! kept across its loop, so waiting for a PDU can be cancelled without
-//! losing framing) and owns the per-command state. A read that completes
-//! without waiting runs on that task; writes, and reads that wait (the disk,
-//! another node), run as tasks of their own, so commands still overlap. Everything
+//! losing framing) and owns the per-command state. A small read, or a small
+//! write while no other command runs, that completes without waiting runs
+//! on that task; the rest (and whatever has to wait for the disk or another
+//! node) run as tasks of their own, so commands still overlap. Everything
 //! goes out through the connection's [`Outbox`], which stamps StatSN,
 //! ExpCmdSN and MaxCmdSN as it writes, so they are always in order.
 
