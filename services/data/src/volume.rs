@@ -929,7 +929,17 @@ impl Volume {
                 gs.next_seq.fetch_add(1, Ordering::SeqCst)
             };
             let create = read(&gs.create).clone();
-            let sends = rec.replicas.iter().map(|r| {
+            // Remote copies first: `join_all` starts its futures in order,
+            // and the local copy is written within its first poll (a copy
+            // into the page cache), which would hold the requests to the
+            // other nodes back by that long.
+            let local = self.svc.node_id;
+            let order = rec
+                .replicas
+                .iter()
+                .filter(|r| r.node_id != local)
+                .chain(rec.replicas.iter().filter(|r| r.node_id == local));
+            let sends = order.map(|r| {
                 let req = ReplicaWrite {
                     format_version: cairn_api::FORMAT_VERSION,
                     extent_group_id: gs.id,
