@@ -70,30 +70,30 @@ impl Client {
         })
     }
 
+    /// The answer to what was just sent: a close counts as an error here.
     async fn recv(s: &mut TcpStream) -> Result<Pdu> {
-        tokio::time::timeout(Duration::from_secs(30), pdu::read_pdu(s, LIMITS))
-            .await
-            .context("no answer in 30 s")?
-            .map_err(|e| anyhow::anyhow!("connection broke: {e}"))
+        Self::read_within(s, Duration::from_secs(30))
+            .await?
+            .context("the target closed the connection")
     }
 
     /// The next PDU the target sends unasked (a ping); `None` once it has
     /// closed the connection between PDUs; an error when nothing comes
     /// within `within`, or when what comes is not a whole, valid PDU.
     pub fn next_pdu(&mut self, within: Duration) -> Result<Option<Pdu>> {
-        self.rt.block_on(async {
-            match tokio::time::timeout(within, pdu::read_pdu(&mut self.s, LIMITS)).await {
-                Err(_) => bail!("nothing from the target in {within:?}"),
-                Ok(Ok(p)) => Ok(Some(p)),
-                Ok(Err(pdu::PduError::Closed)) => Ok(None),
-                Ok(Err(pdu::PduError::Io(e)))
-                    if e.kind() == std::io::ErrorKind::ConnectionReset =>
-                {
-                    Ok(None)
-                }
-                Ok(Err(e)) => bail!("bad PDU from the target: {e}"),
+        self.rt.block_on(Self::read_within(&mut self.s, within))
+    }
+
+    async fn read_within(s: &mut TcpStream, within: Duration) -> Result<Option<Pdu>> {
+        match tokio::time::timeout(within, pdu::read_pdu(s, LIMITS)).await {
+            Err(_) => bail!("nothing from the target in {within:?}"),
+            Ok(Ok(p)) => Ok(Some(p)),
+            Ok(Err(pdu::PduError::Closed)) => Ok(None),
+            Ok(Err(pdu::PduError::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                Ok(None)
             }
-        })
+            Ok(Err(e)) => bail!("bad PDU from the target: {e}"),
+        }
     }
 
     /// Runs `cdb` on LUN 0, sending `data_out` as immediate data and
