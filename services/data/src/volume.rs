@@ -1131,20 +1131,27 @@ impl Volume {
         let mut max = 0;
         let mut seqs = Vec::new();
         let mut dead = Vec::new();
-        for r in &new.replicas {
-            match self
-                .svc
-                .replica_set_epoch(r.node_id, gs.id, new_epoch)
-                .await
-            {
+        // All replicas at once: each syncs the group and makes the new
+        // epoch durable, and a group's first write after a takeover waits
+        // for the slowest of them, not their sum.
+        let raised = join_all(new.replicas.iter().map(|r| {
+            let node = r.node_id;
+            async move {
+                let res = self.svc.replica_set_epoch(node, gs.id, new_epoch).await;
+                (node, res)
+            }
+        }))
+        .await;
+        for (node, res) in raised {
+            match res {
                 Ok(s) => {
                     max = max.max(s);
-                    seqs.push((r.node_id, s));
+                    seqs.push((node, s));
                 }
                 Err(e) => {
-                    tracing::warn!(group = gs.id, node = r.node_id, error = %e,
+                    tracing::warn!(group = gs.id, node, error = %e,
                         "replica unavailable at takeover");
-                    dead.push(r.node_id);
+                    dead.push(node);
                 }
             }
         }
