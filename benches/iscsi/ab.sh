@@ -75,14 +75,6 @@ U2=iscsi://127.0.0.1:$CAIRN_ISCSI_PORT/iqn.2026-11.io.cairn:ab2/0
 # and a step of ~0.618 of that, prime to it, visits every block.
 STEP_B=$((162014 * 4096))
 
-waitlun() {
-    local _
-    for _ in $(seq 1 90); do
-        timeout 30 qemu-io -f raw -c "write -P 0x5a 0 1M" "$1" >/dev/null 2>&1 && return 0
-        sleep 1
-    done
-    die "LUN $1 never took a write"
-}
 restart() { # binary
     local p i
     for p in "${CPIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -90,8 +82,8 @@ restart() { # binary
     CPIDS=()
     CAIRN=$1
     for i in 0 1 2; do start_cairn "$i"; done
-    waitlun "$U1"
-    waitlun "$U2"
+    wait_lun_writable "$U1"
+    wait_lun_writable "$U2"
 }
 cpu() { # user + system ticks of the three nodes
     local t=0 p

@@ -103,6 +103,9 @@ log "work folder $WORK ($(df -PT "$WORK" | awk 'NR == 2 {print $2}')); results i
 URL_RF1=${CAIRN_URL_RF1:-${CAIRN_URL:-}}
 URL_RF2=${CAIRN_URL_RF2:-${CAIRN_URL:-}}
 CAIRN_DESC="given URLs"
+# Its checks on the nodes do nothing when no node was started here.
+# shellcheck source=../lib/cairn-cluster.sh
+source "$HERE/../lib/cairn-cluster.sh"
 if [[ -z $URL_RF1 || -z $URL_RF2 ]]; then
     [[ -z $URL_RF1 && -z $URL_RF2 ]] || die "give both CAIRN_URL_RF1 and CAIRN_URL_RF2 (or CAIRN_URL), or neither"
     if [[ ${SKIP_BUILD:-0} != 1 ]]; then
@@ -113,8 +116,6 @@ if [[ -z $URL_RF1 || -z $URL_RF2 ]]; then
     CAIRN=${CAIRN:-$CARGO_TARGET_DIR/debug/cairn}
     [[ -x $CAIRN ]] || die "$CAIRN is missing"
     json_field() { jq -r ".$1"; }
-    # shellcheck source=../lib/cairn-cluster.sh
-    source "$HERE/../lib/cairn-cluster.sh"
     start_cairn_cluster iscsibench
     for rf in 1 2; do
         "$CAIRN" --data-dir "$C1" -o json datastore create "bench-rf$rf" --rf "$rf" >/dev/null
@@ -128,19 +129,11 @@ if [[ -z $URL_RF1 || -z $URL_RF2 ]]; then
     URL_RF2=iscsi://${CAIRN_IPS[0]}:$CAIRN_ISCSI_PORT/iqn.2026-11.io.cairn:bench-rf2/0
     CAIRN_DESC="cairn $("$CAIRN" --version 2>/dev/null | head -n 1) (dev profile), 3 nodes on 127.0.0.1-3, I/O through node 1 (owner)"
 fi
-check_alive() { if declare -F check_cairn_alive >/dev/null; then check_cairn_alive; fi; }
-
 # Wait until each Cairn LUN takes a write (replicas are placed once the nodes'
 # disks are registered), then prefill it untimed, as bench-block.sh does for the
 # file: later writes overwrite allocated space and reads return real data.
 for u in "$URL_RF1" "$URL_RF2"; do
-    ok=0
-    for _ in $(seq 1 90); do
-        check_alive
-        if timeout 30 qemu-io -f raw -c "write -P 0x5a 0 1M" "$u" >/dev/null 2>>"$WORK/client-errors.log"; then ok=1; break; fi
-        sleep 1
-    done
-    [[ $ok == 1 ]] || die "$u does not take writes (see $OUT/logs)"
+    wait_lun_writable "$u" "$WORK/client-errors.log"
     got=$(qemu-img info --output=json -f raw "$u" | jq -r '."virtual-size"')
     ((got >= SIZE_BYTES)) || die "$u has $got bytes, less than SIZE=$SIZE"
     log "prefilling $u ($SIZE)"
@@ -197,7 +190,7 @@ if [[ ${SKIP_FIO:-0} != 1 ]]; then
             fio_target "$t"
             best="" bestiops=-1
             for _ in $(seq "$REPS"); do
-                check_alive
+                check_cairn_alive
                 line=$(timeout $((FIO_RUNTIME + 60)) "$FIO" --name=b --rw=$rw --bs=4k --iodepth=$qd \
                     --size="$SIZE_BYTES" --time_based --runtime="$FIO_RUNTIME" "${FARGS[@]}" \
                     --output-format=json 2>>"$WORK/client-errors.log" | python3 -c '

@@ -3,6 +3,7 @@
 # scratch folder), CAIRN_IPS (3 addresses), CAIRN_RPC_PORT, CAIRN_API_PORT,
 # OUT, the PIDS array (stopped by the caller's exit trap), and the log, die
 # and alive functions. Sets CDIRS, CPIDS, C1 and SEED.
+# wait_lun_writable needs qemu-io (qemu-utils).
 # Optional: CAIRN_ISCSI_PORT (each node's iSCSI portal is its address and this
 # port; unset: the CLI's default, port 3260 on the RPC address).
 
@@ -73,4 +74,18 @@ start_cairn_cluster() { # cluster name
     done
     [[ $voters == 3 ]] || die "the Cairn cluster did not reach 3 voters (has $voters); logs in $OUT/logs"
     log "cairn: 3 voters"
+}
+
+# --- a LUN that takes writes ------------------------------------------------
+wait_lun_writable() { # iscsi URL [file for the client's errors]
+    # Returns once the LUN takes a 1 MiB write at offset 0 (its vdisk's
+    # replicas are placed once the nodes' disks are registered); dies after
+    # 90 tries, or as soon as a node started here has exited.
+    local _
+    for _ in $(seq 1 90); do
+        check_cairn_alive
+        timeout 30 qemu-io -f raw -c "write -P 0x5a 0 1M" "$1" >/dev/null 2>>"${2:-/dev/null}" && return 0
+        sleep 1
+    done
+    die "$1 does not take writes (see the nodes' logs)"
 }
