@@ -8,6 +8,14 @@
 //! records were appended in; so replicas that receive concurrent writes in
 //! different orders still agree, and a copy can be streamed under live writes.
 //!
+//! Why a sync mark: a power loss may leave the unsynced end of the file
+//! torn anywhere, not just cut short (pages are written back in any order,
+//! and some filesystems extend the size before the data). The superblock
+//! records how far the file was durable after each sync (`format::SyncMark`);
+//! opening cuts off the first record after that point that fails its checks
+//! and everything after it (none of it was ever acknowledged as durable),
+//! while a bad record before it is damage, as it always was.
+//!
 //! Why holes: a record none of whose blocks is the newest any more gives its
 //! payload's whole filesystem blocks back (`fallocate` PUNCH_HOLE) once the
 //! records that superseded it are durable. Its header stays, so a scan still
@@ -100,9 +108,14 @@ pub struct BlockLoc {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScanReport {
     pub records: u64,
-    /// Bytes of an incomplete last record (a write torn by a crash before
-    /// its sync, hence never acknowledged); cut off when opened writable.
+    /// Bytes at the end that a crash tore before they were synced (never
+    /// acknowledged as durable): an incomplete last record, or records
+    /// after the sync mark that fail their checks, and whatever follows
+    /// them. Cut off when opened writable.
     pub torn_tail_bytes: u64,
+    /// The file's sync mark: how far it was known durable. `None` for a file
+    /// from before marks, whose bad records all count as damage.
+    pub durable_end: Option<u64>,
     /// Set when a complete record is unreadable: the replica may have lost
     /// writes after it and must be treated as lost by its primary.
     pub damage: Option<String>,
@@ -180,6 +193,12 @@ pub struct ExtentGroupFile {
     /// compaction instead.
     no_holes: bool,
     direct: Direct,
+    /// The highest sync mark written, and the slot the next one goes to.
+    mark_written: u64,
+    mark_slot: usize,
+    /// Writing a sync mark failed once (logged once; the older mark stays,
+    /// which only makes the next open check more).
+    mark_failed: bool,
 }
 
 impl ExtentGroupFile {
@@ -222,12 +241,20 @@ impl ExtentGroupFile {
         Ok(me)
     }
 
-    /// Writes what [`Self::create_staged`] gathered and syncs it.
+    /// Writes what [`Self::create_staged`] gathered and syncs it. The sync
+    /// mark goes in before that sync: the file counts only once renamed
+    /// into place after it, so a mark saying "all of it" is true by then,
+    /// and the first open after a power loss does not check it all again.
     fn finish_staged(&mut self) -> Result<(), DataError> {
-        if let Some(staged) = self.staged.take() {
+        if let Some(mut staged) = self.staged.take() {
+            format::put_sync_mark(&mut staged, 0, self.end);
             self.file
                 .write_all_at(&staged, 0)
                 .map_err(|e| DataError::io(&self.path, e))?;
+            self.mark_written = self.end;
+            self.mark_slot = 1;
+        } else {
+            self.write_mark(self.end);
         }
         self.sync()
     }
@@ -235,7 +262,7 @@ impl ExtentGroupFile {
     /// Creates the file (failing if it exists) and encodes its superblock,
     /// validated with the reader's own rules before anything is written.
     fn new_file(path: &Path, header: &ExtentGroupHeader) -> Result<(File, Vec<u8>), DataError> {
-        let sb = format::encode_superblock(header);
+        let sb = format::encode_new_superblock(header).map_err(|e| DataError::corrupt(path, e))?;
         format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
         let file = OpenOptions::new()
             .read(true)
@@ -268,11 +295,19 @@ impl ExtentGroupFile {
             holes: 0,
             no_holes: false,
             direct: Direct::Untried,
+            // `new_file` put this first mark into slot 0.
+            mark_written: SUPERBLOCK_SIZE,
+            mark_slot: 1,
+            mark_failed: false,
         }
     }
 
     /// Opens and scans a file. `writable` also cuts off a torn tail so new
-    /// records follow the last complete one.
+    /// records follow the last good one.
+    ///
+    /// Only what the sync mark covers counts as durable afterwards: the rest
+    /// may be in the page cache only (the process crashed, not the machine),
+    /// so the next sync of the group, not this open, makes it durable.
     pub fn open(path: &Path, writable: bool) -> Result<Self, DataError> {
         let io = |e| DataError::io(path, e);
         let file = OpenOptions::new()
@@ -293,15 +328,50 @@ impl ExtentGroupFile {
         let mut sb = vec![0u8; SUPERBLOCK_SIZE as usize];
         file.read_exact_at(&mut sb, 0).map_err(io)?;
         let header = format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
+        let mark = format::durable_end(&sb);
         let mut me = Self::unindexed(path, file, header);
-        me.scan(len)?;
+        me.report.durable_end = mark;
+        me.mark_written = mark.unwrap_or(0);
+        let [_, newer] = format::sync_marks(&sb);
+        me.mark_slot = if newer.is_some() && newer == mark {
+            0
+        } else {
+            1
+        };
+        let mut starts = Vec::new();
+        me.scan(len, mark, &mut starts)?;
+        if let Some(m) = mark {
+            if len < m {
+                me.damaged(
+                    len,
+                    len,
+                    FormatError::InvalidRecord {
+                        offset: len,
+                        reason: format!("the file ends before its durable end {m}"),
+                    },
+                );
+            }
+            // A record after the mark whose live blocks fail their checksums
+            // was torn by a power loss: cut there and scan again, since
+            // blocks it superseded count again (at most once per record).
+            while let Some(cut) = me.first_torn_record(m, &starts)? {
+                me.clear_index();
+                starts.clear();
+                me.scan(cut, mark, &mut starts)?;
+                me.report.torn_tail_bytes = len - cut;
+            }
+        }
         if writable && me.report.torn_tail_bytes > 0 {
             me.file.set_len(me.end).map_err(io)?;
             me.file.sync_all().map_err(io)?;
             tracing::warn!(path = %path.display(), bytes = me.report.torn_tail_bytes,
-                "cut off a torn (never acknowledged) record at the end of an extent group");
+                durable_end = ?mark, end = me.end,
+                "cut off the torn end of an extent group (written after its last sync, never acknowledged as durable)");
+            me.synced_end = me.end;
+            me.write_mark(me.end);
+        } else {
+            me.synced_end = mark.map_or(SUPERBLOCK_SIZE, |m| m.clamp(SUPERBLOCK_SIZE, me.end));
         }
-        me.synced_end = me.end;
         // What the scan found superseded may have been punched already, or
         // its successor may be in the page cache only (a crash of the
         // process, not the machine): punching it now could outrun that
@@ -312,7 +382,17 @@ impl ExtentGroupFile {
         Ok(me)
     }
 
-    fn scan(&mut self, len: u64) -> Result<(), DataError> {
+    /// Indexes the records in `[SUPERBLOCK_SIZE, len)`. A bad record header
+    /// at or after the sync mark `mark` ends the file there (torn); before
+    /// it, or with no mark, it is damage. `starts` gets (payload offset,
+    /// record start) of each record ending after the mark.
+    fn scan(
+        &mut self,
+        len: u64,
+        mark: Option<u64>,
+        starts: &mut Vec<(u64, u64)>,
+    ) -> Result<(), DataError> {
+        let torn_from = mark.unwrap_or(u64::MAX);
         let mut off = SUPERBLOCK_SIZE;
         while off < len {
             if len - off < RECORD_PREFIX as u64 {
@@ -325,6 +405,10 @@ impl ExtentGroupFile {
                 .map_err(|e| DataError::io(&self.path, e))?;
             let (hlen, hcrc) = match format::decode_record_prefix(&prefix, off) {
                 Ok(x) => x,
+                Err(_) if off >= torn_from => {
+                    self.report.torn_tail_bytes = len - off;
+                    break;
+                }
                 Err(e) => {
                     self.damaged(off, len, e);
                     break;
@@ -349,6 +433,10 @@ impl ExtentGroupFile {
                         FormatError::UnknownVersion(v),
                     ));
                 }
+                Err(_) if off >= torn_from => {
+                    self.report.torn_tail_bytes = len - off;
+                    break;
+                }
                 Err(e) => {
                     self.damaged(off, len, e);
                     break;
@@ -359,12 +447,94 @@ impl ExtentGroupFile {
                 self.report.torn_tail_bytes = len - off;
                 break;
             }
+            if rec_end > torn_from {
+                starts.push((head_end, off));
+            }
             self.index_record(&rh, head_end);
             self.report.records += 1;
             off = rec_end;
         }
         self.end = off;
         Ok(())
+    }
+
+    /// The start of the first record at or after `mark` that holds a live
+    /// block failing its checksum (a payload torn by a power loss), if any.
+    /// `starts` maps payload offsets to record starts, in file order.
+    fn first_torn_record(
+        &self,
+        mark: u64,
+        starts: &[(u64, u64)],
+    ) -> Result<Option<u64>, DataError> {
+        let mut first: Option<u64> = None;
+        let n = self.slots.len();
+        let mut b = 0usize;
+        while b < n {
+            let Slot::Data(loc) = self.slots[b] else {
+                b += 1;
+                continue;
+            };
+            let run = b;
+            b += 1;
+            while b < n
+                && matches!(self.slots[b], Slot::Data(l) if l.payload_off == loc.payload_off)
+            {
+                b += 1;
+            }
+            let Ok(i) = starts.binary_search_by_key(&loc.payload_off, |s| s.0) else {
+                continue;
+            };
+            let start = starts[i].1;
+            if start < mark || first.is_some_and(|f| f <= start) {
+                continue;
+            }
+            match self.read_from(run as u32, (b - run) as u32, Source::Disk) {
+                Ok(_) => {}
+                Err(DataError::Checksum { .. }) => first = Some(start),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(first)
+    }
+
+    /// Forgets every indexed record (before scanning again).
+    fn clear_index(&mut self) {
+        self.slots.fill(Slot::Empty);
+        self.mapped = 0;
+        self.epoch = self.header.epoch;
+        self.max_seq = 0;
+        self.end = SUPERBLOCK_SIZE;
+        self.report.records = 0;
+        self.records.clear();
+        self.dead.clear();
+        self.dead_bytes = 0;
+    }
+
+    /// Records in the superblock that the file is durable up to `end`.
+    /// Called after the sync that made it so, never before: the mark itself
+    /// becomes durable with the next sync, so a mark on the disk never
+    /// claims more than was durable (it may claim less, which only makes
+    /// the next open check more records).
+    fn write_mark(&mut self, end: u64) {
+        if end <= self.mark_written || self.staged.is_some() {
+            return;
+        }
+        let slot = self.mark_slot;
+        match self.file.write_all_at(
+            &format::encode_sync_mark(end),
+            format::SYNC_MARK_SLOTS[slot],
+        ) {
+            Ok(()) => {
+                self.mark_written = end;
+                self.mark_slot = 1 - slot;
+            }
+            Err(e) if !self.mark_failed => {
+                self.mark_failed = true;
+                tracing::warn!(path = %self.path.display(), error = %e,
+                    "cannot write an extent group's sync mark; its older mark stays");
+            }
+            Err(_) => {}
+        }
     }
 
     fn damaged(&mut self, off: u64, len: u64, e: FormatError) {
@@ -754,6 +924,7 @@ impl ExtentGroupFile {
     /// bytes given back to the filesystem.
     pub fn mark_synced(&mut self, upto: u64) -> u64 {
         self.synced_end = self.synced_end.max(upto);
+        self.write_mark(self.synced_end);
         self.punch_synced()
     }
 
@@ -765,6 +936,7 @@ impl ExtentGroupFile {
                 .map_err(|e| DataError::io(&self.path, e))?;
             self.synced_end = self.end;
         }
+        self.write_mark(self.synced_end);
         self.punch_synced();
         Ok(())
     }
@@ -1295,9 +1467,12 @@ pub(crate) mod tests {
                 false,
             )
             .unwrap();
+            if s == 2 {
+                g.sync().unwrap();
+            }
         }
-        g.sync().unwrap();
         let full = std::fs::metadata(&p).unwrap().len();
+        drop(g);
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(full - 10).unwrap();
         let g = ExtentGroupFile::open(&p, true).unwrap();
@@ -1306,7 +1481,8 @@ pub(crate) mod tests {
         assert_eq!(g.max_sequence(), 2);
         assert_eq!(g.read(2, 1).unwrap(), pattern(2, 2));
         drop(g);
-        // Now flip a byte of the second record's header: damage, not a torn tail.
+        // Now flip a byte of the second record's header, which a sync
+        // covered: damage, not a torn tail.
         f.write_all_at(&[0xff, 0xff], starts[1] + RECORD_PREFIX as u64 + 2)
             .unwrap();
         let g = ExtentGroupFile::open(&p, false).unwrap();
@@ -1569,6 +1745,184 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// A power loss after random writes and syncs (the LazyFS model: every
+    /// byte written since the last sync may or may not have reached the
+    /// disk, page by page, and the file may end anywhere after what was
+    /// synced). Oracle: the file opens undamaged and every block reads back
+    /// a version at least as new as the one the last sync covered, never an
+    /// error, never data that was not written.
+    #[test]
+    fn power_loss_keeps_every_synced_write_and_cuts_what_it_tore() {
+        use rand::{Rng, SeedableRng};
+        const BLOCKS: u32 = 64;
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut cut_rounds = 0;
+        for round in 0..120u64 {
+            let p = dir.path().join(format!("{round}.ceg"));
+            let mut g = ExtentGroupFile::create(&p, header(round)).unwrap();
+            // Every version of every block: (sequence, content or None for zeros).
+            let mut versions: Vec<Vec<(u64, Option<Vec<u8>>)>> = vec![vec![(0, None)]; 64];
+            let mut newest = vec![0u64; BLOCKS as usize];
+            let mut floor = vec![0u64; BLOCKS as usize];
+            let mut durable_sb = std::fs::read(&p).unwrap()[..SUPERBLOCK_SIZE as usize].to_vec();
+            let ops = rng.gen_range(5..60);
+            for seq in 1..=ops {
+                let first = rng.gen_range(0..BLOCKS);
+                let count = rng.gen_range(1..=(BLOCKS - first).min(24));
+                if rng.gen_bool(0.1) {
+                    g.append(RecordKind::RecordTrim, seq, 1, first, count, &[], false)
+                        .unwrap();
+                    for b in first..first + count {
+                        versions[b as usize].push((seq, None));
+                        newest[b as usize] = seq;
+                    }
+                } else {
+                    let gen = (seq % 251) as u8 + 1;
+                    let data: Vec<u8> = (first..first + count)
+                        .flat_map(|b| pattern(b, gen))
+                        .collect();
+                    let (zstd, direct) = (rng.gen_bool(0.3), rng.gen_bool(0.2));
+                    g.append_summed(
+                        RecordKind::RecordData,
+                        seq,
+                        1,
+                        first,
+                        count,
+                        &data,
+                        zstd,
+                        None,
+                        direct && !zstd,
+                    )
+                    .unwrap();
+                    for b in first..first + count {
+                        versions[b as usize].push((seq, Some(pattern(b, gen))));
+                        newest[b as usize] = seq;
+                    }
+                }
+                if rng.gen_bool(0.2) {
+                    // The superblock as this sync writes it (its page holds
+                    // the previous mark; the new one is written after).
+                    durable_sb = std::fs::read(&p).unwrap()[..SUPERBLOCK_SIZE as usize].to_vec();
+                    g.sync().unwrap();
+                    floor.clone_from(&newest);
+                }
+            }
+            drop(g);
+
+            let mut bytes = std::fs::read(&p).unwrap();
+            let mark = format::durable_end(&bytes).unwrap() as usize;
+            assert!(mark <= bytes.len());
+            // Unsynced pages after the mark fall back to what the disk had:
+            // nothing (zeros), one by one, all at once, or the file cut short.
+            match rng.gen_range(0..4) {
+                0 => {
+                    let mut page = mark / 4096 * 4096;
+                    while page < bytes.len() {
+                        if rng.gen_bool(0.5) {
+                            let end = (page + 4096).min(bytes.len());
+                            bytes[page.max(mark)..end].fill(0);
+                        }
+                        page += 4096;
+                    }
+                }
+                1 => bytes[mark..].fill(0),
+                2 => bytes.truncate(rng.gen_range(mark..=bytes.len())),
+                _ => {}
+            }
+            // The superblock page itself may not have been written back.
+            if rng.gen_bool(0.5) {
+                bytes[..SUPERBLOCK_SIZE as usize].copy_from_slice(&durable_sb);
+            }
+            std::fs::write(&p, &bytes).unwrap();
+
+            let mut g =
+                ExtentGroupFile::open(&p, true).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(g.report().damage, None, "round {round}");
+            if g.report().torn_tail_bytes > 0 {
+                cut_rounds += 1;
+            }
+            let check = |g: &ExtentGroupFile, when: &str| {
+                for b in 0..BLOCKS {
+                    let got = g
+                        .read(b, 1)
+                        .unwrap_or_else(|e| panic!("round {round} {when} block {b}: {e}"));
+                    let found = versions[b as usize].iter().find(|(seq, v)| {
+                        *seq >= floor[b as usize]
+                            && v.as_deref()
+                                .map_or(got.iter().all(|&x| x == 0), |v| v == got)
+                    });
+                    assert!(
+                        found.is_some(),
+                        "round {round} {when} block {b}: not a version since the last sync ({})",
+                        floor[b as usize]
+                    );
+                }
+            };
+            check(&g, "after the power loss");
+            // What the open kept is durable after the next sync, and stays.
+            g.sync().unwrap();
+            assert_eq!(
+                format::durable_end(&std::fs::read(&p).unwrap()),
+                Some(g.end())
+            );
+            let before: Vec<Vec<u8>> = (0..BLOCKS).map(|b| g.read(b, 1).unwrap()).collect();
+            drop(g);
+            let g = ExtentGroupFile::open(&p, false).unwrap();
+            assert_eq!(g.report().torn_tail_bytes, 0, "round {round}");
+            let after: Vec<Vec<u8>> = (0..BLOCKS).map(|b| g.read(b, 1).unwrap()).collect();
+            assert!(before == after, "round {round}: reopening changed the data");
+        }
+        assert!(cut_rounds > 20, "only {cut_rounds} rounds tore anything");
+    }
+
+    /// Files written before sync marks: every bad record stays damage (they
+    /// say nothing about what was synced), and the first sync adds a mark.
+    #[test]
+    fn a_file_from_before_sync_marks_gets_one_at_its_first_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("8.ceg");
+        let mut g = ExtentGroupFile::create(&p, header(8)).unwrap();
+        let mut starts = Vec::new();
+        for s in 1..=3u64 {
+            starts.push(g.end());
+            g.append(
+                RecordKind::RecordData,
+                s,
+                1,
+                s as u32,
+                1,
+                &pattern(s as u32, 1),
+                false,
+            )
+            .unwrap();
+        }
+        let end = g.end();
+        drop(g);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        let unmark = || {
+            for at in format::SYNC_MARK_SLOTS {
+                f.write_all_at(&[0u8; 512], at).unwrap();
+            }
+        };
+        unmark();
+        let mut g = ExtentGroupFile::open(&p, true).unwrap();
+        assert_eq!(g.report().durable_end, None);
+        assert!(
+            g.synced_end() < g.end(),
+            "nothing counts as durable without a mark"
+        );
+        g.sync().unwrap();
+        let sb = std::fs::read(&p).unwrap();
+        assert_eq!(format::durable_end(&sb), Some(end));
+        drop(g);
+        unmark();
+        f.write_all_at(&[0u8; 4], starts[2]).unwrap();
+        let g = ExtentGroupFile::open(&p, false).unwrap();
+        assert!(g.report().damage.is_some(), "{:?}", g.report());
+        assert_eq!(g.report().torn_tail_bytes, 0);
     }
 
     #[test]

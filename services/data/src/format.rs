@@ -4,6 +4,8 @@
 //! ```text
 //! offset 0     superblock (SUPERBLOCK_SIZE bytes)
 //!              "CAIRNEXT" | u32 header_len | u32 crc32c(header) | ExtentGroupHeader | zero pad
+//!   offset 3072  sync mark slot 0: "CAIRNSYN" | u32 len | u32 crc32c | SyncMark | zero pad
+//!   offset 3584  sync mark slot 1 (the same; the newest valid one counts)
 //! offset 4096  record, record, ...   (appended; never rewritten in place)
 //!              u32 RECORD_MAGIC | u32 header_len | u32 crc32c(header) | RecordHeader | payload
 //! ```
@@ -14,13 +16,23 @@
 //! All integers are little-endian. Every field that can be wrong on disk is
 //! bounded before it is used to size an allocation.
 
-use cairn_api::data::v1::{ExtentGroupHeader, RecordHeader, RecordKind};
+use cairn_api::data::v1::{ExtentGroupHeader, RecordHeader, RecordKind, SyncMark};
 use prost::Message as _;
 
 /// First bytes of every extent group file.
 pub const SUPERBLOCK_MAGIC: &[u8; 8] = b"CAIRNEXT";
 /// Bytes reserved for the superblock; records start here.
 pub const SUPERBLOCK_SIZE: u64 = 4096;
+/// First bytes of a sync mark ([`encode_sync_mark`]).
+pub const SYNC_MARK_MAGIC: &[u8; 8] = b"CAIRNSYN";
+/// Where the two sync marks live: each in a 512-byte sector of its own at
+/// the superblock's end, written in turn, so a torn write of one (a sector
+/// is the unit a disk writes whole) leaves the other.
+pub const SYNC_MARK_SLOTS: [u64; 2] = [SUPERBLOCK_SIZE - 1024, SUPERBLOCK_SIZE - 512];
+/// Bytes one sync mark slot spans.
+const SYNC_MARK_SLOT_BYTES: usize = 512;
+/// Sync mark versions this build reads.
+const SYNC_MARK_VERSION: u32 = 1;
 /// First bytes of every record ("CRC1" read as little-endian bytes).
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"CRC1");
 /// Bytes before a record's header: magic, header length, header checksum.
@@ -65,6 +77,78 @@ pub fn encode_superblock(h: &ExtentGroupHeader) -> Vec<u8> {
     out.extend_from_slice(&body);
     out.resize(SUPERBLOCK_SIZE as usize, 0);
     out
+}
+
+/// [`encode_superblock`] for a new file: its first sync mark says nothing
+/// after the superblock is durable yet. An error if the header would reach
+/// into the marks.
+pub fn encode_new_superblock(h: &ExtentGroupHeader) -> Result<Vec<u8>, FormatError> {
+    let mut sb = encode_superblock(h);
+    let len = 16 + h.encoded_len();
+    if len > SYNC_MARK_SLOTS[0] as usize {
+        return Err(FormatError::InvalidSuperblock(format!(
+            "header of {len} bytes reaches into the sync marks at {}",
+            SYNC_MARK_SLOTS[0]
+        )));
+    }
+    put_sync_mark(&mut sb, 0, SUPERBLOCK_SIZE);
+    Ok(sb)
+}
+
+/// Encodes a sync mark saying the file is durable up to `durable_end`.
+pub fn encode_sync_mark(durable_end: u64) -> Vec<u8> {
+    let body = SyncMark {
+        format_version: SYNC_MARK_VERSION,
+        durable_end,
+    }
+    .encode_to_vec();
+    let mut out = Vec::with_capacity(16 + body.len());
+    out.extend_from_slice(SYNC_MARK_MAGIC);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Puts a sync mark into slot `slot` of a superblock being built.
+pub fn put_sync_mark(superblock: &mut [u8], slot: usize, durable_end: u64) {
+    let mark = encode_sync_mark(durable_end);
+    let at = SYNC_MARK_SLOTS[slot % 2] as usize;
+    if let Some(dst) = superblock.get_mut(at..at + mark.len()) {
+        dst.copy_from_slice(&mark);
+    }
+}
+
+/// One slot's sync mark; `None` for zeros (a file from before marks), a
+/// torn write or a version this build does not know.
+fn decode_sync_mark(slot: &[u8]) -> Option<u64> {
+    if slot.len() < 16 || &slot[..8] != SYNC_MARK_MAGIC {
+        return None;
+    }
+    let len = le_u32(&slot[8..12]) as usize;
+    let body = slot.get(16..16usize.checked_add(len)?)?;
+    if crc32c::crc32c(body) != le_u32(&slot[12..16]) {
+        return None;
+    }
+    let m = SyncMark::decode(body).ok()?;
+    (m.format_version == SYNC_MARK_VERSION).then_some(m.durable_end)
+}
+
+/// The file's sync marks, by slot.
+pub fn sync_marks(superblock: &[u8]) -> [Option<u64>; 2] {
+    SYNC_MARK_SLOTS.map(|at| {
+        let at = at as usize;
+        superblock
+            .get(at..at + SYNC_MARK_SLOT_BYTES)
+            .and_then(decode_sync_mark)
+    })
+}
+
+/// How far the file is known durable: the higher of its two marks (they
+/// only grow), or `None` for a file written before marks.
+pub fn durable_end(superblock: &[u8]) -> Option<u64> {
+    let [a, b] = sync_marks(superblock);
+    a.max(b)
 }
 
 /// Decodes and validates a superblock.
@@ -240,6 +324,43 @@ pub fn block_checksums(data: &[u8]) -> Vec<u32> {
 mod tests {
     use super::*;
     use cairn_api::data::v1::Codec;
+
+    #[test]
+    fn sync_marks_take_the_newest_valid_slot() {
+        let mut sb = encode_new_superblock(&group()).unwrap();
+        assert_eq!(
+            decode_superblock(&sb).unwrap(),
+            group(),
+            "marks leave the header alone"
+        );
+        assert_eq!(durable_end(&sb), Some(SUPERBLOCK_SIZE));
+        put_sync_mark(&mut sb, 1, 9000);
+        assert_eq!(sync_marks(&sb), [Some(SUPERBLOCK_SIZE), Some(9000)]);
+        put_sync_mark(&mut sb, 0, 12000);
+        assert_eq!(durable_end(&sb), Some(12000));
+        // A torn write of the newer slot leaves the older one.
+        sb[SYNC_MARK_SLOTS[0] as usize + 20] ^= 0xff;
+        assert_eq!(durable_end(&sb), Some(9000));
+        // A file from before marks has none.
+        assert_eq!(durable_end(&encode_superblock(&group())), None);
+        // Neither does a length running off the slot.
+        let mut sb = encode_new_superblock(&group()).unwrap();
+        let at = SYNC_MARK_SLOTS[1] as usize + 8;
+        sb[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(sync_marks(&sb)[1], None);
+    }
+
+    #[test]
+    fn a_header_reaching_into_the_marks_is_refused() {
+        let h = ExtentGroupHeader {
+            vdisk_id: "v".repeat(3100),
+            ..group()
+        };
+        assert!(matches!(
+            encode_new_superblock(&h),
+            Err(FormatError::InvalidSuperblock(_))
+        ));
+    }
 
     fn group() -> ExtentGroupHeader {
         ExtentGroupHeader {

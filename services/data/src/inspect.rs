@@ -66,9 +66,15 @@ pub fn inspect(path: &Path) -> Result<String, DataError> {
         trimmed,
         f.slots().len() - mapped - trimmed
     ));
+    match f.report().durable_end {
+        Some(end) => o.push_str(&format!(
+            "durable_end:      {end} (what the last sync covered; records after it are checked at open)\n"
+        )),
+        None => o.push_str("durable_end:      none (written before sync marks)\n"),
+    }
     if f.report().torn_tail_bytes > 0 {
         o.push_str(&format!(
-            "torn_tail:        {} bytes (an unacknowledged write cut by a crash)\n",
+            "torn_tail:        {} bytes (written after the last sync and torn by a crash; never acknowledged as durable)\n",
             f.report().torn_tail_bytes
         ));
     }
