@@ -671,6 +671,18 @@ impl BlockClient {
         length: u64,
         data: Vec<u8>,
     ) -> Result<Vec<u8>> {
+        self.call_as(op, offset, length, data, false)
+    }
+    /// `cached`: as a host with a write-back cache, which flushes; the
+    /// write may stay volatile until [`Self::flush`]. Otherwise durable on return.
+    fn call_as(
+        &self,
+        op: cairn_api::data::v1::vdisk_io::Op,
+        offset: u64,
+        length: u64,
+        data: Vec<u8>,
+        cached: bool,
+    ) -> Result<Vec<u8>> {
         let mut c = self.client.clone();
         let req = cairn_api::data::v1::VdiskIo {
             format_version: 1,
@@ -679,9 +691,9 @@ impl BlockClient {
             offset,
             length,
             data: data.into(),
-            fua: true,
+            fua: !cached,
             forwarded: false,
-            cached: false,
+            cached,
         };
         self.rt
             .block_on(c.forward(req))
@@ -692,6 +704,17 @@ impl BlockClient {
         use cairn_api::data::v1::vdisk_io::Op;
         self.call(Op::Write, offset, data.len() as u64, data.to_vec())
             .map(|_| ())
+    }
+    /// A write a write-back cache may keep volatile until [`Self::flush`].
+    pub fn write_cached(&self, offset: u64, data: &[u8]) -> Result<()> {
+        use cairn_api::data::v1::vdisk_io::Op;
+        self.call_as(Op::Write, offset, data.len() as u64, data.to_vec(), true)
+            .map(|_| ())
+    }
+    /// Makes every write acknowledged so far durable (SYNCHRONIZE CACHE).
+    pub fn flush(&self) -> Result<()> {
+        use cairn_api::data::v1::vdisk_io::Op;
+        self.call(Op::Flush, 0, 0, Vec::new()).map(|_| ())
     }
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         use cairn_api::data::v1::vdisk_io::Op;

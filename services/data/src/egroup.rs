@@ -1755,6 +1755,7 @@ pub(crate) mod tests {
     /// error, never data that was not written.
     #[test]
     fn power_loss_keeps_every_synced_write_and_cuts_what_it_tore() {
+        use crate::fault::UnsyncedLoss;
         use rand::{Rng, SeedableRng};
         const BLOCKS: u32 = 64;
         let dir = tempfile::tempdir().unwrap();
@@ -1817,32 +1818,31 @@ pub(crate) mod tests {
             assert!(mark <= bytes.len());
             // Unsynced pages after the mark fall back to what the disk had:
             // nothing (zeros), one by one, all at once, or the file cut short.
-            match rng.gen_range(0..4) {
-                0 => {
-                    let mut page = mark / 4096 * 4096;
-                    while page < bytes.len() {
-                        if rng.gen_bool(0.5) {
-                            let end = (page + 4096).min(bytes.len());
-                            bytes[page.max(mark)..end].fill(0);
-                        }
-                        page += 4096;
-                    }
-                }
-                1 => bytes[mark..].fill(0),
-                2 => bytes.truncate(rng.gen_range(mark..=bytes.len())),
-                _ => {}
+            let loss = match rng.gen_range(0..4) {
+                0 => Some(UnsyncedLoss::Pages),
+                1 => Some(UnsyncedLoss::All),
+                2 => Some(UnsyncedLoss::CutAt(rng.gen_range(mark..=bytes.len()))),
+                _ => None,
+            };
+            if let Some(loss) = loss {
+                crate::fault::lose_unsynced(&mut bytes, mark, loss, || rng.gen_bool(0.5));
             }
             // The superblock page itself may not have been written back.
             if rng.gen_bool(0.5) {
                 bytes[..SUPERBLOCK_SIZE as usize].copy_from_slice(&durable_sb);
             }
             std::fs::write(&p, &bytes).unwrap();
+            let disk_mark = format::durable_end(&bytes).unwrap();
 
             let mut g =
                 ExtentGroupFile::open(&p, true).unwrap_or_else(|e| panic!("round {round}: {e}"));
             assert_eq!(g.report().damage, None, "round {round}");
             if g.report().torn_tail_bytes > 0 {
                 cut_rounds += 1;
+                assert_eq!(g.synced_end(), g.end(), "the cut is synced");
+            } else {
+                // What the mark does not cover may be in the page cache only.
+                assert_eq!(g.synced_end(), disk_mark.min(g.end()), "round {round}");
             }
             let check = |g: &ExtentGroupFile, when: &str| {
                 for b in 0..BLOCKS {

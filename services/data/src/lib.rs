@@ -16,6 +16,7 @@
 //! returns an error instead).
 
 pub mod egroup;
+pub mod fault;
 pub mod format;
 pub mod frontend;
 pub mod inspect;
