@@ -13,6 +13,8 @@ echo "== cargo build"
 cargo build --workspace --all-targets
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+# The power-loss tests serve a node's folder through FUSE (cairn-lazyfs).
+[[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || echo "warning: no /dev/fuse; the power-loss tests will fail"
 echo "== cargo test"
 cargo test --workspace -- --test-threads=2
 echo "== test suite finished in $(( $(date +%s) - start ))s"

@@ -12,6 +12,7 @@
 # Knobs (environment): CELL_SECS seconds per cell (4), CELL_OPS I/O cap per
 # cell (0: none), WORKING_SET_MB per vdisk and for the file (256), VDISK_SIZE
 # (1G), PREFILL_QD (8), RUN_TIMEOUT seconds per driver run (300), SKIP_BUILD=1,
+# CAIRN (the cairn binary to run; default the one just built),
 # KEEP=1 (keep the temporary folder), CAIRN_RPC_PORT (17200), CAIRN_API_PORT
 # (18543).
 set -euo pipefail
@@ -82,7 +83,7 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     # features differently and would rebuild RocksDB's C++ for nothing.
     (cd "$REPO" && cargo build --workspace --all-targets)
 fi
-CAIRN=$CARGO_TARGET_DIR/debug/cairn
+CAIRN=${CAIRN:-$CARGO_TARGET_DIR/debug/cairn}
 DRIVER=$CARGO_TARGET_DIR/debug/cairn-databench
 [[ -x $CAIRN ]] || die "$CAIRN is missing"
 [[ -x $DRIVER ]] || die "$DRIVER is missing"

@@ -43,6 +43,93 @@ pub fn node_bin() -> PathBuf {
         .join("cairn-testnode")
 }
 
+/// A folder served by `cairn-lazyfs` (built by this package): a FUSE
+/// passthrough that loses every write no fsync covered when told to crash.
+/// Dropped without [`Self::crash`], it unmounts (losing the same).
+pub struct LazyFs {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+}
+
+impl LazyFs {
+    /// Serves `backing` at `mountpoint` (an empty folder).
+    pub fn mount(backing: &Path, mountpoint: &Path) -> Result<Self> {
+        use std::io::BufRead;
+        let bin = node_bin().with_file_name("cairn-lazyfs");
+        let mut child = Command::new(&bin)
+            .arg(backing)
+            .arg(mountpoint)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("lazyfs stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "mounted" {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "cairn-lazyfs did not mount {}: {line:?}",
+                mountpoint.display()
+            );
+        }
+        Ok(Self {
+            child,
+            out,
+            backing: backing.to_path_buf(),
+            mountpoint: mountpoint.to_path_buf(),
+        })
+    }
+
+    /// A power loss: every write no fsync covered is lost (all of it, or
+    /// with `torn`, a seed, some of it at random), and the folder is
+    /// unmounted. Whatever used it must be dead. Returns how many files
+    /// lost writes.
+    pub fn crash(mut self, torn: Option<u64>) -> Result<usize> {
+        use std::io::{BufRead, Write};
+        let cmd = match torn {
+            Some(seed) => format!("crash torn {seed}\n"),
+            None => "crash\n".to_string(),
+        };
+        if let Some(mut stdin) = self.child.stdin.take() {
+            stdin.write_all(cmd.as_bytes())?;
+        }
+        let mut line = String::new();
+        self.out.read_line(&mut line)?;
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "cairn-lazyfs failed: {status:?} {line:?}");
+        line.split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .with_context(|| format!("cairn-lazyfs said {line:?}"))
+    }
+}
+
+impl Drop for LazyFs {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+impl Cluster {
+    /// Moves node `i`'s folder onto a `cairn-lazyfs` mount at the same path
+    /// (the node is stopped cleanly first and started again on it). Keep
+    /// the result alive while the node runs.
+    pub fn put_on_lazyfs(&mut self, i: usize) -> Result<LazyFs> {
+        self.stop(i)?;
+        let dir = self.nodes[i].dir.clone();
+        let backing = dir.with_extension("backing");
+        std::fs::rename(&dir, &backing)?;
+        std::fs::create_dir(&dir)?;
+        let fs = LazyFs::mount(&backing, &dir)?;
+        self.spawn(i)?;
+        Ok(fs)
+    }
+}
+
 /// Runs a command to its end (stdin closed: QEMU and friends would
 /// otherwise read the test's terminal).
 pub fn sh(cmd: &str, args: &[&str]) -> Result<Output> {

@@ -776,37 +776,6 @@ fn write_history(
     Ok(h)
 }
 
-/// Tears what follows the sync mark of each of `files` (of killed nodes)
-/// the way a power loss may: pages lost at random, all lost, or the file
-/// cut short. Returns how many files had anything after their mark.
-fn lose_unsynced_tails(files: &[PathBuf], rng: &mut impl rand::Rng) -> Result<usize> {
-    use cairn_data::fault::{lose_unsynced, UnsyncedLoss};
-    let mut torn = 0;
-    for p in files {
-        let mut bytes = std::fs::read(p)?;
-        let mark = cairn_data::format::durable_end(&bytes).expect("a sync mark") as usize;
-        assert!(
-            mark <= bytes.len(),
-            "{}: mark {mark} past the end",
-            p.display()
-        );
-        if mark == bytes.len() {
-            continue;
-        }
-        torn += 1;
-        // The first such file loses everything after its mark, so at least
-        // one group surely has something to cut.
-        let loss = match if torn == 1 { 1 } else { rng.gen_range(0..3) } {
-            0 => UnsyncedLoss::Pages,
-            1 => UnsyncedLoss::All,
-            _ => UnsyncedLoss::CutAt(rng.gen_range(mark..bytes.len())),
-        };
-        lose_unsynced(&mut bytes, mark, loss, || rng.gen_bool(0.5));
-        std::fs::write(p, &bytes)?;
-    }
-    Ok(torn)
-}
-
 /// Waits for the vdisk to serve, then checks every block against `h`: a
 /// generation that was written, at least the flushed one, never an error.
 fn check_history(c: &Cluster, vd: &str, size: u64, h: &History) -> Result<()> {
@@ -836,68 +805,54 @@ fn check_history(c: &Cluster, vd: &str, size: u64, h: &History) -> Result<()> {
     Ok(())
 }
 
-/// A power loss of an RF1 node, after kill -9, modelled as LazyFS does:
-/// whatever was written to a group file after its last sync (its sync mark)
-/// may or may not have reached the disk, page by page, or the file may end
-/// anywhere after the mark. Oracle: every group opens, every block reads
-/// back without an error and holds a generation at least as new as the one
-/// the last flush covered; and what the node kept is durable again soon
-/// after it starts (every file's mark reaches its end).
+/// A power loss under a running node, not a simulation of one: the node's
+/// whole folder (its RocksDB metadata and its extent files) on
+/// `cairn-lazyfs`, which loses every write no fsync covered. Twice: once
+/// losing all of it, once only some, at random (torn tails, and overwrites
+/// such as a sync mark undone or not). Oracle as above, and the node comes
+/// back with its metadata (the vdisk and its groups) intact.
 #[test]
-fn power_loss_of_an_rf1_node_keeps_flushed_writes_and_every_group_readable() -> Result<()> {
+fn power_loss_under_a_running_rf1_node_keeps_flushed_writes() -> Result<()> {
+    use cairn_tests::LazyFs;
     use rand::SeedableRng;
-    use std::time::{Duration, Instant};
     let _g = serial();
     let mut c = Cluster::start(1)?;
+    let mut fs = c.put_on_lazyfs(0)?;
+    c.wait_leader(std::time::Duration::from_secs(30))?;
     let size = 8 * MIB;
     let vd = c.make_vdisk("one", 1, "p", size, 0)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let h = write_history(&c.block(0, &vd)?, size, &mut rng)?;
-    c.kill9(0);
-    let files = extent_files(&c.nodes[0].dir.join("disks"));
-    assert_eq!(files.len(), 8, "{files:?}");
-    let torn = lose_unsynced_tails(&files, &mut rng)?;
-    assert!(
-        torn > 0,
-        "every group was synced before the kill: nothing to tear"
-    );
-    c.spawn(0)?;
-    check_history(&c, &vd, size, &h)?;
-    assert!(c.nodes[0]
-        .log()
-        .contains("cut off the torn end of an extent group"));
-    // What the node kept (page-cache-only tails included) is synced again.
-    let t0 = Instant::now();
-    loop {
-        let behind: Vec<_> = files
-            .iter()
-            .filter(|p| {
-                let bytes = std::fs::read(p).unwrap();
-                cairn_data::format::durable_end(&bytes) != Some(bytes.len() as u64)
-            })
-            .collect();
-        if behind.is_empty() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "not synced since the restart: {behind:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for torn in [None, Some(7)] {
+        let h = write_history(&c.block(0, &vd)?, size, &mut rng)?;
+        c.kill9(0);
+        let (backing, dir) = (fs.backing.clone(), fs.mountpoint.clone());
+        let lost = fs.crash(torn)?;
+        assert!(lost > 0, "{torn:?}: nothing was unsynced at the crash");
+        fs = LazyFs::mount(&backing, &dir)?;
+        c.spawn(0)?;
+        c.wait_leader(std::time::Duration::from_secs(30))?;
+        check_history(&c, &vd, size, &h)
+            .map_err(|e| anyhow::anyhow!("after a power loss ({torn:?}): {e}"))?;
     }
     Ok(())
 }
 
-/// The whole cluster loses power at once (every node killed with -9, then
-/// every group file torn after its sync mark, each replica its own way):
-/// RF2 replicas that kept different parts of their unsynced tails are
-/// reconciled, and every block reads back a written generation at least as
-/// new as the flushed one, the same on every read.
+/// The whole cluster loses power at once: every node's folder on its own
+/// `cairn-lazyfs`, every node killed with -9, then each loses some of what
+/// it had not synced, its own way. RF2 replicas that kept different parts of
+/// their tails are reconciled, and every block reads back a written
+/// generation at least as new as the flushed one, the same on every read.
 #[test]
 fn power_loss_of_a_whole_rf2_cluster_keeps_flushed_writes() -> Result<()> {
+    use cairn_tests::LazyFs;
     use rand::SeedableRng;
     let _g = serial();
     let mut c = Cluster::start(3)?;
+    let mut mounts = Vec::new();
+    for i in 0..3 {
+        mounts.push(c.put_on_lazyfs(i)?);
+    }
+    c.wait_leader(std::time::Duration::from_secs(30))?;
     let size = 8 * MIB;
     let vd = c.make_vdisk("two", 2, "p", size, 0)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
@@ -905,21 +860,20 @@ fn power_loss_of_a_whole_rf2_cluster_keeps_flushed_writes() -> Result<()> {
     for i in 0..3 {
         c.kill9(i);
     }
-    let mut torn = 0;
-    for dir in c.disk_dirs() {
-        torn += lose_unsynced_tails(&extent_files(&dir), &mut rng)?;
+    let mut lost = 0;
+    let mut again = Vec::new();
+    for (i, fs) in mounts.into_iter().enumerate() {
+        let (backing, dir) = (fs.backing.clone(), fs.mountpoint.clone());
+        lost += fs.crash(Some(10 + i as u64))?;
+        again.push(LazyFs::mount(&backing, &dir)?);
     }
-    assert!(
-        torn > 0,
-        "every group was synced before the kill: nothing to tear"
-    );
+    assert!(lost > 0, "nothing was unsynced at the crash");
     for i in 0..3 {
         c.spawn(i)?;
     }
     c.wait_leader(std::time::Duration::from_secs(30))?;
     check_history(&c, &vd, size, &h)?;
-    // Replicas that kept different parts of their tails were made to agree
-    // (4-5 of the 8 groups in three runs).
+    // Replicas that kept different tails were made to agree.
     let logs: String = c.nodes.iter().map(|n| n.log()).collect();
     assert!(
         logs.contains("replicas reconciled after takeover"),

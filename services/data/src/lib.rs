@@ -16,7 +16,6 @@
 //! returns an error instead).
 
 pub mod egroup;
-pub mod fault;
 pub mod format;
 pub mod frontend;
 pub mod inspect;

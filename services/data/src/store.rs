@@ -428,8 +428,13 @@ impl DiskStore {
                 // handle's file's or a newer one's, and a newer file shows
                 // as a changed handle below.
                 let fd = lock(&g.fd).clone();
-                let end = lock(&g.file).end();
-                (g.synced.load(Ordering::Acquire) < end).then_some((g, end, fd))
+                let mut f = lock(&g.file);
+                let end = f.end();
+                let dirty = g.synced.load(Ordering::Acquire) < end;
+                if !dirty {
+                    f.catch_up_mark();
+                }
+                dirty.then_some((g, end, fd))
             })
             .collect();
         if dirty.len() < SYNCFS_FROM || !self.own_fs {
