@@ -11,7 +11,8 @@
 //! Why a sync mark: a power loss may leave the unsynced end of the file
 //! torn anywhere, not just cut short (pages are written back in any order,
 //! and some filesystems extend the size before the data). The superblock
-//! records how far the file was durable after each sync (`format::SyncMark`);
+//! records how far the file was durable after its syncs (`format::SyncMark`,
+//! at most every 100 ms, so that a sync per write does not write it twice);
 //! opening cuts off the first record after that point that fails its checks
 //! and everything after it (none of it was ever acknowledged as durable),
 //! while a bad record before it is damage, as it always was.

@@ -602,7 +602,7 @@ impl Filesystem for Lazy {
     // statvfs's field types differ between targets (u32 on some 32-bit ones).
     #[allow(clippy::unnecessary_cast)]
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match rustix_statvfs(&self.root) {
+        match statvfs(&self.root) {
             Ok(s) => reply.statfs(
                 s.f_blocks as u64,
                 s.f_bfree as u64,
@@ -661,7 +661,7 @@ impl Filesystem for Lazy {
     }
 }
 
-fn rustix_statvfs(p: &Path) -> Result<libc::statvfs, Errno> {
+fn statvfs(p: &Path) -> Result<libc::statvfs, Errno> {
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
     let mut s = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: `c` is a valid C string and `s` is large enough for the struct
