@@ -107,6 +107,16 @@ impl LazyFs {
     }
 }
 
+impl LazyFs {
+    /// [`Self::crash`], then serves the same folder again (what survived the
+    /// power loss); returns the new mount and how many files lost writes.
+    pub fn power_cycle(self, torn: Option<u64>) -> Result<(Self, usize)> {
+        let (backing, mountpoint) = (self.backing.clone(), self.mountpoint.clone());
+        let lost = self.crash(torn)?;
+        Ok((Self::mount(&backing, &mountpoint)?, lost))
+    }
+}
+
 impl Drop for LazyFs {
     fn drop(&mut self) {
         drop(self.child.stdin.take());

@@ -813,7 +813,6 @@ fn check_history(c: &Cluster, vd: &str, size: u64, h: &History) -> Result<()> {
 /// back with its metadata (the vdisk and its groups) intact.
 #[test]
 fn power_loss_under_a_running_rf1_node_keeps_flushed_writes() -> Result<()> {
-    use cairn_tests::LazyFs;
     use rand::SeedableRng;
     let _g = serial();
     let mut c = Cluster::start(1)?;
@@ -825,10 +824,9 @@ fn power_loss_under_a_running_rf1_node_keeps_flushed_writes() -> Result<()> {
     for torn in [None, Some(7)] {
         let h = write_history(&c.block(0, &vd)?, size, &mut rng)?;
         c.kill9(0);
-        let (backing, dir) = (fs.backing.clone(), fs.mountpoint.clone());
-        let lost = fs.crash(torn)?;
+        let lost;
+        (fs, lost) = fs.power_cycle(torn)?;
         assert!(lost > 0, "{torn:?}: nothing was unsynced at the crash");
-        fs = LazyFs::mount(&backing, &dir)?;
         c.spawn(0)?;
         c.wait_leader(std::time::Duration::from_secs(30))?;
         check_history(&c, &vd, size, &h)
@@ -844,7 +842,6 @@ fn power_loss_under_a_running_rf1_node_keeps_flushed_writes() -> Result<()> {
 /// generation at least as new as the flushed one, the same on every read.
 #[test]
 fn power_loss_of_a_whole_rf2_cluster_keeps_flushed_writes() -> Result<()> {
-    use cairn_tests::LazyFs;
     use rand::SeedableRng;
     let _g = serial();
     let mut c = Cluster::start(3)?;
@@ -863,9 +860,9 @@ fn power_loss_of_a_whole_rf2_cluster_keeps_flushed_writes() -> Result<()> {
     let mut lost = 0;
     let mut again = Vec::new();
     for (i, fs) in mounts.into_iter().enumerate() {
-        let (backing, dir) = (fs.backing.clone(), fs.mountpoint.clone());
-        lost += fs.crash(Some(10 + i as u64))?;
-        again.push(LazyFs::mount(&backing, &dir)?);
+        let (fs, n) = fs.power_cycle(Some(10 + i as u64))?;
+        lost += n;
+        again.push(fs);
     }
     assert!(lost > 0, "nothing was unsynced at the crash");
     for i in 0..3 {

@@ -787,9 +787,7 @@ fn a_whole_cluster_power_loss_keeps_every_acknowledged_metadata_write() -> Resul
 
     let mut again = Vec::new();
     for (i, fs) in mounts.into_iter().enumerate() {
-        let (backing, dir) = (fs.backing.clone(), fs.mountpoint.clone());
-        fs.crash(Some(20 + i as u64))?;
-        again.push(cairn_tests::LazyFs::mount(&backing, &dir)?);
+        again.push(fs.power_cycle(Some(20 + i as u64))?.0);
     }
     for i in 0..3 {
         c.spawn(i)?;

@@ -335,12 +335,13 @@ impl ExtentGroupFile {
         let mut sb = vec![0u8; SUPERBLOCK_SIZE as usize];
         file.read_exact_at(&mut sb, 0).map_err(io)?;
         let header = format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
-        let mark = format::durable_end(&sb);
+        let marks = format::sync_marks(&sb);
+        let mark = marks[0].max(marks[1]);
         let mut me = Self::unindexed(path, file, header);
         me.report.durable_end = mark;
         me.mark_written = mark.unwrap_or(0);
-        let [_, newer] = format::sync_marks(&sb);
-        me.mark_slot = if newer.is_some() && newer == mark {
+        // The next mark goes over the older one.
+        me.mark_slot = if marks[1].is_some() && marks[1] == mark {
             0
         } else {
             1

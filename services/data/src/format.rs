@@ -69,13 +69,19 @@ pub enum FormatError {
 
 /// Encodes the superblock, padded to [`SUPERBLOCK_SIZE`].
 pub fn encode_superblock(h: &ExtentGroupHeader) -> Vec<u8> {
-    let body = h.encode_to_vec();
-    let mut out = Vec::with_capacity(SUPERBLOCK_SIZE as usize);
-    out.extend_from_slice(SUPERBLOCK_MAGIC);
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = framed(SUPERBLOCK_MAGIC, &h.encode_to_vec());
     out.resize(SUPERBLOCK_SIZE as usize, 0);
+    out
+}
+
+/// `magic | u32 len | u32 crc32c(body) | body`: how the superblock, each
+/// sync mark and each record header are laid out.
+fn framed(magic: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(magic.len() + 8 + body.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    out.extend_from_slice(body);
     out
 }
 
@@ -102,12 +108,7 @@ pub fn encode_sync_mark(durable_end: u64) -> Vec<u8> {
         durable_end,
     }
     .encode_to_vec();
-    let mut out = Vec::with_capacity(16 + body.len());
-    out.extend_from_slice(SYNC_MARK_MAGIC);
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    framed(SYNC_MARK_MAGIC, &body)
 }
 
 /// Puts a sync mark into slot `slot` of a superblock being built.
@@ -202,13 +203,7 @@ pub fn group_blocks(h: &ExtentGroupHeader) -> u32 {
 
 /// Encodes a record prefix and header; the payload follows it on disk.
 pub fn encode_record_head(rh: &RecordHeader) -> Vec<u8> {
-    let body = rh.encode_to_vec();
-    let mut out = Vec::with_capacity(RECORD_PREFIX + body.len());
-    out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    framed(&RECORD_MAGIC.to_le_bytes(), &rh.encode_to_vec())
 }
 
 /// [`encode_record_head`] with the header padded (`RecordHeader.padding`)

@@ -39,7 +39,6 @@ const TTL: Duration = Duration::ZERO;
 
 /// What a file looked like at its last sync, as far as writes since then
 /// changed it.
-#[derive(Default)]
 struct Undo {
     len_at_sync: u64,
     /// (offset, bytes before the write), oldest first; only bytes below
