@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_api::data::v1::{Codec, ExtentGroupHeader, RecordHeader, RecordKind};
 
+use crate::checkpoint;
 use crate::format::{self, FormatError, BLOCK_SIZE, RECORD_PREFIX, SUPERBLOCK_SIZE};
 use crate::DataError;
 
@@ -108,6 +109,8 @@ pub struct BlockLoc {
 /// What scanning a file found besides its records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScanReport {
+    /// Records in the file: found by the scan (or in the checkpoint), and
+    /// appended since.
     pub records: u64,
     /// Bytes at the end that a crash tore before they were synced (never
     /// acknowledged as durable): an incomplete last record, or records
@@ -120,6 +123,8 @@ pub struct ScanReport {
     /// Set when a complete record is unreadable: the replica may have lost
     /// writes after it and must be treated as lost by its primary.
     pub damage: Option<String>,
+    /// Of `records`, how many an index checkpoint described (not read).
+    pub from_checkpoint: u64,
 }
 
 /// Compaction reads the old file and gathers the new one in memory up to
@@ -130,6 +135,13 @@ const COMPACT_IN_MEMORY: u64 = 32 << 20;
 /// passes this many times its live data plus 1 MiB: each superseded record
 /// keeps its header, which a scan at start reads.
 const MAX_SPARSE_FACTOR: u64 = 64;
+
+/// An index checkpoint is saved once a sync leaves nothing unsynced and at
+/// least this many records were indexed since the last one: a new
+/// checkpoint of a 1 MiB group is at most ~10 KiB (random 4 KiB records;
+/// one run per record), against the 256 KiB those records wrote, and an
+/// open after a crash reads at most this many records more per group.
+pub const CHECKPOINT_AFTER: u64 = 64;
 
 /// Sync marks are written at most this often (see `write_mark`).
 const MARK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -205,13 +217,20 @@ pub struct ExtentGroupFile {
     /// Writing a sync mark failed once (logged once; the older mark stays,
     /// which only makes the next open check more).
     mark_failed: bool,
+    /// Start and header crc32c of the last record (what an index
+    /// checkpoint names so that opening can check the file still holds it).
+    last_record: Option<(u64, u32)>,
+    /// Records indexed since the last index checkpoint (or the open).
+    since_checkpoint: u64,
+    /// Writing a checkpoint failed once (logged once; opening scans more).
+    checkpoint_failed: bool,
 }
 
 impl ExtentGroupFile {
     /// Creates a new file (fails if it exists) and makes its superblock durable.
     pub fn create(path: &Path, header: ExtentGroupHeader) -> Result<Self, DataError> {
         let io = |e| DataError::io(path, e);
-        let (file, sb) = Self::new_file(path, &header)?;
+        let (file, sb, header) = Self::new_file(path, header)?;
         file.write_all_at(&sb, 0).map_err(io)?;
         file.sync_all().map_err(io)?;
         if let Some(dir) = path.parent() {
@@ -231,7 +250,7 @@ impl ExtentGroupFile {
         header: ExtentGroupHeader,
         stage: Option<usize>,
     ) -> Result<Self, DataError> {
-        let (file, sb) = Self::new_file(path, &header)?;
+        let (file, sb, header) = Self::new_file(path, header)?;
         let mut me = Self::unindexed(path, file, header);
         match stage {
             Some(capacity) => {
@@ -267,8 +286,14 @@ impl ExtentGroupFile {
 
     /// Creates the file (failing if it exists) and encodes its superblock,
     /// validated with the reader's own rules before anything is written.
-    fn new_file(path: &Path, header: &ExtentGroupHeader) -> Result<(File, Vec<u8>), DataError> {
-        let sb = format::encode_new_superblock(header).map_err(|e| DataError::corrupt(path, e))?;
+    /// The header gets a new `file_instance`: this file is not the one any
+    /// existing index checkpoint describes, even if it has the same path.
+    fn new_file(
+        path: &Path,
+        mut header: ExtentGroupHeader,
+    ) -> Result<(File, Vec<u8>, ExtentGroupHeader), DataError> {
+        header.file_instance = rand::random::<u64>().max(1);
+        let sb = format::encode_new_superblock(&header).map_err(|e| DataError::corrupt(path, e))?;
         format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
         let file = OpenOptions::new()
             .read(true)
@@ -276,7 +301,7 @@ impl ExtentGroupFile {
             .create_new(true)
             .open(path)
             .map_err(|e| DataError::io(path, e))?;
-        Ok((file, sb))
+        Ok((file, sb, header))
     }
 
     /// A file as seen before any record is indexed: what `create` makes, and
@@ -306,6 +331,9 @@ impl ExtentGroupFile {
             mark_slot: 1,
             mark_at: None,
             mark_failed: false,
+            last_record: None,
+            since_checkpoint: 0,
+            checkpoint_failed: false,
         }
     }
 
@@ -315,7 +343,23 @@ impl ExtentGroupFile {
     /// Only what the sync mark covers counts as durable afterwards: the rest
     /// may be in the page cache only (the process crashed, not the machine),
     /// so the next sync of the group, not this open, makes it durable.
+    ///
+    /// Every record is read: see [`Self::open_indexed`] for the start of a
+    /// node, which reads the index checkpoint instead where it can.
     pub fn open(path: &Path, writable: bool) -> Result<Self, DataError> {
+        Self::open_with(path, writable, false)
+    }
+
+    /// [`Self::open`], starting from the file's index checkpoint when there
+    /// is a valid one, so that only the records written after it are read.
+    /// A record the checkpoint covers is not read at all: damage to its
+    /// header shows at the next whole scan (compaction reads its blocks, a
+    /// scrub verifies them), not here; its blocks are verified on every read.
+    pub fn open_indexed(path: &Path, writable: bool) -> Result<Self, DataError> {
+        Self::open_with(path, writable, true)
+    }
+
+    fn open_with(path: &Path, writable: bool, use_checkpoint: bool) -> Result<Self, DataError> {
         let io = |e| DataError::io(path, e);
         let file = OpenOptions::new()
             .read(true)
@@ -336,18 +380,30 @@ impl ExtentGroupFile {
         file.read_exact_at(&mut sb, 0).map_err(io)?;
         let header = format::decode_superblock(&sb).map_err(|e| DataError::corrupt(path, e))?;
         let marks = format::sync_marks(&sb);
-        let mark = marks[0].max(marks[1]);
         let mut me = Self::unindexed(path, file, header);
+        let ckpt = if use_checkpoint {
+            me.load_checkpoint(len)
+        } else {
+            None
+        };
+        // Records a checkpoint covers were durable when it was written, so
+        // it moves the durable end as a mark would.
+        let on_disk = marks[0].max(marks[1]);
+        let mark = match &ckpt {
+            Some(c) => Some(on_disk.unwrap_or(0).max(c.covered_end)),
+            None => on_disk,
+        };
         me.report.durable_end = mark;
-        me.mark_written = mark.unwrap_or(0);
+        me.mark_written = on_disk.unwrap_or(0);
         // The next mark goes over the older one.
-        me.mark_slot = if marks[1].is_some() && marks[1] == mark {
+        me.mark_slot = if marks[1].is_some() && marks[1] == on_disk {
             0
         } else {
             1
         };
         let mut starts = Vec::new();
-        me.scan(len, mark, &mut starts)?;
+        let from = me.apply_checkpoint(ckpt.as_ref());
+        me.scan(from, len, mark, &mut starts)?;
         if let Some(m) = mark {
             if len < m {
                 me.damaged(
@@ -365,7 +421,8 @@ impl ExtentGroupFile {
             while let Some(cut) = me.first_torn_record(m, &starts)? {
                 me.clear_index();
                 starts.clear();
-                me.scan(cut, mark, &mut starts)?;
+                let from = me.apply_checkpoint(ckpt.as_ref());
+                me.scan(from, cut, mark, &mut starts)?;
                 me.report.torn_tail_bytes = len - cut;
             }
         }
@@ -390,18 +447,168 @@ impl ExtentGroupFile {
         Ok(me)
     }
 
-    /// Indexes the records in `[SUPERBLOCK_SIZE, len)`. A bad record header
-    /// at or after the sync mark `mark` ends the file there (torn); before
-    /// it, or with no mark, it is damage. `starts` gets (payload offset,
-    /// record start) of each record ending after the mark.
+    /// The file's index checkpoint, if there is one that describes this
+    /// file: see [`checkpoint`]. Anything else (none, torn, stale, another
+    /// file's) is `None`, and the file is scanned whole.
+    fn load_checkpoint(&self, len: u64) -> Option<checkpoint::Checkpoint> {
+        if self.header.file_instance == 0 {
+            return None;
+        }
+        let at = checkpoint::path_for(&self.path);
+        // Debug, not info: after a power loss most of a disk's may be torn.
+        let refuse = |why: String| {
+            tracing::debug!(path = %at.display(), reason = %why,
+                "index checkpoint not used; scanning the whole extent group file");
+            None
+        };
+        let buf = match std::fs::File::open(&at) {
+            Ok(f) => {
+                let mut buf = Vec::new();
+                match std::io::Read::read_to_end(
+                    &mut std::io::Read::take(f, checkpoint::MAX_BYTES),
+                    &mut buf,
+                ) {
+                    Ok(_) => buf,
+                    Err(e) => return refuse(e.to_string()),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let c = match checkpoint::decode(&buf, &self.header, len) {
+            Ok(c) => c,
+            Err(why) => return refuse(why),
+        };
+        // The file must still hold the last record it covers, ending where
+        // the checkpoint ends.
+        let (off, crc) = c.last_record;
+        let mut prefix = [0u8; RECORD_PREFIX];
+        if self.file.read_exact_at(&mut prefix, off).is_err() {
+            return refuse(format!("cannot read its last record at {off}"));
+        }
+        let held = format::decode_record_prefix(&prefix, off)
+            .ok()
+            .filter(|&(_, hcrc)| hcrc == crc)
+            .and_then(|(hlen, hcrc)| {
+                let mut body = vec![0u8; hlen];
+                self.file
+                    .read_exact_at(&mut body, off + RECORD_PREFIX as u64)
+                    .ok()?;
+                let rh = format::decode_record_header(&body, hcrc, off, &self.header).ok()?;
+                let end = off + (RECORD_PREFIX + hlen) as u64 + u64::from(rh.payload_len);
+                (end == c.covered_end).then_some(())
+            });
+        if held.is_none() {
+            return refuse(format!("the file does not hold its last record at {off}"));
+        }
+        Some(c)
+    }
+
+    /// Starts the index from a checkpoint (or from nothing); returns where
+    /// the scan goes on from.
+    fn apply_checkpoint(&mut self, c: Option<&checkpoint::Checkpoint>) -> u64 {
+        let Some(c) = c else {
+            return SUPERBLOCK_SIZE;
+        };
+        self.slots.clone_from(&c.slots);
+        self.max_seq = c.max_seq;
+        self.epoch = self.epoch.max(c.epoch);
+        self.report.records = c.records;
+        self.report.from_checkpoint = c.records;
+        self.last_record = Some(c.last_record);
+        self.mapped = 0;
+        // Which records still hold live blocks, so that superseding their
+        // last one later buries them, as a scan would have left them.
+        let mut live: HashMap<u64, (u32, u64)> = HashMap::new();
+        for s in &self.slots {
+            if let Slot::Data(l) = s {
+                self.mapped += 1;
+                let e = live
+                    .entry(l.payload_off)
+                    .or_insert((0, l.payload_off + u64::from(l.payload_len)));
+                e.0 += 1;
+            }
+        }
+        if !self.no_holes {
+            for (payload_off, (n, rec_end)) in live {
+                let from = payload_off.div_ceil(HOLE_ALIGN) * HOLE_ALIGN;
+                let to = rec_end / HOLE_ALIGN * HOLE_ALIGN;
+                if to > from {
+                    self.records
+                        .insert(payload_off, LiveRecord { live: n, from, to });
+                }
+            }
+        }
+        self.end = c.covered_end;
+        self.since_checkpoint = 0;
+        c.covered_end
+    }
+
+    /// Saves the index as an index checkpoint ([`checkpoint`]) if at least
+    /// `min_new` records were indexed since the last one and every record is
+    /// durable (a checkpoint must not cover what a power loss could tear).
+    /// Not synced: it is a cache. A failure is logged once; the next open
+    /// then reads more. Returns whether it wrote one.
+    pub fn write_checkpoint(&mut self, min_new: u64) -> bool {
+        let Some(last_record) = self.last_record else {
+            return false;
+        };
+        if self.since_checkpoint < min_new.max(1)
+            || self.synced_end < self.end
+            || self.staged.is_some()
+            || self.report.damage.is_some()
+            || self.header.file_instance == 0
+        {
+            return false;
+        }
+        let c = checkpoint::Checkpoint {
+            covered_end: self.end,
+            last_record,
+            max_seq: self.max_seq,
+            epoch: self.epoch,
+            records: self.report.records,
+            slots: self.slots.clone(),
+        };
+        let buf = checkpoint::encode(&self.header, &c);
+        let at = checkpoint::path_for(&self.path);
+        let res = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&at)
+            .and_then(|f| {
+                f.write_all_at(&buf, 0)?;
+                f.set_len(buf.len() as u64)
+            });
+        match res {
+            Ok(()) => {
+                self.since_checkpoint = 0;
+                true
+            }
+            Err(e) => {
+                if !self.checkpoint_failed {
+                    self.checkpoint_failed = true;
+                    tracing::warn!(path = %at.display(), error = %e,
+                        "cannot write an extent group's index checkpoint; its next open scans more");
+                }
+                false
+            }
+        }
+    }
+
+    /// Indexes the records in `[from, len)`. A bad record header at or
+    /// after the sync mark `mark` ends the file there (torn); before it, or
+    /// with no mark, it is damage. `starts` gets (payload offset, record
+    /// start) of each record ending after the mark.
     fn scan(
         &mut self,
+        from: u64,
         len: u64,
         mark: Option<u64>,
         starts: &mut Vec<(u64, u64)>,
     ) -> Result<(), DataError> {
         let torn_from = mark.unwrap_or(u64::MAX);
-        let mut off = SUPERBLOCK_SIZE;
+        let mut off = from;
         while off < len {
             if len - off < RECORD_PREFIX as u64 {
                 self.report.torn_tail_bytes = len - off;
@@ -459,7 +666,7 @@ impl ExtentGroupFile {
                 starts.push((head_end, off));
             }
             self.index_record(&rh, head_end);
-            self.report.records += 1;
+            self.last_record = Some((off, hcrc));
             off = rec_end;
         }
         self.end = off;
@@ -513,6 +720,9 @@ impl ExtentGroupFile {
         self.max_seq = 0;
         self.end = SUPERBLOCK_SIZE;
         self.report.records = 0;
+        self.report.from_checkpoint = 0;
+        self.last_record = None;
+        self.since_checkpoint = 0;
         self.records.clear();
         self.dead.clear();
         self.dead_bytes = 0;
@@ -555,10 +765,13 @@ impl ExtentGroupFile {
 
     /// Writes a sync mark [`Self::write_mark`] skipped, if any (the
     /// background syncer calls it for groups with nothing left to sync).
+    /// It also saves an index checkpoint if enough was indexed since the
+    /// last one.
     pub fn catch_up_mark(&mut self) {
         if self.mark_written < self.synced_end {
             self.write_mark(self.synced_end, true);
         }
+        self.write_checkpoint(CHECKPOINT_AFTER);
     }
 
     fn damaged(&mut self, off: u64, len: u64, e: FormatError) {
@@ -571,6 +784,8 @@ impl ExtentGroupFile {
     }
 
     fn index_record(&mut self, rh: &RecordHeader, payload_off: u64) {
+        self.report.records += 1;
+        self.since_checkpoint += 1;
         self.max_seq = self.max_seq.max(rh.sequence);
         self.epoch = self.epoch.max(rh.epoch);
         let kind = RecordKind::try_from(rh.kind).unwrap_or(RecordKind::RecordEpoch);
@@ -858,6 +1073,8 @@ impl ExtentGroupFile {
                     .map_err(|e| DataError::io(&self.path, e))?;
             }
         }
+        let head_crc = u32::from_le_bytes([rec[8], rec[9], rec[10], rec[11]]);
+        self.last_record = Some((self.end, head_crc));
         self.end = payload_off + payload.len() as u64;
         self.index_record(&rh, payload_off);
         Ok(())
@@ -949,6 +1166,7 @@ impl ExtentGroupFile {
     pub fn mark_synced(&mut self, upto: u64) -> u64 {
         self.synced_end = self.synced_end.max(upto);
         self.write_mark(self.synced_end, false);
+        self.write_checkpoint(CHECKPOINT_AFTER);
         self.punch_synced()
     }
 
@@ -1243,6 +1461,9 @@ impl ExtentGroupFile {
         // need to scan it again.
         out.path = self.path.clone();
         *self = out;
+        // The old file's checkpoint names the old instance; this one
+        // describes the new file whole.
+        self.write_checkpoint(1);
         tracing::debug!(path = %self.path.display(), before, after = self.end, "extent group compacted");
         Ok(())
     }
@@ -1784,6 +2005,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let mut cut_rounds = 0;
+        let mut used_checkpoints = 0;
         for round in 0..120u64 {
             let p = dir.path().join(format!("{round}.ceg"));
             let mut g = ExtentGroupFile::create(&p, header(round)).unwrap();
@@ -1792,6 +2014,8 @@ pub(crate) mod tests {
             let mut newest = vec![0u64; BLOCKS as usize];
             let mut floor = vec![0u64; BLOCKS as usize];
             let mut durable_sb = std::fs::read(&p).unwrap()[..SUPERBLOCK_SIZE as usize].to_vec();
+            let ckpt = checkpoint::path_for(&p);
+            let mut checkpoints = Vec::new();
             let ops = rng.gen_range(5..60);
             for seq in 1..=ops {
                 let first = rng.gen_range(0..BLOCKS);
@@ -1826,16 +2050,41 @@ pub(crate) mod tests {
                         newest[b as usize] = seq;
                     }
                 }
+                // Only a sync that leaves nothing unsynced may save one.
+                if rng.gen_bool(0.1) && g.write_checkpoint(1) {
+                    checkpoints.push(std::fs::read(&ckpt).unwrap());
+                }
                 if rng.gen_bool(0.2) {
                     // The superblock as this sync writes it (its page holds
                     // the previous mark; the new one is written after).
                     durable_sb = std::fs::read(&p).unwrap()[..SUPERBLOCK_SIZE as usize].to_vec();
                     g.sync().unwrap();
                     floor.clone_from(&newest);
+                    if rng.gen_bool(0.5) && g.write_checkpoint(1) {
+                        checkpoints.push(std::fs::read(&ckpt).unwrap());
+                    }
                 }
             }
             let synced = g.synced_end() as usize;
             drop(g);
+            // Checkpoints are never synced: the newest, an older one, none
+            // or a torn one may be what the disk has.
+            if let Some(newest_ckpt) = checkpoints.last() {
+                let mut c = checkpoints[rng.gen_range(0..checkpoints.len())].clone();
+                match rng.gen_range(0..4) {
+                    0 => c.clone_from(newest_ckpt),
+                    1 => {
+                        let at = rng.gen_range(0..c.len());
+                        c[at..].fill(0);
+                    }
+                    _ => {}
+                }
+                if rng.gen_bool(0.1) {
+                    std::fs::remove_file(&ckpt).unwrap();
+                } else {
+                    std::fs::write(&ckpt, &c).unwrap();
+                }
+            }
 
             let mut bytes = std::fs::read(&p).unwrap();
             let mark = format::durable_end(&bytes).unwrap() as usize;
@@ -1867,13 +2116,29 @@ pub(crate) mod tests {
             std::fs::write(&p, &bytes).unwrap();
             let disk_mark = format::durable_end(&bytes).unwrap();
 
-            let mut g =
-                ExtentGroupFile::open(&p, true).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            // Whatever checkpoint survived, the index is the one a whole
+            // scan builds.
+            let whole = ExtentGroupFile::open(&p, false).unwrap();
+            let indexed = ExtentGroupFile::open_indexed(&p, false).unwrap();
+            assert!(
+                whole.slots() == indexed.slots(),
+                "round {round}: the checkpoint's index differs"
+            );
+            assert_eq!(
+                (whole.end(), whole.max_sequence(), whole.epoch()),
+                (indexed.end(), indexed.max_sequence(), indexed.epoch()),
+                "round {round}"
+            );
+            assert_eq!(whole.report().records, indexed.report().records);
+            used_checkpoints += u32::from(indexed.report().from_checkpoint > 0);
+            drop((whole, indexed));
+            let mut g = ExtentGroupFile::open_indexed(&p, true)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
             assert_eq!(g.report().damage, None, "round {round}");
             if g.report().torn_tail_bytes > 0 {
                 cut_rounds += 1;
                 assert_eq!(g.synced_end(), g.end(), "the cut is synced");
-            } else {
+            } else if g.report().from_checkpoint == 0 {
                 // What the mark does not cover may be in the page cache only.
                 assert_eq!(g.synced_end(), disk_mark.min(g.end()), "round {round}");
             }
@@ -1909,6 +2174,67 @@ pub(crate) mod tests {
             assert!(before == after, "round {round}: reopening changed the data");
         }
         assert!(cut_rounds > 20, "only {cut_rounds} rounds tore anything");
+        assert!(
+            used_checkpoints > 20,
+            "only {used_checkpoints} rounds opened from a checkpoint"
+        );
+    }
+
+    /// An index checkpoint describes one file: after a compaction (a new
+    /// file) the old one is refused, the new file has its own, and a file
+    /// that no longer holds the last record a checkpoint covers is scanned
+    /// whole.
+    #[test]
+    fn a_checkpoint_is_used_only_for_the_file_it_describes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("5.ceg");
+        let ckpt = checkpoint::path_for(&p);
+        let mut g = ExtentGroupFile::create(&p, header(5)).unwrap();
+        for seq in 1..=100u64 {
+            let b = (seq * 7 % 64) as u32;
+            g.append(
+                RecordKind::RecordData,
+                seq,
+                1,
+                b,
+                1,
+                &pattern(b, seq as u8),
+                false,
+            )
+            .unwrap();
+        }
+        assert!(!g.write_checkpoint(1), "nothing is synced yet");
+        g.sync().unwrap();
+        assert!(!g.write_checkpoint(101), "fewer new records than asked");
+        assert!(g.write_checkpoint(1));
+        assert!(!g.write_checkpoint(1), "nothing new since");
+        let whole = |p: &Path| ExtentGroupFile::open(p, false).unwrap();
+        let ix = ExtentGroupFile::open_indexed(&p, false).unwrap();
+        assert_eq!(ix.report().from_checkpoint, 100);
+        assert!(ix.slots() == whole(&p).slots());
+        let old = std::fs::read(&ckpt).unwrap();
+
+        g.compact().unwrap();
+        let ix = ExtentGroupFile::open_indexed(&p, false).unwrap();
+        assert!(ix.report().from_checkpoint > 0, "compaction saves one");
+        assert!(ix.slots() == whole(&p).slots());
+        let new = std::fs::read(&ckpt).unwrap();
+        std::fs::write(&ckpt, &old).unwrap();
+        let ix = ExtentGroupFile::open_indexed(&p, false).unwrap();
+        assert_eq!(ix.report().from_checkpoint, 0, "the old file's is refused");
+        assert!(ix.slots() == whole(&p).slots());
+        drop(g);
+
+        // The last record it covers changed under it (one byte of its
+        // header): refused, whatever else still matches.
+        std::fs::write(&ckpt, &new).unwrap();
+        let c = checkpoint::decode(&new, ix.header(), ix.file_len()).unwrap();
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff], c.last_record.0 + RECORD_PREFIX as u64 + 2)
+            .unwrap();
+        let ix = ExtentGroupFile::open_indexed(&p, false).unwrap();
+        assert_eq!(ix.report().from_checkpoint, 0);
+        assert!(ix.report().damage.is_some(), "the whole scan finds it");
     }
 
     /// Files written before sync marks: every bad record stays damage (they

@@ -76,13 +76,24 @@ pub fn encode_superblock(h: &ExtentGroupHeader) -> Vec<u8> {
 
 /// `magic | u32 len | u32 crc32c(body) | body`: how the superblock, each
 /// sync mark and each record header are laid out.
-fn framed(magic: &[u8], body: &[u8]) -> Vec<u8> {
+pub(crate) fn framed(magic: &[u8], body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(magic.len() + 8 + body.len());
     out.extend_from_slice(magic);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
     out.extend_from_slice(body);
     out
+}
+
+/// The body of a [`framed`] buffer (8-byte magic), if its magic, length
+/// and checksum are right; `None` says only that it is not valid.
+pub(crate) fn unframe<'a>(magic: &[u8; 8], buf: &'a [u8]) -> Option<&'a [u8]> {
+    if buf.len() < 16 || &buf[..8] != magic {
+        return None;
+    }
+    let len = le_u32(&buf[8..12]) as usize;
+    let body = buf.get(16..16usize.checked_add(len)?)?;
+    (crc32c::crc32c(body) == le_u32(&buf[12..16])).then_some(body)
 }
 
 /// [`encode_superblock`] for a new file: its first sync mark says nothing
@@ -123,15 +134,7 @@ pub fn put_sync_mark(superblock: &mut [u8], slot: usize, durable_end: u64) {
 /// One slot's sync mark; `None` for zeros (a file from before marks), a
 /// torn write or a version this build does not know.
 fn decode_sync_mark(slot: &[u8]) -> Option<u64> {
-    if slot.len() < 16 || &slot[..8] != SYNC_MARK_MAGIC {
-        return None;
-    }
-    let len = le_u32(&slot[8..12]) as usize;
-    let body = slot.get(16..16usize.checked_add(len)?)?;
-    if crc32c::crc32c(body) != le_u32(&slot[12..16]) {
-        return None;
-    }
-    let m = SyncMark::decode(body).ok()?;
+    let m = SyncMark::decode(unframe(SYNC_MARK_MAGIC, slot)?).ok()?;
     (m.format_version == SYNC_MARK_VERSION).then_some(m.durable_end)
 }
 

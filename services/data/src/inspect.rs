@@ -78,6 +78,13 @@ pub fn inspect(path: &Path) -> Result<String, DataError> {
             f.report().torn_tail_bytes
         ));
     }
+    match checkpoint_check(path, &f) {
+        Ok(0) => o.push_str("index_checkpoint: none usable (a start scans the whole file)\n"),
+        Ok(n) => o.push_str(&format!(
+            "index_checkpoint: covers {n} records; agrees with the whole scan\n"
+        )),
+        Err(e) => o.push_str(&format!("index_checkpoint: {e}\n")),
+    }
     if let Some(d) = &f.report().damage {
         o.push_str(&format!("damage:           {d}\n"));
     }
@@ -106,9 +113,46 @@ pub fn verify_file(path: &Path) -> Vec<String> {
             if let Some(d) = &f.report().damage {
                 out.push(d.clone());
             }
+            if let Err(e) = checkpoint_check(path, &f) {
+                out.push(e);
+            }
             out
         }
     }
+}
+
+/// How many records the file's index checkpoint covers (0: it has no
+/// usable one), after checking that the index a start would build from it
+/// is the one a scan of every record builds. An error says they disagree:
+/// a start would serve from a wrong index (the checkpoint should be
+/// deleted; the node then scans the file whole). A file a running node
+/// appends to between the two opens is opened again (up to three times).
+fn checkpoint_check(path: &Path, whole: &ExtentGroupFile) -> Result<u64, String> {
+    let mut again: Option<ExtentGroupFile> = None;
+    for _ in 0..3 {
+        let whole = again.as_ref().unwrap_or(whole);
+        let ix = ExtentGroupFile::open_indexed(path, false).map_err(|e| e.to_string())?;
+        let n = ix.report().from_checkpoint;
+        if n == 0 {
+            return Ok(0);
+        }
+        if ix.file_len() != whole.file_len() {
+            again = Some(ExtentGroupFile::open(path, false).map_err(|e| e.to_string())?);
+            continue;
+        }
+        let same = ix.slots() == whole.slots()
+            && ix.max_sequence() == whole.max_sequence()
+            && ix.epoch() == whole.epoch();
+        return if same {
+            Ok(n)
+        } else {
+            Err(format!(
+                "index checkpoint {} disagrees with the file's records",
+                crate::checkpoint::path_for(path).display()
+            ))
+        };
+    }
+    Ok(0)
 }
 
 /// Outcome of verifying a set of folders.
@@ -136,7 +180,10 @@ pub fn verify(dirs: &[PathBuf]) -> VerifySummary {
                             .push((path.clone(), format!("checksum mismatch in blocks {bad:?}")));
                     }
                     if let Some(d) = &f.report().damage {
-                        s.problems.push((path, d.clone()));
+                        s.problems.push((path.clone(), d.clone()));
+                    }
+                    if let Err(e) = checkpoint_check(&path, &f) {
+                        s.problems.push((path, e));
                     }
                 }
             }

@@ -3,7 +3,8 @@
 //!
 //! It owns:
 //! - the extent group file format ([`format`], [`egroup`]): self-describing,
-//!   append-only, a crc32c per 4 KiB block, optional zstd per record;
+//!   append-only, a crc32c per 4 KiB block, optional zstd per record, and
+//!   the index checkpoints beside each file ([`checkpoint`]);
 //! - the local disks ([`store`]): placement across them, free space, group
 //!   commit (concurrent writes to a group share one fdatasync);
 //! - the front-end trait ([`frontend::BlockDevice`]), the only way iSCSI and
@@ -15,6 +16,7 @@
 //! whose checksum fails is never returned ([`egroup::ExtentGroupFile::read`]
 //! returns an error instead).
 
+pub mod checkpoint;
 pub mod egroup;
 pub mod format;
 pub mod frontend;

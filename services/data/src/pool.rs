@@ -321,6 +321,15 @@ impl LocalPool {
         .await
     }
 
+    /// Saves an index checkpoint of every group that needs one, on every
+    /// disk (at stop: see [`DiskStore::checkpoint_all`]). Returns how many.
+    pub async fn checkpoint_all(&self) -> usize {
+        let disks = self.disks.clone();
+        blocking(move || Ok(disks.iter().map(|d| d.checkpoint_all()).sum()))
+            .await
+            .unwrap_or(0)
+    }
+
     pub async fn delete(&self, id: u64) -> Result<(), DataError> {
         let disks = self.disks.clone();
         blocking(move || {

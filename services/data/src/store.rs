@@ -14,12 +14,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_api::data::v1::{ExtentGroupHeader, RecordKind};
 
+use crate::checkpoint;
 use crate::egroup::{ExtentGroupFile, Slot};
 use crate::format::BLOCK_SIZE;
 use crate::DataError;
@@ -65,6 +66,11 @@ impl Group {
         f(&lock(&self.file))
     }
 }
+
+/// Threads opening a disk's group files at start: a cold open is one small
+/// read after another (superblock, checkpoint, the records after it), so
+/// more in flight than cores keeps a flash device busy.
+const LOAD_THREADS: usize = 8;
 
 /// From this many dirty groups on, one `syncfs` replaces their `fdatasync`s.
 const SYNCFS_FROM: usize = 8;
@@ -199,12 +205,52 @@ impl DiskStore {
         Ok(me)
     }
 
+    /// Opens every group file, several at a time (a cold start waits on the
+    /// disk, one small read after another), from their index checkpoints
+    /// where they have valid ones.
     fn load(&self) -> Result<(), DataError> {
+        let started = Instant::now();
+        let paths = group_files(&self.root.join("groups"));
+        let next = AtomicUsize::new(0);
+        let threads = LOAD_THREADS.min(paths.len().div_ceil(64)).max(1);
+        let opened: Vec<(PathBuf, Result<ExtentGroupFile, DataError>)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(path) = paths.get(i) else {
+                                break;
+                            };
+                            out.push((path.clone(), ExtentGroupFile::open_indexed(path, true)));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+        if opened.len() != paths.len() {
+            return Err(DataError::io(
+                &self.root,
+                std::io::Error::other("a thread opening extent group files panicked"),
+            ));
+        }
         let mut used = 0;
+        let mut records = 0;
+        let mut whole = 0;
         let mut groups = lock(&self.groups);
-        for path in group_files(&self.root.join("groups")) {
-            match ExtentGroupFile::open(&path, true) {
+        for (path, res) in opened {
+            match res {
                 Ok(f) => {
+                    records += f.report().records - f.report().from_checkpoint;
+                    if f.report().from_checkpoint == 0 && f.report().records > 0 {
+                        whole += 1;
+                    }
                     used += f.allocated_bytes();
                     let id = f.header().extent_group_id;
                     if f.report().damage.is_some() {
@@ -227,7 +273,8 @@ impl DiskStore {
         }
         self.used.store(used, Ordering::Relaxed);
         tracing::info!(disk = %self.id, root = %self.root.display(), groups = groups.len(),
-            used_bytes = used, "disk opened");
+            used_bytes = used, records_read = records, scanned_whole = whole,
+            ms = started.elapsed().as_millis() as u64, "disk opened");
         Ok(())
     }
 
@@ -461,6 +508,17 @@ impl DiskStore {
         Ok(dirty.len())
     }
 
+    /// Saves an index checkpoint of every group indexed further than its
+    /// last one (at stop, after [`Self::sync_dirty`]: the next start then
+    /// reads no record at all). Returns how many it wrote.
+    pub fn checkpoint_all(&self) -> usize {
+        let groups: Vec<Arc<Group>> = lock(&self.groups).values().cloned().collect();
+        groups
+            .iter()
+            .filter(|g| lock(&g.file).write_checkpoint(1))
+            .count()
+    }
+
     /// Whether [`Self::maybe_compact`] has work to do.
     pub fn needs_compaction(&self, group: &Group) -> bool {
         lock(&group.file).needs_compaction()
@@ -558,6 +616,8 @@ impl DiskStore {
         };
         let (path, len) = g.with(|f| (f.path().to_path_buf(), f.allocated_bytes()));
         std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
+        // A new file of this id gets a new instance anyway; this is tidiness.
+        let _ = std::fs::remove_file(checkpoint::path_for(&path));
         if let Some(dir) = path.parent() {
             let _ = cairn_util::durable::sync_dir(dir);
         }
@@ -574,6 +634,7 @@ impl DiskStore {
         let path = g.with(|f| f.path().to_path_buf());
         let aside = path.with_extension(format!("ceg.bad-{}", cairn_util::now_unix_ms()));
         std::fs::rename(&path, &aside).map_err(|e| DataError::io(&path, e))?;
+        let _ = std::fs::remove_file(checkpoint::path_for(&path));
         tracing::warn!(disk = %self.id, group = id, aside = %aside.display(),
             "quarantined a damaged extent group replica");
         Ok(())
@@ -709,16 +770,30 @@ mod tests {
         assert_eq!(store.sync_dirty().unwrap(), 1, "the deferred record");
         assert_eq!(store.sync_dirty().unwrap(), 0, "nothing left to sync");
         let id = store.id().to_string();
+        let check = |store: &DiskStore| {
+            let g = store.group(9).unwrap();
+            for b in 0..128u32 {
+                assert_eq!(
+                    store.read(&g, b, 1).unwrap(),
+                    vec![(b + 7) as u8; BLOCK_SIZE]
+                );
+            }
+            g.with(|f| f.report().from_checkpoint)
+        };
+        // A stop saves the index, and the next start reads it.
+        // (The last sync may have saved it already.)
+        assert!(store.checkpoint_all() <= 1);
+        assert_eq!(store.checkpoint_all(), 0, "nothing new since");
         drop((store, g));
         let store = DiskStore::open(dir.path(), 0).unwrap();
         assert_eq!(store.id(), id, "disk id is stable");
+        assert!(check(&store) > 0, "opened from its checkpoint");
+        // Without it, the same from a whole scan.
+        drop(store);
+        std::fs::remove_file(checkpoint::path_for(&group_files(dir.path())[0])).unwrap();
+        let store = DiskStore::open(dir.path(), 0).unwrap();
+        assert_eq!(check(&store), 0);
         let g = store.group(9).unwrap();
-        for b in 0..128u32 {
-            assert_eq!(
-                store.read(&g, b, 1).unwrap(),
-                vec![(b + 7) as u8; BLOCK_SIZE]
-            );
-        }
         assert!(
             g.with(|f| f.file_len()) < 3 << 20,
             "never compacted: {}",

@@ -732,6 +732,8 @@ impl Volume {
             vdisk_size_bytes: vd.size_bytes,
             parent_vdisk_id: vd.parent_vdisk_id.clone(),
             parent_generation: vd.parent_generation,
+            // Each file gets its own when it is written.
+            file_instance: 0,
         }
     }
 
