@@ -271,6 +271,9 @@ impl DiskStore {
                 }
             }
         }
+        for p in orphan_checkpoints(&self.root.join("groups")) {
+            let _ = std::fs::remove_file(&p);
+        }
         self.used.store(used, Ordering::Relaxed);
         tracing::info!(disk = %self.id, root = %self.root.display(), groups = groups.len(),
             used_bytes = used, records_read = records, scanned_whole = whole,
@@ -656,6 +659,19 @@ fn is_device_error(e: &std::io::Error) -> bool {
 
 /// Every `*.ceg` file under `dir`, recursively, in path order.
 pub fn group_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir, |p| p.extension().is_some_and(|x| x == "ceg"))
+}
+
+/// Index checkpoints under `dir` whose group file is gone (deleted by a
+/// version that predates them, or a crash between the two deletes).
+fn orphan_checkpoints(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir, |p| {
+        p.extension().is_some_and(|x| x == "idx") && !p.with_extension("").exists()
+    })
+}
+
+/// Every file under `dir` that `keep` accepts, recursively, in path order.
+fn files_under(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -666,7 +682,7 @@ pub fn group_files(dir: &Path) -> Vec<PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "ceg") {
+            } else if keep(&p) {
                 out.push(p);
             }
         }
@@ -732,6 +748,27 @@ mod tests {
             created_unix_ms: 0,
             ..Default::default()
         }
+    }
+
+    /// A checkpoint whose group file is gone is removed at start; one whose
+    /// file is there stays.
+    #[test]
+    fn orphan_checkpoints_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 0).unwrap();
+        let g = store.create_group(header(3)).unwrap();
+        store
+            .write(&g, data_rec(1, 0, &[1u8; BLOCK_SIZE], true))
+            .unwrap();
+        assert_eq!(store.checkpoint_all(), 1);
+        let kept = checkpoint::path_for(&group_files(dir.path())[0]);
+        let orphan = kept.with_file_name("00000000000000ff.ceg.idx");
+        std::fs::write(&orphan, b"left by a version that predates checkpoints").unwrap();
+        drop((store, g));
+        let store = DiskStore::open(dir.path(), 0).unwrap();
+        assert!(!orphan.exists());
+        assert!(kept.exists());
+        assert!(store.group(3).unwrap().with(|f| f.report().from_checkpoint) > 0);
     }
 
     #[test]
