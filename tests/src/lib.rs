@@ -125,6 +125,21 @@ impl Drop for LazyFs {
 }
 
 impl Cluster {
+    /// Adds `line` (`key = value`) to the `[section]` table of node `i`'s
+    /// `cairn.toml`; it takes effect at the node's next start.
+    pub fn set_config(&self, i: usize, section: &str, line: &str) -> Result<()> {
+        let path = self.nodes[i].dir.join("cairn.toml");
+        let cfg = std::fs::read_to_string(&path)?;
+        let header = format!("[{section}]\n");
+        let cfg = if cfg.contains(&header) {
+            cfg.replacen(&header, &format!("{header}{line}\n"), 1)
+        } else {
+            format!("{cfg}\n{header}{line}\n")
+        };
+        std::fs::write(&path, cfg)?;
+        Ok(())
+    }
+
     /// Moves node `i`'s folder onto a `cairn-lazyfs` mount at the same path
     /// (the node is stopped cleanly first and started again on it). Keep
     /// the result alive while the node runs.

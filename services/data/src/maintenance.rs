@@ -80,16 +80,17 @@ pub async fn register_disks(
 }
 
 /// The longest an acknowledged write stays in the page cache only (when
-/// its client did not ask for durability): the syncer's period.
+/// its client did not ask for durability), by default: the syncer's period
+/// (`[data] deferred_sync_ms` in the node's config).
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Makes deferred writes durable every [`SYNC_INTERVAL`], and sooner when
-/// a disk holds [`crate::store::RECLAIM_AFTER`] of superseded data, until
-/// `stop` (the node syncs once more after its front ends have stopped).
-pub async fn sync_deferred(pool: Arc<LocalPool>, mut stop: watch::Receiver<bool>) {
+/// Makes deferred writes durable every `every`, and sooner when a disk
+/// holds [`crate::store::RECLAIM_AFTER`] of superseded data, until `stop`
+/// (the node syncs once more after its front ends have stopped).
+pub async fn sync_deferred(pool: Arc<LocalPool>, every: Duration, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = pool.reclaim_wanted() => {}
             _ = stop.changed() => return,
         }

@@ -80,6 +80,32 @@ pub struct DataConfig {
     pub rebuild_bytes_per_sec: u64,
     /// The scrubber re-reads and verifies replicas at this rate; 0 turns it off.
     pub scrub_bytes_per_sec: u64,
+    /// The longest an acknowledged write whose host did not ask for
+    /// durability (no FUA, no flush) stays in the page cache only, in
+    /// milliseconds (10 to 600,000): what a power loss of every replica's
+    /// node at once can take. Shorter syncs more often. Written to the file
+    /// only when set otherwise, so that a version before it (which refuses
+    /// unknown fields) can still read a config this one wrote.
+    #[serde(skip_serializing_if = "is_default_deferred_sync")]
+    pub deferred_sync_ms: u64,
+}
+
+fn is_default_deferred_sync(ms: &u64) -> bool {
+    u128::from(*ms) == cairn_data::maintenance::SYNC_INTERVAL.as_millis()
+}
+
+/// What `[data] deferred_sync_ms` may be.
+const DEFERRED_SYNC_MS: std::ops::RangeInclusive<u64> = 10..=600_000;
+
+impl DataConfig {
+    /// [`Self::deferred_sync_ms`] as a duration (`load` refuses values out
+    /// of bounds; a config built in code is held to them here).
+    pub fn deferred_sync(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.deferred_sync_ms
+                .clamp(*DEFERRED_SYNC_MS.start(), *DEFERRED_SYNC_MS.end()),
+        )
+    }
 }
 
 impl Default for DataConfig {
@@ -88,6 +114,7 @@ impl Default for DataConfig {
         Self {
             rebuild_bytes_per_sec: d.rebuild_bytes_per_sec,
             scrub_bytes_per_sec: d.scrub_bytes_per_sec,
+            deferred_sync_ms: cairn_data::maintenance::SYNC_INTERVAL.as_millis() as u64,
         }
     }
 }
@@ -174,6 +201,14 @@ impl NodeConfig {
             bail!(
                 "invalid config {}: need tick_ms > 0 and election_tick > heartbeat_tick > 0",
                 path.display()
+            );
+        }
+        if !DEFERRED_SYNC_MS.contains(&cfg.data.deferred_sync_ms) {
+            bail!(
+                "invalid config {}: data.deferred_sync_ms must be from {} to {} (milliseconds)",
+                path.display(),
+                DEFERRED_SYNC_MS.start(),
+                DEFERRED_SYNC_MS.end()
             );
         }
         if cfg.iscsi.nop_interval_secs > 0 && cfg.iscsi.nop_timeout_secs == 0 {
@@ -291,6 +326,37 @@ mod tests {
         std::fs::write(&path, base)?;
         let cfg = NodeConfig::load(&path)?;
         assert!(!toml::to_string_pretty(&cfg)?.contains("iscsi]"));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// `[data] deferred_sync_ms` sets the syncer's period within its
+    /// bounds, and is saved only when set, so the previous version (which
+    /// refuses unknown keys) can still read a config at the defaults.
+    #[test]
+    fn the_deferred_sync_period_is_configurable() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("cairn-config-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(CONFIG_FILE);
+        let base = MINIMAL;
+        std::fs::write(&path, base)?;
+        let cfg = NodeConfig::load(&path)?;
+        assert_eq!(cfg.data.deferred_sync(), std::time::Duration::from_secs(1));
+        assert!(!toml::to_string_pretty(&cfg)?.contains("deferred_sync_ms"));
+
+        std::fs::write(&path, format!("{base}[data]\ndeferred_sync_ms = 250\n"))?;
+        let cfg = NodeConfig::load(&path)?;
+        assert_eq!(
+            cfg.data.deferred_sync(),
+            std::time::Duration::from_millis(250)
+        );
+        assert!(toml::to_string_pretty(&cfg)?.contains("deferred_sync_ms = 250"));
+
+        for bad in [0, 9, 600_001] {
+            std::fs::write(&path, format!("{base}[data]\ndeferred_sync_ms = {bad}\n"))?;
+            let err = format!("{:#}", NodeConfig::load(&path).err().context("accepted")?);
+            assert!(err.contains("deferred_sync_ms"), "{err}");
+        }
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -113,6 +113,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     ));
     tokio::spawn(cairn_data::maintenance::sync_deferred(
         pool.clone(),
+        cfg.data.deferred_sync(),
         stop_rx.clone(),
     ));
     tokio::spawn(cairn_data::maintenance::register_disks(
