@@ -269,6 +269,7 @@ impl LocalPool {
         Ok(group.with(|f| ReplicaEpochReply {
             epoch: f.epoch(),
             max_sequence: f.max_sequence(),
+            sequence_digest: f.sequence_digest(),
         }))
     }
 

@@ -222,18 +222,19 @@ impl DataService {
         }
     }
 
+    /// Raises a replica's epoch (after syncing it); returns its highest
+    /// sequence and its [`ExtentGroupFile::sequence_digest`] (0 from a
+    /// version before digests).
+    ///
+    /// [`ExtentGroupFile::sequence_digest`]: crate::egroup::ExtentGroupFile::sequence_digest
     pub(crate) async fn replica_set_epoch(
         &self,
         node: u64,
         group: u64,
         epoch: u64,
-    ) -> Result<u64, DataError> {
-        match self.target(node)? {
-            Target::Local => self
-                .pool
-                .set_epoch(group, epoch)
-                .await
-                .map(|r| r.max_sequence),
+    ) -> Result<(u64, u64), DataError> {
+        let reply = match self.target(node)? {
+            Target::Local => self.pool.set_epoch(group, epoch).await?,
             Target::Remote(id, addr) => {
                 let mut c = self.peers.client(id, &addr)?;
                 c.set_epoch(cairn_api::data::v1::ReplicaSetEpoch {
@@ -241,10 +242,11 @@ impl DataService {
                     epoch,
                 })
                 .await
-                .map(|r| r.into_inner().max_sequence)
-                .map_err(|s| from_status(&s, id))
+                .map(tonic::Response::into_inner)
+                .map_err(|s| from_status(&s, id))?
             }
-        }
+        };
+        Ok((reply.max_sequence, reply.sequence_digest))
     }
 
     /// Makes `groups` durable on `node`.
@@ -1146,9 +1148,9 @@ impl Volume {
         .await;
         for (node, res) in raised {
             match res {
-                Ok(s) => {
+                Ok((s, digest)) => {
                     max = max.max(s);
-                    seqs.push((node, s));
+                    seqs.push((node, s, digest));
                 }
                 Err(e) => {
                     tracing::warn!(group = gs.id, node, error = %e,
@@ -1164,7 +1166,13 @@ impl Volume {
             )));
         }
         gs.next_seq.fetch_max(max + 1, Ordering::SeqCst);
-        if seqs.iter().any(|(_, s)| *s != max) {
+        // Equal highest sequences are not enough: replicas get writes in
+        // different orders, and a power loss cuts each tail at its own
+        // first torn record. Digests compare what each block holds (a
+        // version before them reports 0: only sequences count then).
+        let digests_differ =
+            seqs.iter().all(|(_, _, d)| *d != 0) && seqs.windows(2).any(|w| w[0].2 != w[1].2);
+        if seqs.iter().any(|(_, s, _)| *s != max) || digests_differ {
             self.reconcile(gs).await?;
         }
         gs.ready.store(true, Ordering::SeqCst);

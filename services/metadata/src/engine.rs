@@ -15,6 +15,9 @@ use rocksdb::{
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::state::{Pairs, StateView};
+
+/// Values of several keys, in the order asked (`None`: absent).
+pub type Values = Vec<Option<Vec<u8>>>;
 use crate::MetaError;
 
 pub const CF_RAFT: &str = "raft";
@@ -119,6 +122,24 @@ impl Engine {
             out.push((k.into_vec(), v.into_vec()));
         }
         Ok(out)
+    }
+
+    /// The values of `keys` and every pair of column family `cf`, all as
+    /// of one moment (a RocksDB snapshot), however long the reading takes
+    /// and whatever is written meanwhile.
+    pub fn read_consistent(&self, cf: &str, keys: &[&[u8]]) -> Result<(Values, Pairs), MetaError> {
+        let handle = self.cf(cf)?;
+        let snap = self.db.snapshot();
+        let mut values = Vec::with_capacity(keys.len());
+        for k in keys {
+            values.push(snap.get_cf(handle, k)?);
+        }
+        let mut out = Vec::new();
+        for item in snap.iterator_cf(handle, IteratorMode::Start) {
+            let (k, v) = item?;
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok((values, out))
     }
 
     /// Range `[from, to)` of one column family.

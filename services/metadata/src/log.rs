@@ -6,7 +6,8 @@
 //! (Compacted / Unavailable); anything else is surfaced as `Other` and stops
 //! the node.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -49,6 +50,11 @@ fn other(e: impl std::fmt::Display) -> raft::Error {
     raft::Error::Store(StorageError::Other(e.to_string().into()))
 }
 
+/// A snapshot built for a follower is reused for this long (for the next
+/// follower, or the next try), as long as the log still holds every entry
+/// after it.
+const SNAPSHOT_REUSE: Duration = Duration::from_secs(30);
+
 /// The raft log of one node.
 pub struct RaftLog {
     engine: Arc<Engine>,
@@ -56,6 +62,14 @@ pub struct RaftLog {
     conf_state: ConfState,
     truncated: (u64, u64),
     last_index: u64,
+    snapshots: Mutex<SnapshotJob>,
+}
+
+/// The snapshot being built in the background, or the last one built.
+#[derive(Default)]
+struct SnapshotJob {
+    building: Option<std::thread::JoinHandle<Result<Snapshot, MetaError>>>,
+    ready: Option<(Snapshot, Instant)>,
 }
 
 impl RaftLog {
@@ -84,6 +98,7 @@ impl RaftLog {
             conf_state,
             truncated,
             last_index,
+            snapshots: Mutex::new(SnapshotJob::default()),
         })
     }
 
@@ -217,39 +232,46 @@ impl RaftLog {
         )?;
         Ok(data)
     }
+}
 
-    fn build_snapshot(&self) -> Result<Snapshot, MetaError> {
-        let (index, term) = match self.engine.get(CF_STATE, KEY_APPLIED)? {
-            Some(b) => decode_pair(&b)?,
-            None => self.truncated,
-        };
-        let conf_state = match self.engine.get(CF_STATE, KEY_CONF_STATE)? {
-            Some(b) => ConfState::parse_from_bytes(&b)?,
-            None => self.conf_state.clone(),
-        };
-        let entries = self
-            .engine
-            .scan(CF_STATE, b"")?
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with(b"m/"))
-            .map(|(key, value)| KeyValue { key, value })
-            .collect();
-        let data = SnapshotData {
-            format_version: cairn_api::FORMAT_VERSION,
-            applied_index: index,
-            applied_term: term,
-            entries,
-        };
-        let mut snap = Snapshot {
-            data: data.encode_to_vec().into(),
-            ..Default::default()
-        };
-        let meta = snap.mut_metadata();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
-        Ok(snap)
-    }
+/// Reads the whole state machine as of one moment (a RocksDB snapshot, so
+/// entries applied meanwhile are either all in it or not at all) into a raft
+/// snapshot. `truncated` and `conf_state` stand in for a node that has
+/// applied nothing yet.
+fn build_snapshot(
+    engine: &Engine,
+    truncated: (u64, u64),
+    conf_state: &ConfState,
+) -> Result<Snapshot, MetaError> {
+    let (values, all) = engine.read_consistent(CF_STATE, &[KEY_APPLIED, KEY_CONF_STATE])?;
+    let (index, term) = match &values[0] {
+        Some(b) => decode_pair(b)?,
+        None => truncated,
+    };
+    let conf_state = match &values[1] {
+        Some(b) => ConfState::parse_from_bytes(b)?,
+        None => conf_state.clone(),
+    };
+    let entries = all
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(b"m/"))
+        .map(|(key, value)| KeyValue { key, value })
+        .collect();
+    let data = SnapshotData {
+        format_version: cairn_api::FORMAT_VERSION,
+        applied_index: index,
+        applied_term: term,
+        entries,
+    };
+    let mut snap = Snapshot {
+        data: data.encode_to_vec().into(),
+        ..Default::default()
+    };
+    let meta = snap.mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.set_conf_state(conf_state);
+    Ok(snap)
 }
 
 impl Storage for RaftLog {
@@ -320,35 +342,143 @@ impl Storage for RaftLog {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // raft-rs asks for this inside `step`, i.e. on the runtime worker the
-        // raft driver runs on; a large state machine takes a while to read.
-        let snap = blocking_in_place(|| self.build_snapshot()).map_err(other)?;
-        if snap.get_metadata().index < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
+    /// raft-rs asks for this inside `step`, on the runtime worker the raft
+    /// driver runs on. Reading a large state there held up the driver:
+    /// no heartbeats went out while it read, and followers could start an
+    /// election. So the snapshot is built on a thread of its own, and until
+    /// it is ready the answer is "temporarily unavailable": raft-rs tries
+    /// again at the follower's next heartbeat response.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let mut job = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        if job.building.as_ref().is_some_and(|h| h.is_finished()) {
+            match job.building.take().map(std::thread::JoinHandle::join) {
+                Some(Ok(Ok(snap))) => job.ready = Some((snap, Instant::now())),
+                Some(Ok(Err(e))) => {
+                    tracing::error!(error = %e, "cannot build a metadata snapshot");
+                }
+                _ => tracing::error!("the metadata snapshot builder panicked"),
+            }
         }
-        Ok(snap)
-    }
-}
-
-/// Runs `f`, which reads or writes the disk for a long time, without holding
-/// up the other tasks of the runtime worker it is called on: on a
-/// multi-threaded runtime they move to another thread meanwhile. Outside a
-/// runtime, or on a current-thread one (unit tests), it simply runs `f`.
-fn blocking_in_place<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
+        if let Some((snap, at)) = &job.ready {
+            let meta = snap.get_metadata();
+            let cs = meta.get_conf_state();
+            // Entries after it must still be in the log, or the follower
+            // would need another snapshot right after installing this one;
+            // and it must list the follower (one built before the follower
+            // joined is ignored by it: raft-rs restores only a snapshot
+            // whose configuration holds the node).
+            let lists_to = cs.voters.contains(&to)
+                || cs.learners.contains(&to)
+                || cs.voters_outgoing.contains(&to)
+                || cs.learners_next.contains(&to);
+            if meta.index >= request_index
+                && meta.index >= self.truncated.0
+                && lists_to
+                && at.elapsed() < SNAPSHOT_REUSE
+            {
+                return Ok(snap.clone());
+            }
         }
-        _ => f(),
+        if job.building.is_none() {
+            job.ready = None;
+            let engine = self.engine.clone();
+            let (truncated, conf_state) = (self.truncated, self.conf_state.clone());
+            let spawned = std::thread::Builder::new()
+                .name("raft-snapshot".into())
+                .spawn(move || build_snapshot(&engine, truncated, &conf_state));
+            match spawned {
+                Ok(h) => {
+                    tracing::info!(to, "building a metadata snapshot for a follower");
+                    job.building = Some(h);
+                }
+                Err(e) => return Err(other(format!("cannot start a snapshot builder: {e}"))),
+            }
+        }
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Asks until the background builder has one (raft-rs asks again at
+    /// each heartbeat response).
+    fn snapshot_when_ready(log: &RaftLog, request_index: u64) -> Snapshot {
+        loop {
+            match log.snapshot(request_index, 2) {
+                Ok(s) => return s,
+                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn snapshots_are_built_in_the_background_and_reused_while_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let log = RaftLog::load(engine.clone()).unwrap();
+        let put_state = |from: u32, to: u32, applied: u64| {
+            let mut b = engine.batch();
+            for i in from..to {
+                b.put(CF_STATE, format!("v/{i:08}").as_bytes(), &[7u8; 100])
+                    .unwrap();
+            }
+            b.put(CF_STATE, KEY_APPLIED, &encode_pair(applied, 3))
+                .unwrap();
+            b.commit(false).unwrap();
+        };
+        let keys = |s: &Snapshot| {
+            let d = SnapshotData::decode(s.data.as_ref()).unwrap();
+            assert_eq!(d.applied_index, s.get_metadata().index);
+            d.entries
+                .iter()
+                .filter(|kv| kv.key.starts_with(b"v/"))
+                .count()
+        };
+        put_state(0, 20_000, 42);
+        let mut b = engine.batch();
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        };
+        b.put(CF_STATE, KEY_CONF_STATE, &cs.write_to_bytes().unwrap())
+            .unwrap();
+        b.commit(false).unwrap();
+        // The driver is never kept waiting: the first ask starts a build.
+        assert!(matches!(
+            log.snapshot(0, 2),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
+        let s = snapshot_when_ready(&log, 0);
+        assert_eq!((s.get_metadata().index, keys(&s)), (42, 20_000));
+        // Reused for the next follower, even after more was applied...
+        put_state(20_000, 20_100, 50);
+        let again = log.snapshot(0, 3).unwrap();
+        assert_eq!(again.get_metadata().index, 42);
+        // ...but not for a node its configuration does not list (it would
+        // ignore it), nor...
+        assert!(matches!(
+            log.snapshot(0, 4),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
+        let s = snapshot_when_ready(&log, 0);
+        assert_eq!(s.get_metadata().index, 50);
+        // ...for one that needs a newer one: that is built anew, and sees
+        // the state as of one applied index.
+        put_state(20_100, 20_200, 60);
+        let s = snapshot_when_ready(&log, 60);
+        assert_eq!((s.get_metadata().index, keys(&s)), (60, 20_200));
+    }
 
     #[test]
     fn a_commit_index_behind_the_applied_state_is_raised_durably() {
