@@ -765,13 +765,13 @@ impl ExtentGroupFile {
 
     /// Writes a sync mark [`Self::write_mark`] skipped, if any (the
     /// background syncer calls it for groups with nothing left to sync).
-    /// It also saves an index checkpoint if enough was indexed since the
-    /// last one.
-    pub fn catch_up_mark(&mut self) {
+    /// With `checkpoint` it also saves an index checkpoint if enough was
+    /// indexed since the last one, and says whether it did.
+    pub fn catch_up_mark(&mut self, checkpoint: bool) -> bool {
         if self.mark_written < self.synced_end {
             self.write_mark(self.synced_end, true);
         }
-        self.write_checkpoint(CHECKPOINT_AFTER);
+        checkpoint && self.write_checkpoint(CHECKPOINT_AFTER)
     }
 
     fn damaged(&mut self, off: u64, len: u64, e: FormatError) {
