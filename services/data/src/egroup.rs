@@ -149,6 +149,15 @@ const MARK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// The filesystem block a hole is made of: only whole ones are given back.
 const HOLE_ALIGN: u64 = 4096;
 
+/// The whole filesystem blocks of a payload `[payload_off, rec_end)`: what
+/// becomes a hole once none of its blocks is the newest; `None` if there is
+/// not one whole block.
+fn hole_span(payload_off: u64, rec_end: u64) -> Option<(u64, u64)> {
+    let from = payload_off.div_ceil(HOLE_ALIGN) * HOLE_ALIGN;
+    let to = rec_end / HOLE_ALIGN * HOLE_ALIGN;
+    (to > from).then_some((from, to))
+}
+
 /// A data record some of whose blocks are still the newest, and the part of
 /// its payload (whole filesystem blocks) that becomes a hole when none is.
 #[derive(Debug, Clone, Copy)]
@@ -531,9 +540,7 @@ impl ExtentGroupFile {
         }
         if !self.no_holes {
             for (payload_off, (n, rec_end)) in live {
-                let from = payload_off.div_ceil(HOLE_ALIGN) * HOLE_ALIGN;
-                let to = rec_end / HOLE_ALIGN * HOLE_ALIGN;
-                if to > from {
+                if let Some((from, to)) = hole_span(payload_off, rec_end) {
                     self.records
                         .insert(payload_off, LiveRecord { live: n, from, to });
                 }
@@ -830,9 +837,7 @@ impl ExtentGroupFile {
             }
         }
         if kind == RecordKind::RecordData && !self.no_holes {
-            let from = payload_off.div_ceil(HOLE_ALIGN) * HOLE_ALIGN;
-            let to = rec_end / HOLE_ALIGN * HOLE_ALIGN;
-            if to > from {
+            if let Some((from, to)) = hole_span(payload_off, rec_end) {
                 if kept == 0 {
                     // Older than what the file holds for every block (a
                     // copy or a replay arriving late): dead on arrival.
@@ -1553,15 +1558,27 @@ pub(crate) mod tests {
         b
     }
 
+    /// Appends one uncompressed block, `pattern(block, gen)`, at epoch 1.
+    fn put_block(g: &mut ExtentGroupFile, seq: u64, block: u32, gen: u8) {
+        g.append(
+            RecordKind::RecordData,
+            seq,
+            1,
+            block,
+            1,
+            &pattern(block, gen),
+            false,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn newest_sequence_wins_in_any_order_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("1.ceg");
         let mut g = ExtentGroupFile::create(&p, header(1)).unwrap();
-        g.append(RecordKind::RecordData, 2, 1, 5, 1, &pattern(5, 2), false)
-            .unwrap();
-        g.append(RecordKind::RecordData, 1, 1, 5, 1, &pattern(5, 1), false)
-            .unwrap();
+        put_block(&mut g, 2, 5, 2);
+        put_block(&mut g, 1, 5, 1);
         g.append(
             RecordKind::RecordData,
             3,
@@ -1724,16 +1741,7 @@ pub(crate) mod tests {
         let mut starts = Vec::new();
         for s in 1..=3u64 {
             starts.push(g.end());
-            g.append(
-                RecordKind::RecordData,
-                s,
-                1,
-                s as u32,
-                1,
-                &pattern(s as u32, s as u8),
-                false,
-            )
-            .unwrap();
+            put_block(&mut g, s, s as u32, s as u8);
             if s == 2 {
                 g.sync().unwrap();
             }
@@ -1766,16 +1774,7 @@ pub(crate) mod tests {
         for gen in 1..=8u8 {
             for b in 0..64u32 {
                 seq += 1;
-                g.append(
-                    RecordKind::RecordData,
-                    seq,
-                    1,
-                    b,
-                    1,
-                    &pattern(b, gen),
-                    false,
-                )
-                .unwrap();
+                put_block(&mut g, seq, b, gen);
             }
         }
         g.append(RecordKind::RecordTrim, seq + 1, 2, 10, 5, &[], false)
@@ -2216,16 +2215,7 @@ pub(crate) mod tests {
                     g.append(RecordKind::RecordTrim, seq, 1, b, 1, &[], false)
                         .unwrap();
                 } else {
-                    g.append(
-                        RecordKind::RecordData,
-                        seq,
-                        1,
-                        b,
-                        1,
-                        &pattern(b, seq as u8),
-                        false,
-                    )
-                    .unwrap();
+                    put_block(&mut g, seq, b, seq as u8);
                 }
             }
             g
@@ -2252,16 +2242,7 @@ pub(crate) mod tests {
         let mut g = ExtentGroupFile::create(&p, header(5)).unwrap();
         for seq in 1..=100u64 {
             let b = (seq * 7 % 64) as u32;
-            g.append(
-                RecordKind::RecordData,
-                seq,
-                1,
-                b,
-                1,
-                &pattern(b, seq as u8),
-                false,
-            )
-            .unwrap();
+            put_block(&mut g, seq, b, seq as u8);
         }
         assert!(!g.write_checkpoint(1), "nothing is synced yet");
         g.sync().unwrap();
@@ -2307,16 +2288,7 @@ pub(crate) mod tests {
         let mut starts = Vec::new();
         for s in 1..=3u64 {
             starts.push(g.end());
-            g.append(
-                RecordKind::RecordData,
-                s,
-                1,
-                s as u32,
-                1,
-                &pattern(s as u32, 1),
-                false,
-            )
-            .unwrap();
+            put_block(&mut g, s, s as u32, 1);
         }
         let end = g.end();
         drop(g);

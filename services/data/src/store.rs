@@ -220,7 +220,15 @@ impl DiskStore {
     /// where they have valid ones.
     fn load(&self) -> Result<(), DataError> {
         let started = Instant::now();
-        let paths = group_files(&self.root.join("groups"));
+        // One walk finds the group files and the checkpoints whose group
+        // file is gone (deleted by a version that predates checkpoints, or
+        // a crash between the two deletes): no second walk, no stat each.
+        let (paths, checkpoints): (Vec<PathBuf>, Vec<PathBuf>) =
+            files_under(&self.root.join("groups"), |p| {
+                p.extension().is_some_and(|x| x == "ceg" || x == "idx")
+            })
+            .into_iter()
+            .partition(|p| p.extension().is_some_and(|x| x == "ceg"));
         let next = AtomicUsize::new(0);
         let threads = LOAD_THREADS.min(paths.len().div_ceil(64)).max(1);
         let opened: Vec<(PathBuf, Result<ExtentGroupFile, DataError>)> = std::thread::scope(|s| {
@@ -275,14 +283,18 @@ impl DiskStore {
                     let aside =
                         path.with_extension(format!("ceg.bad-{}", cairn_util::now_unix_ms()));
                     let moved = std::fs::rename(&path, &aside).is_ok();
+                    let _ = std::fs::remove_file(checkpoint::path_for(&path));
                     tracing::error!(disk = %self.id, path = %path.display(), error = %e,
                         moved_to = %if moved { aside.display().to_string() } else { "(not moved)".into() },
                         "cannot open extent group file; treating this replica as lost");
                 }
             }
         }
-        for p in orphan_checkpoints(&self.root.join("groups")) {
-            let _ = std::fs::remove_file(&p);
+        for p in checkpoints {
+            // `paths` is sorted; `X.ceg.idx` belongs to `X.ceg`.
+            if paths.binary_search(&p.with_extension("")).is_err() {
+                let _ = std::fs::remove_file(&p);
+            }
         }
         self.used.store(used, Ordering::Relaxed);
         tracing::info!(disk = %self.id, root = %self.root.display(), groups = groups.len(),
@@ -671,14 +683,6 @@ fn is_device_error(e: &std::io::Error) -> bool {
 /// Every `*.ceg` file under `dir`, recursively, in path order.
 pub fn group_files(dir: &Path) -> Vec<PathBuf> {
     files_under(dir, |p| p.extension().is_some_and(|x| x == "ceg"))
-}
-
-/// Index checkpoints under `dir` whose group file is gone (deleted by a
-/// version that predates them, or a crash between the two deletes).
-fn orphan_checkpoints(dir: &Path) -> Vec<PathBuf> {
-    files_under(dir, |p| {
-        p.extension().is_some_and(|x| x == "idx") && !p.with_extension("").exists()
-    })
 }
 
 /// Every file under `dir` that `keep` accepts, recursively, in path order.
