@@ -230,9 +230,14 @@ fn late_node_receives_snapshot_then_add_and_remove_members() -> Result<()> {
         first > 10_000,
         "node 4 must start from a snapshot past the 10,000 entries, first_index={first}"
     );
+    let log4 = c.nodes[i4].log();
     assert!(
-        c.nodes[i4].log().contains("installed metadata snapshot"),
+        log4.contains("installed metadata snapshot"),
         "node 4 log must show the snapshot install"
+    );
+    assert!(
+        log4.contains("metadata snapshot file received"),
+        "the state must come as a file beside the raft message, not inside it"
     );
     let on4 = names_on(&c, i4)?;
     assert!(
@@ -267,6 +272,84 @@ fn late_node_receives_snapshot_then_add_and_remove_members() -> Result<()> {
         .and_then(|a| a.iter().find(|n| n["id"].as_u64() == Some(victim)))
         .map(|n| n["role"].clone());
     assert_eq!(role, Some(Value::from("removed")));
+    Ok(())
+}
+
+/// A follower down while the log moved past compaction comes back by a
+/// snapshot file: it must end with exactly the leader's vdisks, including
+/// the absence of those deleted while it was down (the install replaces
+/// its whole state, it does not only add to it).
+#[test]
+fn a_follower_behind_log_compaction_catches_up_by_snapshot_and_drops_what_was_deleted() -> Result<()>
+{
+    let _g = serial();
+    let mut c = Cluster::start(3)?;
+    create_ds(&c, 3)?;
+    let doomed = write_vdisks(running_clients(&c), "doomed-", 100, 8);
+    assert_eq!(doomed.len(), 100);
+    let leader = c.wait_leader(Duration::from_secs(10))?;
+    let fi = (0..3)
+        .find(|i| c.nodes[*i].id != leader)
+        .expect("a follower");
+    let target = c.status(c.index_of(leader))?["commit_index"]
+        .as_u64()
+        .unwrap_or(0);
+    wait_applied(
+        &c,
+        fi,
+        target,
+        Instant::now() + Duration::from_secs(30),
+        "follower behind",
+    )?;
+    assert!(doomed.is_subset(&names_on(&c, fi)?));
+    c.kill9(fi);
+
+    let li = c.index_of(leader);
+    for name in &doomed {
+        let r = c.request(li, "DELETE", &format!("{VDISKS}/{name}"), None)?;
+        assert!(
+            r.status == 200 || r.status == 204,
+            "delete {name}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    let kept = write_vdisks(running_clients(&c), "kept-", 10_000, 16);
+    assert_eq!(kept.len(), 10_000);
+    let first = c.status(li)?["first_index"].as_u64().unwrap_or(0);
+    assert!(
+        first > target + 1,
+        "the log must have been compacted past the follower ({first})"
+    );
+
+    c.spawn(fi)?;
+    let target = c.status(li)?["commit_index"].as_u64().unwrap_or(0);
+    wait_applied(
+        &c,
+        fi,
+        target,
+        Instant::now() + Duration::from_secs(120),
+        "no catch-up",
+    )?;
+    let log = c.nodes[fi].log();
+    assert!(
+        log.contains("metadata snapshot file received")
+            && log.contains("installed metadata snapshot"),
+        "the follower must catch up by a snapshot file"
+    );
+    let on_follower = names_on(&c, fi)?;
+    let on_leader = names_on(&c, li)?;
+    let extra: Vec<_> = on_follower.difference(&on_leader).take(5).collect();
+    let missing: Vec<_> = on_leader.difference(&on_follower).take(5).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "the follower's vdisks must be the leader's: extra {extra:?}..., missing {missing:?}..."
+    );
+    assert!(kept.is_subset(&on_follower));
+    assert!(
+        on_follower.is_disjoint(&doomed),
+        "vdisks deleted while the follower was down must be gone from it"
+    );
     Ok(())
 }
 

@@ -46,6 +46,7 @@ pub fn bootstrap_first_node(
                 value: node.encode_to_vec(),
             },
         ],
+        file: None,
     };
     let mut snap = Snapshot {
         data: data.encode_to_vec().into(),

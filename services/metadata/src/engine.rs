@@ -8,16 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteBatch,
-    WriteOptions, DB,
+    ColumnFamily, ColumnFamilyDescriptor, IngestExternalFileOptions, IteratorMode, Options,
+    ReadOptions, SstFileWriter, WriteBatch, WriteOptions, DB,
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::state::{Pairs, StateView};
 
-/// Values of several keys, in the order asked (`None`: absent).
-pub type Values = Vec<Option<Vec<u8>>>;
 use crate::MetaError;
 
 pub const CF_RAFT: &str = "raft";
@@ -124,22 +122,85 @@ impl Engine {
         Ok(out)
     }
 
-    /// The values of `keys` and every pair of column family `cf`, all as
-    /// of one moment (a RocksDB snapshot), however long the reading takes
-    /// and whatever is written meanwhile.
-    pub fn read_consistent(&self, cf: &str, keys: &[&[u8]]) -> Result<(Values, Pairs), MetaError> {
+    /// Column family `cf` as of this moment (a RocksDB snapshot), however
+    /// long the reading takes and whatever is written meanwhile.
+    pub fn consistent_view(&self, cf: &str) -> Result<ConsistentView<'_>, MetaError> {
+        Ok(ConsistentView {
+            snap: self.db.snapshot(),
+            cf: self.cf(cf)?,
+        })
+    }
+
+    /// Replaces the whole of column family `cf` with `pairs` (strictly
+    /// ascending keys) at once: readers see the old contents or the new,
+    /// never a mix, however many pairs there are. One SST file is written
+    /// at `sst` (a put per pair, a delete per key only the old contents
+    /// have) and ingested; a batch of that size would sit in memory whole.
+    /// Only for a column family nothing else writes meanwhile. Returns the
+    /// number of pairs.
+    pub(crate) fn replace_cf(
+        &self,
+        cf: &str,
+        pairs: &mut dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), MetaError>>,
+        sst: &Path,
+    ) -> Result<u64, MetaError> {
         let handle = self.cf(cf)?;
+        let opts = Options::default();
+        let mut writer = SstFileWriter::create(&opts);
+        writer.open(sst)?;
         let snap = self.db.snapshot();
-        let mut values = Vec::with_capacity(keys.len());
-        for k in keys {
-            values.push(snap.get_cf(handle, k)?);
+        let mut old = snap.iterator_cf(handle, IteratorMode::Start);
+        let mut next_old = || -> Result<Option<Box<[u8]>>, MetaError> {
+            Ok(old.next().transpose()?.map(|(k, _)| k))
+        };
+        let mut old_key = next_old()?;
+        let mut last: Option<Vec<u8>> = None;
+        let mut written = 0u64;
+        let mut count = 0u64;
+        for pair in pairs {
+            let (k, v) = pair?;
+            if last.as_ref().is_some_and(|l| l.as_slice() >= k.as_slice()) {
+                return Err(MetaError::Storage(
+                    "a replacement of the metadata state is not in ascending key order".into(),
+                ));
+            }
+            while let Some(ok) = old_key.take() {
+                match ok.as_ref().cmp(k.as_slice()) {
+                    std::cmp::Ordering::Less => {
+                        writer.delete(&ok)?;
+                        written += 1;
+                        old_key = next_old()?;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        old_key = next_old()?;
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => {
+                        old_key = Some(ok);
+                        break;
+                    }
+                }
+            }
+            writer.put(&k, &v)?;
+            written += 1;
+            count += 1;
+            last = Some(k);
         }
-        let mut out = Vec::new();
-        for item in snap.iterator_cf(handle, IteratorMode::Start) {
-            let (k, v) = item?;
-            out.push((k.into_vec(), v.into_vec()));
+        while let Some(ok) = old_key.take() {
+            writer.delete(&ok)?;
+            written += 1;
+            old_key = next_old()?;
         }
-        Ok((values, out))
+        if written == 0 {
+            // Nothing before, nothing after (RocksDB refuses an empty file).
+            return Ok(0);
+        }
+        writer.finish()?;
+        let mut ingest = IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        self.db
+            .ingest_external_file_cf_opts(handle, &ingest, vec![sst])?;
+        Ok(count)
     }
 
     /// Range `[from, to)` of one column family.
@@ -190,6 +251,30 @@ impl Engine {
             engine: self,
             wb: WriteBatch::default(),
         }
+    }
+}
+
+/// Called with each key and value in turn; an error stops the walk.
+pub type PairVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), MetaError> + 'a;
+
+/// One column family as of one moment ([`Engine::consistent_view`]).
+pub struct ConsistentView<'a> {
+    snap: rocksdb::Snapshot<'a>,
+    cf: &'a ColumnFamily,
+}
+
+impl ConsistentView<'_> {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        Ok(self.snap.get_cf(self.cf, key)?)
+    }
+
+    /// Hands every pair to `visit`, in key order.
+    pub fn for_each(&self, visit: &mut PairVisitor<'_>) -> Result<(), MetaError> {
+        for item in self.snap.iterator_cf(self.cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            visit(&k, &v)?;
+        }
+        Ok(())
     }
 }
 

@@ -60,6 +60,7 @@ struct Inner {
     node_id: u64,
     inbox: UnboundedSender<Msg>,
     engine: Arc<Engine>,
+    snap_dir: crate::snapfile::SnapDir,
     transport: Arc<Transport>,
     timeout: Duration,
 }
@@ -128,7 +129,9 @@ impl MetadataHandle {
         rt: tokio::runtime::Handle,
     ) -> Result<(Self, tokio::task::JoinHandle<Result<(), MetaError>>), MetaError> {
         let engine = Engine::open(&cfg.db_path)?;
+        crate::log::finish_interrupted_install(&engine)?;
         let mut log = RaftLog::load(engine.clone())?;
+        let snap_dir = log.snap_dir().clone();
         let applied = match engine.get(CF_STATE, KEY_APPLIED)? {
             Some(b) => decode_pair(&b)?,
             None => (log.truncated_index(), 0),
@@ -166,6 +169,7 @@ impl MetadataHandle {
             cfg.node_id,
             cfg.rpc_addr.clone(),
             tls,
+            snap_dir.clone(),
             tx.clone(),
             rt.clone(),
         ));
@@ -187,6 +191,7 @@ impl MetadataHandle {
                     node_id: cfg.node_id,
                     inbox: tx,
                     engine,
+                    snap_dir,
                     transport,
                     timeout: cfg.request_timeout,
                 }),
@@ -197,6 +202,11 @@ impl MetadataHandle {
 
     pub fn node_id(&self) -> u64 {
         self.inner.node_id
+    }
+
+    /// The folder snapshot files from leaders are received into.
+    pub(crate) fn snap_dir(&self) -> &crate::snapfile::SnapDir {
+        &self.inner.snap_dir
     }
 
     pub(crate) fn send(&self, msg: Msg) -> Result<(), MetaError> {

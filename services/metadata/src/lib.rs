@@ -3,7 +3,8 @@
 //!
 //! - [`state`]: the replicated state machine, pure (no I/O); [`iscsi`]: its
 //!   iSCSI target rules and commands.
-//! - [`engine`] / [`log`]: RocksDB storage of the raft log and the state.
+//! - [`engine`] / [`log`]: RocksDB storage of the raft log and the state;
+//!   [`snapfile`]: raft snapshots as files (built, streamed, ingested).
 //! - [`node`]: the raft-rs driver task (Ready loop, apply, ReadIndex,
 //!   snapshots, compaction, membership changes).
 //! - [`transport`] / [`wire`]: raft messages to peers over mTLS, on a raw
@@ -18,6 +19,7 @@ pub mod iscsi;
 pub mod log;
 pub mod node;
 pub mod service;
+pub mod snapfile;
 pub mod state;
 pub mod transport;
 pub mod wire;

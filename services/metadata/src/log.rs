@@ -13,16 +13,20 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use cairn_api::metadata::v1::{KeyValue, SnapshotData};
+use cairn_api::metadata::v1::SnapshotData;
 use prost::Message as _;
 
 use crate::engine::{Batch, Engine, CF_RAFT, CF_STATE};
+use crate::snapfile::{self, SnapDir};
 use crate::state::{KEY_APPLIED, KEY_CONF_STATE};
 use crate::MetaError;
 
 const KEY_HS: &[u8] = b"hs";
 const KEY_CS: &[u8] = b"cs";
 const KEY_TRUNCATED: &[u8] = b"tr";
+/// (index, term) of a snapshot whose raft half is installed and whose state
+/// may not be yet; see [`finish_interrupted_install`].
+const KEY_INSTALLING: &[u8] = b"si";
 
 fn entry_key(index: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -63,6 +67,7 @@ pub struct RaftLog {
     truncated: (u64, u64),
     last_index: u64,
     snapshots: Mutex<SnapshotJob>,
+    dir: SnapDir,
 }
 
 /// The snapshot being built in the background, or the last one built.
@@ -75,6 +80,7 @@ struct SnapshotJob {
 impl RaftLog {
     /// Loads the log's bookkeeping from the engine.
     pub fn load(engine: Arc<Engine>) -> Result<Self, MetaError> {
+        let dir = SnapDir::beside(engine.path())?;
         let hard_state = match engine.get(CF_RAFT, KEY_HS)? {
             Some(b) => HardState::parse_from_bytes(&b)?,
             None => HardState::default(),
@@ -99,6 +105,7 @@ impl RaftLog {
             truncated,
             last_index,
             snapshots: Mutex::new(SnapshotJob::default()),
+            dir,
         })
     }
 
@@ -201,15 +208,21 @@ impl RaftLog {
         )
     }
 
-    /// Replaces log and state machine with a received snapshot, in `batch`.
-    pub fn install_snapshot(
+    /// The folder of this node's snapshot files.
+    pub fn snap_dir(&self) -> &SnapDir {
+        &self.dir
+    }
+
+    /// Replaces the log with a received snapshot, in `batch`: truncation
+    /// point, configuration, term and commit. The state is the caller's
+    /// ([`Self::install_inline_state`] into the same batch, or
+    /// [`Self::mark_installing`] and [`snapfile::install_state`]).
+    pub fn install_snapshot_log(
         &mut self,
         snap: &Snapshot,
         batch: &mut Batch<'_>,
-    ) -> Result<SnapshotData, MetaError> {
+    ) -> Result<(), MetaError> {
         let meta = snap.get_metadata();
-        let data = SnapshotData::decode(snap.data.as_ref())
-            .map_err(|e| MetaError::Storage(format!("received snapshot is malformed: {e}")))?;
         batch.delete_range(CF_RAFT, &entry_key(0), &entry_key(u64::MAX))?;
         self.truncated = (meta.index, meta.term);
         self.last_index = meta.index;
@@ -218,8 +231,31 @@ impl RaftLog {
         let mut hs = self.hard_state.clone();
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
-        self.set_hard_state(&hs, batch)?;
+        self.set_hard_state(&hs, batch)
+    }
 
+    /// Notes, in the batch that installs the log half of a snapshot that
+    /// came as a file, that its state is still to be installed: a start
+    /// finds the note and finishes the install from the received file.
+    pub fn mark_installing(snap: &Snapshot, batch: &mut Batch<'_>) -> Result<(), MetaError> {
+        let meta = snap.get_metadata();
+        batch.put(CF_RAFT, KEY_INSTALLING, &encode_pair(meta.index, meta.term))
+    }
+
+    /// Removes the note once the state is installed.
+    pub fn clear_installing(batch: &mut Batch<'_>) -> Result<(), MetaError> {
+        batch.delete(CF_RAFT, KEY_INSTALLING)
+    }
+
+    /// Replaces the state machine with an inline snapshot's entries, in
+    /// `batch` (a snapshot from a node of an older version, or the first
+    /// node's bootstrap).
+    pub fn install_inline_state(
+        snap: &Snapshot,
+        data: &SnapshotData,
+        batch: &mut Batch<'_>,
+    ) -> Result<(), MetaError> {
+        let meta = snap.get_metadata();
         batch.delete_range(CF_STATE, b"", &[0xff])?;
         for kv in &data.entries {
             batch.put(CF_STATE, &kv.key, &kv.value)?;
@@ -229,49 +265,76 @@ impl RaftLog {
             CF_STATE,
             KEY_CONF_STATE,
             &meta.get_conf_state().write_to_bytes()?,
-        )?;
+        )
+    }
+
+    /// Replaces log and state machine with an inline snapshot, in `batch`.
+    pub fn install_snapshot(
+        &mut self,
+        snap: &Snapshot,
+        batch: &mut Batch<'_>,
+    ) -> Result<SnapshotData, MetaError> {
+        let data = decode_snapshot(snap)?;
+        if data.file.is_some() {
+            return Err(MetaError::Storage(
+                "a snapshot that came as a file cannot be installed inline".into(),
+            ));
+        }
+        self.install_snapshot_log(snap, batch)?;
+        Self::install_inline_state(snap, &data, batch)?;
         Ok(data)
     }
 }
 
-/// Reads the whole state machine as of one moment (a RocksDB snapshot, so
-/// entries applied meanwhile are either all in it or not at all) into a raft
-/// snapshot. `truncated` and `conf_state` stand in for a node that has
-/// applied nothing yet.
-fn build_snapshot(
-    engine: &Engine,
-    truncated: (u64, u64),
-    conf_state: &ConfState,
-) -> Result<Snapshot, MetaError> {
-    let (values, all) = engine.read_consistent(CF_STATE, &[KEY_APPLIED, KEY_CONF_STATE])?;
-    let (index, term) = match &values[0] {
-        Some(b) => decode_pair(b)?,
-        None => truncated,
+/// What a raft snapshot carries: the state inline, or a file's descriptor.
+pub fn decode_snapshot(snap: &Snapshot) -> Result<SnapshotData, MetaError> {
+    SnapshotData::decode(snap.data.as_ref())
+        .map_err(|e| MetaError::Storage(format!("received snapshot is malformed: {e}")))
+}
+
+/// At start, before anything reads the state: finishes a snapshot install
+/// that stopped between its log half and its state half (see
+/// [`RaftLog::mark_installing`]), and removes snapshot files no install
+/// needs any more.
+pub fn finish_interrupted_install(engine: &Engine) -> Result<(), MetaError> {
+    let dir = SnapDir::beside(engine.path())?;
+    let Some(b) = engine.get(CF_RAFT, KEY_INSTALLING)? else {
+        dir.clean(None);
+        return Ok(());
     };
-    let conf_state = match &values[1] {
-        Some(b) => ConfState::parse_from_bytes(b)?,
-        None => conf_state.clone(),
+    let (index, term) = decode_pair(&b)?;
+    let applied = match engine.get(CF_STATE, KEY_APPLIED)? {
+        Some(b) => decode_pair(&b)?.0,
+        None => 0,
     };
-    let entries = all
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(b"m/"))
-        .map(|(key, value)| KeyValue { key, value })
-        .collect();
-    let data = SnapshotData {
-        format_version: cairn_api::FORMAT_VERSION,
-        applied_index: index,
-        applied_term: term,
-        entries,
-    };
-    let mut snap = Snapshot {
-        data: data.encode_to_vec().into(),
-        ..Default::default()
-    };
-    let meta = snap.mut_metadata();
-    meta.index = index;
-    meta.term = term;
-    meta.set_conf_state(conf_state);
-    Ok(snap)
+    if applied < index {
+        let conf_state = match engine.get(CF_RAFT, KEY_CS)? {
+            Some(b) => ConfState::parse_from_bytes(&b)?,
+            None => ConfState::default(),
+        };
+        let keys =
+            snapfile::install_state(engine, &dir, index, term, &conf_state).map_err(|e| {
+                MetaError::Corrupt {
+                    path: engine.path().display().to_string(),
+                    detail: format!(
+                    "a metadata snapshot install (index {index}) was interrupted and cannot be \
+                     finished: {e}"
+                ),
+                }
+            })?;
+        engine.bump_catalog_era();
+        tracing::info!(
+            index,
+            term,
+            keys,
+            "finished an interrupted metadata snapshot install"
+        );
+    }
+    let mut batch = engine.batch();
+    RaftLog::clear_installing(&mut batch)?;
+    batch.commit(true)?;
+    dir.clean(None);
+    Ok(())
 }
 
 impl Storage for RaftLog {
@@ -352,7 +415,18 @@ impl Storage for RaftLog {
         let mut job = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         if job.building.as_ref().is_some_and(|h| h.is_finished()) {
             match job.building.take().map(std::thread::JoinHandle::join) {
-                Some(Ok(Ok(snap))) => job.ready = Some((snap, Instant::now())),
+                Some(Ok(Ok(snap))) => {
+                    let meta = snap.get_metadata();
+                    tracing::info!(
+                        index = meta.index,
+                        bytes = decode_snapshot(&snap)
+                            .ok()
+                            .and_then(|d| d.file)
+                            .map_or(0, |f| f.bytes),
+                        "metadata snapshot built"
+                    );
+                    job.ready = Some((snap, Instant::now()))
+                }
                 Some(Ok(Err(e))) => {
                     tracing::error!(error = %e, "cannot build a metadata snapshot");
                 }
@@ -380,12 +454,16 @@ impl Storage for RaftLog {
             }
         }
         if job.building.is_none() {
-            job.ready = None;
+            if let Some((old, _)) = job.ready.take() {
+                let meta = old.get_metadata();
+                self.dir.remove_sent(meta.index, meta.term);
+            }
             let engine = self.engine.clone();
             let (truncated, conf_state) = (self.truncated, self.conf_state.clone());
+            let dir = self.dir.clone();
             let spawned = std::thread::Builder::new()
                 .name("raft-snapshot".into())
-                .spawn(move || build_snapshot(&engine, truncated, &conf_state));
+                .spawn(move || snapfile::build(&engine, &dir, truncated, &conf_state));
             match spawned {
                 Ok(h) => {
                     tracing::info!(to, "building a metadata snapshot for a follower");
@@ -434,12 +512,18 @@ mod tests {
             b.commit(false).unwrap();
         };
         let keys = |s: &Snapshot| {
-            let d = SnapshotData::decode(s.data.as_ref()).unwrap();
+            let d = decode_snapshot(s).unwrap();
             assert_eq!(d.applied_index, s.get_metadata().index);
-            d.entries
-                .iter()
-                .filter(|kv| kv.key.starts_with(b"v/"))
-                .count()
+            assert!(d.entries.is_empty(), "the state travels as a file");
+            let (index, term) = (s.get_metadata().index, s.get_metadata().term);
+            let mut r =
+                snapfile::FrameReader::open(&log.dir.sent(index, term), index, term).unwrap();
+            let mut n = 0;
+            while let Some(f) = r.next_frame().unwrap() {
+                n += f.iter().filter(|kv| kv.key.starts_with(b"v/")).count();
+            }
+            assert_eq!(n as u64, d.file.unwrap().keys);
+            n
         };
         put_state(0, 20_000, 42);
         let mut b = engine.batch();
@@ -478,6 +562,95 @@ mod tests {
         put_state(20_100, 20_200, 60);
         let s = snapshot_when_ready(&log, 60);
         assert_eq!((s.get_metadata().index, keys(&s)), (60, 20_200));
+    }
+
+    /// A leader's engine with `n` state keys applied at (index, 3), and the
+    /// snapshot file it builds, copied where a follower at `to` receives it.
+    fn leader_snapshot(n: u32, index: u64, to: &SnapDir) -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("metadata")).unwrap();
+        let mut b = engine.batch();
+        for i in 0..n {
+            b.put(CF_STATE, format!("v/{i:08}").as_bytes(), &[9u8; 100])
+                .unwrap();
+        }
+        b.put(CF_STATE, KEY_APPLIED, &encode_pair(index, 3))
+            .unwrap();
+        b.commit(false).unwrap();
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        };
+        let sd = SnapDir::beside(engine.path()).unwrap();
+        let snap = snapfile::build(&engine, &sd, (0, 0), &cs).unwrap();
+        std::fs::copy(sd.sent(index, 3), to.received(index, 3)).unwrap();
+        snap
+    }
+
+    #[test]
+    fn an_install_interrupted_between_its_halves_is_finished_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata");
+        {
+            let engine = Engine::open(&path).unwrap();
+            let mut log = RaftLog::load(engine.clone()).unwrap();
+            let mut b = engine.batch();
+            b.put(CF_STATE, b"v/old", b"gone after the install")
+                .unwrap();
+            b.put(CF_STATE, KEY_APPLIED, &encode_pair(5, 1)).unwrap();
+            b.commit(true).unwrap();
+            let snap = leader_snapshot(3_000, 77, log.snap_dir());
+            // The log half and its note, synced; then the node dies.
+            let mut batch = engine.batch();
+            log.install_snapshot_log(&snap, &mut batch).unwrap();
+            RaftLog::mark_installing(&snap, &mut batch).unwrap();
+            batch.commit(true).unwrap();
+        }
+        let engine = Engine::open(&path).unwrap();
+        assert_eq!(
+            engine.get(CF_STATE, b"v/old").unwrap().as_deref(),
+            Some(&b"gone after the install"[..])
+        );
+        finish_interrupted_install(&engine).unwrap();
+        assert_eq!(engine.get(CF_STATE, b"v/old").unwrap(), None);
+        assert_eq!(engine.scan(CF_STATE, b"v/").unwrap().len(), 3_000);
+        assert_eq!(
+            decode_pair(&engine.get(CF_STATE, KEY_APPLIED).unwrap().unwrap()).unwrap(),
+            (77, 3)
+        );
+        assert_eq!(engine.get(CF_RAFT, KEY_INSTALLING).unwrap(), None);
+        let dir = SnapDir::beside(engine.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "files cleaned up"
+        );
+        // Starting again finds nothing to finish.
+        finish_interrupted_install(&engine).unwrap();
+        let log = RaftLog::load(engine.clone()).unwrap();
+        assert_eq!(log.truncated_index(), 77);
+    }
+
+    #[test]
+    fn an_interrupted_install_without_its_file_stops_the_start_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata");
+        {
+            let engine = Engine::open(&path).unwrap();
+            let mut log = RaftLog::load(engine.clone()).unwrap();
+            let snap = leader_snapshot(10, 9, log.snap_dir());
+            std::fs::remove_file(log.snap_dir().received(9, 3)).unwrap();
+            let mut batch = engine.batch();
+            log.install_snapshot_log(&snap, &mut batch).unwrap();
+            RaftLog::mark_installing(&snap, &mut batch).unwrap();
+            batch.commit(true).unwrap();
+        }
+        let engine = Engine::open(&path).unwrap();
+        let err = finish_interrupted_install(&engine).unwrap_err().to_string();
+        assert!(
+            err.contains("interrupted") && err.contains("missing"),
+            "{err}"
+        );
     }
 
     #[test]

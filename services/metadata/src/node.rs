@@ -219,6 +219,44 @@ impl Driver {
         off_worker(move || engine.write(wb, sync)).await
     }
 
+    /// Replaces log and state with a snapshot raft-rs accepted; returns the
+    /// number of entries installed. One that came as a file is installed in
+    /// two steps: the log half with a note, synced; then the state in one
+    /// ingestion. A crash between them is finished at start
+    /// (`log::finish_interrupted_install`).
+    async fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<u64, MetaError> {
+        let data = crate::log::decode_snapshot(snap)?;
+        let mut batch = self.engine.batch();
+        if data.file.is_none() {
+            self.raw.mut_store().install_snapshot(snap, &mut batch)?;
+            self.write_off_worker(batch, true).await?;
+            self.engine.bump_catalog_era();
+            return Ok(data.entries.len() as u64);
+        }
+        self.raw
+            .mut_store()
+            .install_snapshot_log(snap, &mut batch)?;
+        RaftLog::mark_installing(snap, &mut batch)?;
+        self.write_off_worker(batch, true).await?;
+        let meta = snap.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        let conf_state = meta.get_conf_state().clone();
+        let engine = self.engine.clone();
+        let dir = self.raw.store().snap_dir().clone();
+        let keys = off_worker(move || {
+            let keys = crate::snapfile::install_state(&engine, &dir, index, term, &conf_state)?;
+            engine.bump_catalog_era();
+            let mut batch = engine.batch();
+            RaftLog::clear_installing(&mut batch)?;
+            batch.commit(false)?;
+            // A newer file may have arrived meanwhile: it stays.
+            dir.remove_received_below(index + 1);
+            Ok(keys)
+        })
+        .await?;
+        Ok(keys)
+    }
+
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Raft(m) => {
@@ -374,10 +412,7 @@ impl Driver {
 
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
-            let mut batch = self.engine.batch();
-            let data = self.raw.mut_store().install_snapshot(&snap, &mut batch)?;
-            self.write_off_worker(batch, true).await?;
-            self.engine.bump_catalog_era();
+            let keys = self.install_snapshot(&snap).await?;
             let meta = snap.get_metadata();
             self.applied = meta.index;
             self.applied_term = meta.term;
@@ -386,7 +421,7 @@ impl Driver {
                 node = self.id,
                 index = meta.index,
                 term = meta.term,
-                keys = data.entries.len(),
+                keys,
                 "installed metadata snapshot from the leader"
             );
             self.refresh_peers()?;
@@ -628,9 +663,9 @@ impl Driver {
 }
 
 /// Runs blocking disk work on the runtime's blocking pool.
-async fn off_worker(
-    f: impl FnOnce() -> Result<(), MetaError> + Send + 'static,
-) -> Result<(), MetaError> {
+async fn off_worker<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, MetaError> + Send + 'static,
+) -> Result<T, MetaError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| MetaError::Storage(format!("metadata disk write did not finish: {e}")))?

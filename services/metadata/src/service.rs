@@ -7,19 +7,22 @@
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
+use cairn_api::metadata::v1::SnapshotFile;
 use cairn_api::metadata::v1::{command::Op, PutKv};
 use cairn_api::rpc::v1::kv_server::{Kv, KvServer};
 use cairn_api::rpc::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
+use cairn_api::rpc::v1::SnapshotChunk;
 use cairn_api::rpc::v1::{
     KvGetReply, KvGetRequest, KvPutReply, KvPutRequest, NodeStatusReply, NodeStatusRequest,
     RaftAck, RaftBatch,
 };
 use cairn_util::error_code::HasErrorCode;
 use protobuf::Message as _;
-use raft::eraftpb::Message as RaftMessage;
+use raft::eraftpb::{Message as RaftMessage, MessageType};
 use tonic::{Request as TonicRequest, Response as TonicResponse, Status};
 
 use crate::node::Msg;
+use crate::snapfile::{ReceiveError, Receiving};
 use crate::transport::MAX_RPC_MESSAGE;
 use crate::{MetaError, MetadataHandle};
 
@@ -78,6 +81,37 @@ pub(crate) fn deliver(handle: &MetadataHandle, batch: RaftBatch) -> Result<(), R
     Ok(())
 }
 
+/// A bad file is the sender's fault; a full disk is this node's.
+fn receive_status(e: ReceiveError) -> Status {
+    match e {
+        ReceiveError::Malformed(m) => Status::invalid_argument(m),
+        ReceiveError::Io(m) => Status::unavailable(m),
+    }
+}
+
+/// The descriptor, index and term of the one snapshot message a snapshot
+/// stream starts with.
+fn snapshot_file_of(head: &RaftBatch, me: u64) -> Result<(SnapshotFile, u64, u64), Refused> {
+    let bad = |m: &str| Refused::Malformed(m.to_string());
+    let [bytes] = head.messages.as_slice() else {
+        return Err(bad("a snapshot stream carries exactly one raft message"));
+    };
+    let m = RaftMessage::parse_from_bytes(bytes)
+        .map_err(|e| Refused::Malformed(format!("malformed raft message: {e}")))?;
+    if m.get_msg_type() != MessageType::MsgSnapshot || m.to != me {
+        return Err(bad(
+            "a snapshot stream's message must be a snapshot for this node",
+        ));
+    }
+    let snap = m.get_snapshot();
+    let data = crate::log::decode_snapshot(snap).map_err(|e| Refused::Malformed(e.to_string()))?;
+    let file = data
+        .file
+        .ok_or_else(|| bad("a snapshot stream's message must describe a file"))?;
+    let meta = snap.get_metadata();
+    Ok((file, meta.index, meta.term))
+}
+
 impl RaftService {
     /// [`deliver`] for the gRPC handlers.
     // tonic handlers return `Status` by value; boxing it here only to unbox it
@@ -111,6 +145,45 @@ impl RaftTransport for RaftService {
         while let Some(batch) = stream.message().await? {
             self.deliver(batch)?;
         }
+        Ok(TonicResponse::new(RaftAck {}))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: TonicRequest<tonic::Streaming<SnapshotChunk>>,
+    ) -> Result<TonicResponse<RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let head = first.head.ok_or_else(|| {
+            Status::invalid_argument("a snapshot stream must start with its raft message")
+        })?;
+        let (expect, index, term) = snapshot_file_of(&head, self.handle.node_id())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut file = Receiving::start(self.handle.snap_dir(), expect, index, term)
+            .await
+            .map_err(|e| to_status(&e))?;
+        file.write(&first.data).await.map_err(receive_status)?;
+        while let Some(chunk) = stream.message().await? {
+            if chunk.head.is_some() {
+                return Err(Status::invalid_argument(
+                    "a snapshot stream carries one raft message",
+                ));
+            }
+            file.write(&chunk.data).await.map_err(receive_status)?;
+        }
+        file.finish(self.handle.snap_dir())
+            .await
+            .map_err(receive_status)?;
+        tracing::info!(
+            index,
+            term,
+            from = head.from_node,
+            "metadata snapshot file received"
+        );
+        self.deliver(head)?;
         Ok(TonicResponse::new(RaftAck {}))
     }
 

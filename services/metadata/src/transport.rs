@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_api::rpc::v1::raft_transport_client::RaftTransportClient;
-use cairn_api::rpc::v1::{NodeStatusReply, NodeStatusRequest, RaftBatch};
+use cairn_api::rpc::v1::{NodeStatusReply, NodeStatusRequest, RaftBatch, SnapshotChunk};
 use cairn_rpc::dial::ClientStream;
 use cairn_rpc::frame::send_frame;
+use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{Message as RaftMessage, MessageType};
 use rustls::ClientConfig;
@@ -22,6 +23,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tonic::transport::Channel;
 
 use crate::node::Msg;
+use crate::snapfile::SnapDir;
 use crate::wire;
 use crate::MetaError;
 
@@ -40,6 +42,7 @@ pub struct Transport {
     self_id: u64,
     self_addr: String,
     tls: Arc<ClientConfig>,
+    snap_dir: SnapDir,
     peers: Mutex<HashMap<u64, Peer>>,
     inbox: UnboundedSender<Msg>,
     rt: tokio::runtime::Handle,
@@ -50,6 +53,7 @@ impl Transport {
         self_id: u64,
         self_addr: String,
         tls: Arc<ClientConfig>,
+        snap_dir: SnapDir,
         inbox: UnboundedSender<Msg>,
         rt: tokio::runtime::Handle,
     ) -> Self {
@@ -57,6 +61,7 @@ impl Transport {
             self_id,
             self_addr,
             tls,
+            snap_dir,
             peers: Mutex::new(HashMap::new()),
             inbox,
             rt,
@@ -133,6 +138,7 @@ impl Transport {
             rx,
             client,
             self.tls.clone(),
+            self.snap_dir.clone(),
             self.inbox(),
             self.self_id,
             self.self_addr.clone(),
@@ -247,6 +253,7 @@ async fn peer_loop(
     mut rx: mpsc::Receiver<RaftMessage>,
     mut client: RaftTransportClient<Channel>,
     tls: Arc<ClientConfig>,
+    snap_dir: SnapDir,
     inbox: UnboundedSender<Msg>,
     from_node: u64,
     from_addr: String,
@@ -271,11 +278,30 @@ async fn peer_loop(
                 Err(_) => break,
             }
         }
-        let snapshots: Vec<u64> = batch
-            .iter()
-            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-            .map(|m| m.to)
-            .collect();
+        // Snapshots go on their own, beside the ordinary messages: a large
+        // one takes a while, and heartbeats must keep flowing meanwhile.
+        let (snapshots, batch): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        for snap in snapshots {
+            let (client, dir, inbox) = (client.clone(), snap_dir.clone(), inbox.clone());
+            let from_addr = from_addr.clone();
+            tokio::spawn(async move {
+                let to = snap.to;
+                let sent = send_snapshot(client, snap, &dir, from_node, &from_addr).await;
+                if let Err(e) = &sent {
+                    tracing::warn!(peer = to, error = %e, "metadata snapshot not sent");
+                    let _ = inbox.send(Msg::Unreachable(to));
+                }
+                let _ = inbox.send(Msg::SnapshotDone {
+                    to,
+                    ok: sent.is_ok(),
+                });
+            });
+        }
+        if batch.is_empty() {
+            continue;
+        }
         let mut messages = Vec::with_capacity(batch.len());
         for m in &batch {
             match m.write_to_bytes() {
@@ -285,10 +311,9 @@ async fn peer_loop(
         }
         let oversized = messages.iter().any(|m| m.len() > wire::MAX_STREAM_MESSAGE);
 
-        // Ordinary messages ride a stream; snapshots, oversized messages
-        // (and peers without any stream) use a call whose answer says the
-        // batch arrived.
-        if snapshots.is_empty() && !oversized {
+        // Ordinary messages ride a stream; oversized messages (and peers
+        // without any stream) use a call.
+        if !oversized {
             match &link {
                 Link::Raw(raw) if raw.watch.is_finished() => link = Link::Down,
                 Link::Grpc(_, call) if call.is_finished() => {
@@ -390,25 +415,135 @@ async fn peer_loop(
             Err(_) => Err(tonic::Status::deadline_exceeded("raft call timed out")),
         };
         match sent {
-            Ok(_) => {
-                for to in snapshots {
-                    let _ = inbox.send(Msg::SnapshotDone { to, ok: true });
-                }
-            }
+            Ok(_) => {}
             Err(status) => {
                 warn(
                     "raft messages to peer dropped (peer unreachable?)",
                     status.message(),
                 );
                 let _ = inbox.send(Msg::Unreachable(id));
-                for to in snapshots {
-                    let _ = inbox.send(Msg::SnapshotDone { to, ok: false });
-                }
                 // Drop what queued up meanwhile: raft resends what still matters.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
             }
         }
+    }
+}
+
+/// Bytes of a snapshot file per stream message.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// Sends one snapshot and returns once the peer has it (or not). One that
+/// names a file goes by `InstallSnapshot`: the message, then the file. A
+/// peer without that call (an older version) gets the state inline by
+/// `Send`, as long as it fits one message.
+async fn send_snapshot(
+    mut client: RaftTransportClient<Channel>,
+    mut msg: RaftMessage,
+    dir: &SnapDir,
+    from_node: u64,
+    from_addr: &str,
+) -> Result<(), String> {
+    let data = crate::log::decode_snapshot(msg.get_snapshot()).map_err(|e| e.to_string())?;
+    let meta = msg.get_snapshot().get_metadata();
+    let (index, term) = (meta.index, meta.term);
+    if data.file.is_some() {
+        let path = dir.sent(index, term);
+        // Opened before anything is sent: a newer build may remove the
+        // name, never the open file.
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let head = raft_batch(
+            from_node,
+            from_addr,
+            vec![msg.write_to_bytes().map_err(|e| e.to_string())?],
+        );
+        match stream_file(client.clone(), head, file).await {
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                tracing::info!(
+                    peer = msg.to,
+                    "peer has no InstallSnapshot (an older version); sending the state inline"
+                );
+                let inline = tokio::task::spawn_blocking(move || {
+                    crate::snapfile::read_inline(&path, index, term, MAX_RPC_MESSAGE - (1 << 20))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                msg.mut_snapshot().set_data(inline.encode_to_vec().into());
+            }
+            Err(s) => return Err(s.message().to_string()),
+            Ok(()) => return Ok(()),
+        }
+    }
+    let req = raft_batch(
+        from_node,
+        from_addr,
+        vec![msg.write_to_bytes().map_err(|e| e.to_string())?],
+    );
+    match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.send(req)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err("sending the snapshot timed out".into()),
+    }
+}
+
+/// `InstallSnapshot`: `head`, then the file in chunks. Each chunk must be
+/// taken within [`RAFT_CALL_TIMEOUT`], and the answer must come within it
+/// after the last one; no bound on the whole, which grows with the state.
+async fn stream_file(
+    mut client: RaftTransportClient<Channel>,
+    head: RaftBatch,
+    mut file: tokio::fs::File,
+) -> Result<(), tonic::Status> {
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
+    let body = futures::stream::unfold(rx, |mut r| async move { r.recv().await.map(|c| (c, r)) });
+    let call = tokio::spawn(async move { client.install_snapshot(body).await });
+    let mut chunk = SnapshotChunk {
+        format_version: cairn_api::FORMAT_VERSION,
+        head: Some(head),
+        data: Vec::new(),
+    };
+    let fed: Result<(), String> = async {
+        loop {
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+            let mut n = 0;
+            while n < buf.len() {
+                let got = file.read(&mut buf[n..]).await.map_err(|e| e.to_string())?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            buf.truncate(n);
+            let last = n < SNAPSHOT_CHUNK;
+            chunk.data = buf;
+            match tokio::time::timeout(RAFT_CALL_TIMEOUT, tx.send(std::mem::take(&mut chunk))).await
+            {
+                Ok(Ok(())) => {}
+                // The call ended early: its answer says why.
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => return Err("the peer stopped taking the snapshot file".into()),
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    drop(tx);
+    if let Err(e) = fed {
+        call.abort();
+        return Err(tonic::Status::unavailable(e));
+    }
+    match tokio::time::timeout(RAFT_CALL_TIMEOUT, call).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(s))) => Err(s),
+        Ok(Err(e)) => Err(tonic::Status::internal(e.to_string())),
+        Err(_) => Err(tonic::Status::deadline_exceeded(
+            "no answer after the snapshot file was sent",
+        )),
     }
 }
 
@@ -427,12 +562,17 @@ mod tests {
     use std::pin::Pin;
 
     type Seen = Arc<Mutex<Vec<RaftBatch>>>;
+    /// Snapshot streams that arrived: the head and the file's bytes.
+    type Installed = Arc<Mutex<Vec<(RaftBatch, Vec<u8>)>>>;
 
-    /// An older peer's gRPC service: records what arrives, and how.
+    /// A peer's gRPC service: records what arrives, and how. Without
+    /// `knows_install` it is an older version's.
     #[derive(Default, Clone)]
     struct Grpc {
         streamed: Seen,
         called: Seen,
+        knows_install: bool,
+        installed: Installed,
     }
 
     #[tonic::async_trait]
@@ -452,6 +592,23 @@ mod tests {
             while let Some(b) = s.message().await? {
                 self.streamed.lock().unwrap().push(b);
             }
+            Ok(tonic::Response::new(RaftAck {}))
+        }
+        async fn install_snapshot(
+            &self,
+            r: tonic::Request<tonic::Streaming<SnapshotChunk>>,
+        ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+            if !self.knows_install {
+                return Err(tonic::Status::unimplemented("an older version"));
+            }
+            let mut s = r.into_inner();
+            let mut head = None;
+            let mut data = Vec::new();
+            while let Some(c) = s.message().await? {
+                head = head.or(c.head);
+                data.extend_from_slice(&c.data);
+            }
+            self.installed.lock().unwrap().push((head.unwrap(), data));
             Ok(tonic::Response::new(RaftAck {}))
         }
         async fn status(
@@ -516,6 +673,7 @@ mod tests {
     async fn peer_and_sender(
         grpc: Grpc,
         raw: Option<Seen>,
+        snap_dir: SnapDir,
     ) -> (Transport, tokio::sync::mpsc::UnboundedReceiver<Msg>) {
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         let ca = cairn_rpc::pki::ClusterCa::generate("transport-test").unwrap();
@@ -547,6 +705,7 @@ mod tests {
             1,
             "127.0.0.1:1".into(),
             cairn_rpc::tls::mtls_client_config(&client_id).unwrap(),
+            snap_dir,
             inbox,
             tokio::runtime::Handle::current(),
         );
@@ -568,7 +727,7 @@ mod tests {
     async fn a_peer_offering_the_raft_stream_gets_frames_on_it() {
         let grpc = Grpc::default();
         let raw: Seen = Arc::default();
-        let (t, mut rx) = peer_and_sender(grpc.clone(), Some(raw.clone())).await;
+        let (t, mut rx) = peer_and_sender(grpc.clone(), Some(raw.clone()), scratch_dir()).await;
         t.send(vec![message(MessageType::MsgHeartbeat)]);
         t.send(vec![message(MessageType::MsgAppend)]);
         assert_eq!(
@@ -586,7 +745,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_the_raft_stream_gets_the_grpc_stream() {
         let grpc = Grpc::default();
-        let (t, mut rx) = peer_and_sender(grpc.clone(), None).await;
+        let (t, mut rx) = peer_and_sender(grpc.clone(), None, scratch_dir()).await;
         t.send(vec![message(MessageType::MsgHeartbeat)]);
         t.send(vec![message(MessageType::MsgAppend)]);
         assert_eq!(
@@ -598,5 +757,108 @@ mod tests {
         t.send(vec![message(MessageType::MsgSnapshot)]);
         assert!(snapshot_done(&mut rx).await, "a snapshot goes by call");
         assert_eq!(types(&grpc.called), vec![MessageType::MsgSnapshot]);
+    }
+
+    /// A snapshot folder for tests that send no file.
+    fn scratch_dir() -> SnapDir {
+        let dir = tempfile::tempdir().unwrap().keep();
+        SnapDir::beside(&dir.join("metadata")).unwrap()
+    }
+
+    /// A leader's state of `n` pairs and the raft message of its snapshot
+    /// file to node 2; returns the message, the file's bytes and its folder.
+    fn file_snapshot(n: u32) -> (RaftMessage, Vec<u8>, SnapDir) {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let engine = crate::engine::Engine::open(&dir.join("metadata")).unwrap();
+        let mut b = engine.batch();
+        for i in 0..n {
+            b.put(
+                crate::engine::CF_STATE,
+                format!("v/{i:08}").as_bytes(),
+                &[3u8; 200],
+            )
+            .unwrap();
+        }
+        b.put(
+            crate::engine::CF_STATE,
+            crate::state::KEY_APPLIED,
+            &crate::log::encode_pair(500, 4),
+        )
+        .unwrap();
+        b.commit(false).unwrap();
+        let sd = SnapDir::beside(engine.path()).unwrap();
+        let cs = raft::eraftpb::ConfState {
+            voters: vec![1, 2],
+            ..Default::default()
+        };
+        let snap = crate::snapfile::build(&engine, &sd, (0, 0), &cs).unwrap();
+        let mut m = message(MessageType::MsgSnapshot);
+        m.set_snapshot(snap);
+        let bytes = std::fs::read(sd.sent(500, 4)).unwrap();
+        (m, bytes, sd)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_file_streams_after_its_message() {
+        let grpc = Grpc {
+            knows_install: true,
+            ..Default::default()
+        };
+        let (m, bytes, sd) = file_snapshot(20_000);
+        assert!(
+            bytes.len() > 3 * SNAPSHOT_CHUNK,
+            "several chunks: {}",
+            bytes.len()
+        );
+        let (t, mut rx) = peer_and_sender(grpc.clone(), None, sd).await;
+        t.send(vec![m, message(MessageType::MsgHeartbeat)]);
+        assert!(snapshot_done(&mut rx).await, "the peer took it");
+        let installed = grpc.installed.lock().unwrap().clone();
+        assert_eq!(installed.len(), 1);
+        let (head, data) = &installed[0];
+        assert_eq!(
+            types(&Arc::new(Mutex::new(vec![head.clone()]))),
+            vec![MessageType::MsgSnapshot]
+        );
+        assert!(data == &bytes, "the file arrives whole");
+        assert!(types(&grpc.called).is_empty(), "nothing inline");
+        assert_eq!(
+            wait_for(&grpc.streamed, 1).await,
+            vec![MessageType::MsgHeartbeat],
+            "the other messages of the batch go their usual way"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_older_peer_gets_the_snapshot_inline() {
+        let grpc = Grpc::default();
+        let (m, _, sd) = file_snapshot(5_000);
+        let (t, mut rx) = peer_and_sender(grpc.clone(), None, sd).await;
+        t.send(vec![m]);
+        assert!(snapshot_done(&mut rx).await, "the peer took it");
+        let called = grpc.called.lock().unwrap().clone();
+        assert_eq!(called.len(), 1);
+        let msg = RaftMessage::parse_from_bytes(&called[0].messages[0]).unwrap();
+        let data = crate::log::decode_snapshot(msg.get_snapshot()).unwrap();
+        assert!(data.file.is_none(), "an older node does not know files");
+        assert_eq!(data.entries.len(), 5_000);
+        assert_eq!(
+            (data.applied_index, msg.get_snapshot().get_metadata().index),
+            (500, 500)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_whose_file_is_gone_is_reported_failed() {
+        let grpc = Grpc {
+            knows_install: true,
+            ..Default::default()
+        };
+        let (m, _, sd) = file_snapshot(10);
+        std::fs::remove_file(sd.sent(500, 4)).unwrap();
+        let (t, mut rx) = peer_and_sender(grpc.clone(), None, sd).await;
+        t.send(vec![m]);
+        assert!(!snapshot_done(&mut rx).await, "raft hears it failed");
+        assert!(grpc.installed.lock().unwrap().is_empty());
     }
 }
