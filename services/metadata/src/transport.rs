@@ -670,8 +670,8 @@ mod tests {
 
     /// Node 2 serving the gRPC service, plus the raft stream if `raw`;
     /// returns its address and a transport of node 1 pointed at it.
-    async fn peer_and_sender(
-        grpc: Grpc,
+    async fn peer_and_sender<S: RaftTransport>(
+        grpc: S,
         raw: Option<Seen>,
         snap_dir: SnapDir,
     ) -> (Transport, tokio::sync::mpsc::UnboundedReceiver<Msg>) {
@@ -860,5 +860,170 @@ mod tests {
         t.send(vec![m]);
         assert!(!snapshot_done(&mut rx).await, "raft hears it failed");
         assert!(grpc.installed.lock().unwrap().is_empty());
+    }
+
+    /// Peer side of the measurement below: takes the file the way the
+    /// node's service does (`snapfile::Receiving`), without raft.
+    #[derive(Clone)]
+    struct FileSink(SnapDir);
+
+    #[tonic::async_trait]
+    impl RaftTransport for FileSink {
+        async fn send(
+            &self,
+            _: tonic::Request<RaftBatch>,
+        ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+            Err(tonic::Status::internal("the state must not come inline"))
+        }
+        async fn stream(
+            &self,
+            r: tonic::Request<tonic::Streaming<RaftBatch>>,
+        ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+            let mut s = r.into_inner();
+            while s.message().await?.is_some() {}
+            Ok(tonic::Response::new(RaftAck {}))
+        }
+        async fn install_snapshot(
+            &self,
+            r: tonic::Request<tonic::Streaming<SnapshotChunk>>,
+        ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+            let mut s = r.into_inner();
+            let first = s.message().await?.unwrap();
+            let m = RaftMessage::parse_from_bytes(&first.head.unwrap().messages[0]).unwrap();
+            let desc = crate::log::decode_snapshot(m.get_snapshot())
+                .unwrap()
+                .file
+                .unwrap();
+            let meta = m.get_snapshot().get_metadata();
+            let mut f = crate::snapfile::Receiving::start(&self.0, desc, meta.index, meta.term)
+                .await
+                .unwrap();
+            f.write(&first.data).await.unwrap();
+            while let Some(c) = s.message().await? {
+                f.write(&c.data).await.unwrap();
+            }
+            f.finish(&self.0)
+                .await
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            Ok(tonic::Response::new(RaftAck {}))
+        }
+        async fn status(
+            &self,
+            _: tonic::Request<NodeStatusRequest>,
+        ) -> Result<tonic::Response<NodeStatusReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+    }
+
+    fn peak_rss_mib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024
+    }
+
+    /// A state larger than the largest RPC message goes from a leader's
+    /// engine to a follower's: built, streamed over mTLS, installed. Prints
+    /// the times and the process's peak memory. By hand (writes ~2.5 GiB):
+    /// `CAIRN_SNAPSHOT_MIB=640 cargo test -p cairn-metadata --lib -- --ignored --nocapture
+    /// a_state_larger_than_one_rpc_message`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement: writes gigabytes"]
+    async fn a_state_larger_than_one_rpc_message_streams_and_installs() {
+        use crate::engine::{Engine, CF_STATE};
+        let mib: u64 = std::env::var("CAIRN_SNAPSHOT_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(640);
+        let root =
+            tempfile::tempdir_in(std::env::var("CAIRN_SNAPSHOT_DIR").unwrap_or("/tmp".into()))
+                .unwrap();
+        let leader = Engine::open(&root.path().join("l/metadata")).unwrap();
+        let n = mib * (1 << 20) / 216;
+        let t = Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(50_000) {
+            let mut b = leader.batch();
+            for i in chunk {
+                b.put(
+                    CF_STATE,
+                    format!("v/{i:012}").as_bytes(),
+                    &[(*i % 251) as u8; 200],
+                )
+                .unwrap();
+            }
+            b.commit(false).unwrap();
+        }
+        let mut b = leader.batch();
+        b.put(
+            CF_STATE,
+            crate::state::KEY_APPLIED,
+            &crate::log::encode_pair(900, 5),
+        )
+        .unwrap();
+        b.commit(false).unwrap();
+        leader.flush().unwrap();
+        eprintln!(
+            "filled {n} pairs ({mib} MiB of keys and values) in {:?}; peak RSS {} MiB",
+            t.elapsed(),
+            peak_rss_mib()
+        );
+
+        let ld = SnapDir::beside(leader.path()).unwrap();
+        let cs = raft::eraftpb::ConfState {
+            voters: vec![1, 2],
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let snap = crate::snapfile::build(&leader, &ld, (0, 0), &cs).unwrap();
+        let desc = crate::log::decode_snapshot(&snap).unwrap().file.unwrap();
+        eprintln!(
+            "built: {} MiB file, {} keys, in {:?}; peak RSS {} MiB",
+            desc.bytes >> 20,
+            desc.keys,
+            t.elapsed(),
+            peak_rss_mib()
+        );
+        assert!(
+            desc.bytes > MAX_RPC_MESSAGE as u64,
+            "larger than one RPC message"
+        );
+
+        let follower = Engine::open(&root.path().join("f/metadata")).unwrap();
+        let fd = SnapDir::beside(follower.path()).unwrap();
+        let (tr, mut rx) = peer_and_sender(FileSink(fd.clone()), None, ld).await;
+        let mut m = message(MessageType::MsgSnapshot);
+        m.set_snapshot(snap);
+        let t = Instant::now();
+        tr.send(vec![m]);
+        let ok = loop {
+            match rx.recv().await {
+                Some(Msg::SnapshotDone { ok, .. }) => break ok,
+                Some(_) => {}
+                None => break false,
+            }
+        };
+        assert!(ok, "the peer took the file");
+        eprintln!(
+            "streamed over mTLS in {:?}; peak RSS {} MiB",
+            t.elapsed(),
+            peak_rss_mib()
+        );
+
+        let t = Instant::now();
+        let keys = crate::snapfile::install_state(&follower, &fd, 900, 5, &cs).unwrap();
+        eprintln!(
+            "installed {keys} keys in {:?}; peak RSS {} MiB",
+            t.elapsed(),
+            peak_rss_mib()
+        );
+        assert_eq!(keys, n);
+        let probe = format!("v/{:012}", n - 1);
+        assert_eq!(
+            follower.get(CF_STATE, probe.as_bytes()).unwrap(),
+            Some(vec![((n - 1) % 251) as u8; 200])
+        );
     }
 }
