@@ -131,19 +131,21 @@ impl Engine {
         })
     }
 
-    /// Replaces the whole of column family `cf` with `pairs` (strictly
-    /// ascending keys) at once: readers see the old contents or the new,
-    /// never a mix, however many pairs there are. One SST file is written
-    /// at `sst` (a put per pair, a delete per key only the old contents
-    /// have) and ingested; a batch of that size would sit in memory whole.
-    /// Only for a column family nothing else writes meanwhile. Returns the
-    /// number of pairs.
-    pub(crate) fn replace_cf(
+    /// Prepares replacing the whole of column family `cf` with `pairs`
+    /// (strictly ascending keys): writes one SST file at `sst`, a put per
+    /// pair and a delete per key only the current contents have, and
+    /// changes nothing yet. [`Engine::apply_replacement`] then swaps it in
+    /// at once: readers see the old contents or the new, never a mix,
+    /// however many pairs there are (a batch of that size would sit in
+    /// memory whole). Only for a column family nothing else writes until
+    /// then. Every pair is read here, so bad input fails before anything
+    /// changed.
+    pub(crate) fn prepare_replacement(
         &self,
         cf: &str,
         pairs: &mut dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), MetaError>>,
         sst: &Path,
-    ) -> Result<u64, MetaError> {
+    ) -> Result<Replacement, MetaError> {
         let handle = self.cf(cf)?;
         let opts = Options::default();
         let mut writer = SstFileWriter::create(&opts);
@@ -191,16 +193,33 @@ impl Engine {
             written += 1;
             old_key = next_old()?;
         }
-        if written == 0 {
+        let sst = if written == 0 {
             // Nothing before, nothing after (RocksDB refuses an empty file).
-            return Ok(0);
+            None
+        } else {
+            writer.finish()?;
+            Some(sst.to_path_buf())
+        };
+        Ok(Replacement {
+            cf: cf.to_string(),
+            sst,
+            pairs: count,
+        })
+    }
+
+    /// Swaps in a prepared replacement (one SST ingestion, durable when
+    /// it returns). Returns the number of pairs.
+    pub(crate) fn apply_replacement(&self, mut r: Replacement) -> Result<u64, MetaError> {
+        if let Some(sst) = r.sst.take() {
+            let mut ingest = IngestExternalFileOptions::default();
+            ingest.set_move_files(true);
+            let ingested =
+                self.db
+                    .ingest_external_file_cf_opts(self.cf(&r.cf)?, &ingest, vec![&sst]);
+            let _ = std::fs::remove_file(&sst);
+            ingested?;
         }
-        writer.finish()?;
-        let mut ingest = IngestExternalFileOptions::default();
-        ingest.set_move_files(true);
-        self.db
-            .ingest_external_file_cf_opts(handle, &ingest, vec![sst])?;
-        Ok(count)
+        Ok(r.pairs)
     }
 
     /// Range `[from, to)` of one column family.
@@ -250,6 +269,23 @@ impl Engine {
         Batch {
             engine: self,
             wb: WriteBatch::default(),
+        }
+    }
+}
+
+/// A column family's new contents, written and not yet swapped in
+/// ([`Engine::prepare_replacement`]); dropping it removes its file.
+#[derive(Debug)]
+pub struct Replacement {
+    cf: String,
+    sst: Option<PathBuf>,
+    pairs: u64,
+}
+
+impl Drop for Replacement {
+    fn drop(&mut self) {
+        if let Some(sst) = self.sst.take() {
+            let _ = std::fs::remove_file(sst);
         }
     }
 }

@@ -220,10 +220,10 @@ impl Driver {
     }
 
     /// Replaces log and state with a snapshot raft-rs accepted; returns the
-    /// number of entries installed. One that came as a file is installed in
-    /// two steps: the log half with a note, synced; then the state in one
-    /// ingestion. A crash between them is finished at start
-    /// (`log::finish_interrupted_install`).
+    /// number of entries installed. One that came as a file is read whole
+    /// into an SST first, then installed in two steps: the log half with a
+    /// note, synced; then the state in one ingestion. A crash between them
+    /// is finished at start (`log::finish_interrupted_install`).
     async fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<u64, MetaError> {
         let data = crate::log::decode_snapshot(snap)?;
         let mut batch = self.engine.batch();
@@ -233,18 +233,30 @@ impl Driver {
             self.engine.bump_catalog_era();
             return Ok(data.entries.len() as u64);
         }
-        self.raw
-            .mut_store()
-            .install_snapshot_log(snap, &mut batch)?;
-        RaftLog::mark_installing(snap, &mut batch)?;
-        self.write_off_worker(batch, true).await?;
+        // The whole file is read and checked first, while nothing has
+        // changed: a damaged one stops the node with its raft state as it
+        // was, and the leader sends a snapshot again after the restart.
         let meta = snap.get_metadata();
         let (index, term) = (meta.index, meta.term);
         let conf_state = meta.get_conf_state().clone();
         let engine = self.engine.clone();
         let dir = self.raw.store().snap_dir().clone();
+        let prepared = off_worker(move || {
+            crate::snapfile::prepare_state(&engine, &dir, index, term, &conf_state)
+        })
+        .await
+        .inspect_err(|e| {
+            tracing::error!(index, error = %e, "a received metadata snapshot cannot be installed");
+        })?;
+        self.raw
+            .mut_store()
+            .install_snapshot_log(snap, &mut batch)?;
+        RaftLog::mark_installing(snap, &mut batch)?;
+        self.write_off_worker(batch, true).await?;
+        let engine = self.engine.clone();
+        let dir = self.raw.store().snap_dir().clone();
         let keys = off_worker(move || {
-            let keys = crate::snapfile::install_state(&engine, &dir, index, term, &conf_state)?;
+            let keys = crate::snapfile::install_prepared(&engine, prepared)?;
             engine.bump_catalog_era();
             let mut batch = engine.batch();
             RaftLog::clear_installing(&mut batch)?;

@@ -31,7 +31,7 @@ use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Snapshot};
 
-use crate::engine::{Engine, CF_STATE};
+use crate::engine::{Engine, Replacement, CF_STATE};
 use crate::log::{decode_pair, encode_pair};
 use crate::state::{KEY_APPLIED, KEY_CONF_STATE};
 use crate::MetaError;
@@ -403,6 +403,26 @@ pub(crate) fn install_state(
     term: u64,
     conf_state: &ConfState,
 ) -> Result<u64, MetaError> {
+    let prepared = prepare_state(engine, dir, index, term, conf_state)?;
+    install_prepared(engine, prepared)
+}
+
+/// Swaps in what [`prepare_state`] wrote; returns the number of entries.
+pub(crate) fn install_prepared(engine: &Engine, prepared: Replacement) -> Result<u64, MetaError> {
+    // The count includes the two bookkeeping keys.
+    Ok(engine.apply_replacement(prepared)?.saturating_sub(2))
+}
+
+/// Reads the whole received file (every frame checked) into the SST that
+/// will replace the state column family, changing nothing yet: a damaged
+/// file fails here, before the install has begun.
+pub(crate) fn prepare_state(
+    engine: &Engine,
+    dir: &SnapDir,
+    index: u64,
+    term: u64,
+    conf_state: &ConfState,
+) -> Result<Replacement, MetaError> {
     let path = dir.received(index, term);
     if !path.exists() {
         return Err(MetaError::Storage(format!(
@@ -446,10 +466,11 @@ pub(crate) fn install_state(
         }
     });
     let sst = dir.temp("ingest");
-    let installed = engine.replace_cf(CF_STATE, &mut pairs, &sst);
-    let _ = std::fs::remove_file(&sst);
-    // The count includes the two bookkeeping keys.
-    Ok(installed?.saturating_sub(2))
+    let prepared = engine.prepare_replacement(CF_STATE, &mut pairs, &sst);
+    if prepared.is_err() {
+        let _ = std::fs::remove_file(&sst);
+    }
+    prepared
 }
 
 /// Why a snapshot file was not taken.
@@ -518,7 +539,7 @@ impl Receiving {
     }
 
     /// Checks length and checksum, syncs and names the file for raft to
-    /// install. Older received files are removed.
+    /// install.
     pub(crate) async fn finish(mut self, dir: &SnapDir) -> Result<PathBuf, ReceiveError> {
         use tokio::io::AsyncWriteExt as _;
         if self.bytes != self.expect.bytes || self.crc != self.expect.crc32c {
@@ -539,7 +560,9 @@ impl Receiving {
             .await
             .map_err(|e| ReceiveError::Io(e.to_string()))?
             .map_err(io)?;
-        dir.remove_received_below(self.index);
+        // Older received files stay: the driver may be installing one, and
+        // a start may need it to finish that; an install or a start
+        // removes them.
         Ok(path)
     }
 }
@@ -738,6 +761,9 @@ mod tests {
         }
         let path = r.finish(&fd).await.unwrap();
         assert_eq!(std::fs::read(path).unwrap(), bytes);
-        assert!(!fd.received(41, 3).exists(), "an older received file goes");
+        assert!(
+            fd.received(41, 3).exists(),
+            "an older received file stays (an install may still need it)"
+        );
     }
 }
