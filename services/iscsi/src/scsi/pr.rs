@@ -101,6 +101,8 @@ pub struct Reservations {
     res: Option<Reservation>,
     /// Holder of an SPC-2 RESERVE.
     spc2: Option<Nexus>,
+    /// Activate Persist Through Power Loss, as the last REGISTER set it.
+    aptpl: bool,
 }
 
 impl Reservations {
@@ -121,6 +123,7 @@ impl Reservations {
                 .collect(),
             holder: self.res.as_ref().map(|r| (&r.holder).into()),
             r#type: self.res.as_ref().map_or(0, |r| u32::from(r.ty)),
+            aptpl: self.aptpl,
         }
     }
 
@@ -157,6 +160,7 @@ impl Reservations {
             regs,
             res,
             spc2: None,
+            aptpl: s.aptpl,
         })
     }
 
@@ -168,7 +172,10 @@ impl Reservations {
 
     /// Whether `other` differs in what [`Self::saved`] keeps.
     pub fn persistent_differs(&self, other: &Reservations) -> bool {
-        self.generation != other.generation || self.regs != other.regs || self.res != other.res
+        self.generation != other.generation
+            || self.regs != other.regs
+            || self.res != other.res
+            || self.aptpl != other.aptpl
     }
 
     fn key_of(&self, n: &Nexus) -> Option<u64> {
@@ -261,7 +268,7 @@ impl Reservations {
                 }
                 None => out.extend_from_slice(&0u32.to_be_bytes()),
             },
-            2 => return Ok(super::cdb::truncate(report_capabilities(), alloc)),
+            2 => return Ok(super::cdb::truncate(report_capabilities(self.aptpl), alloc)),
             3 => {
                 let body = self.full_status();
                 out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -313,9 +320,11 @@ impl Reservations {
         let key = u64_at(p, 0);
         let sa_key = u64_at(p, 8);
         let flags = p.get(20).copied().unwrap_or(0);
-        // SPEC_I_PT, ALL_TG_PT and APTPL are not supported (REPORT
-        // CAPABILITIES says so).
-        for (bit, mask) in [(3u8, 0x08u8), (2, 0x04), (0, 0x01)] {
+        // SPEC_I_PT and ALL_TG_PT are not supported (REPORT CAPABILITIES
+        // says so). APTPL is, and only a REGISTER sets it (SPC-4 6.16.3:
+        // the other service actions ignore it).
+        let aptpl = flags & 0x01 != 0;
+        for (bit, mask) in [(3u8, 0x08u8), (2, 0x04)] {
             if flags & mask != 0 {
                 return Err(Sense::invalid_param(20, Some(bit)).into());
             }
@@ -333,8 +342,8 @@ impl Reservations {
             }
         }
         match action {
-            out_sa::REGISTER => self.register(n, key, sa_key, false),
-            out_sa::REGISTER_AND_IGNORE => self.register(n, key, sa_key, true),
+            out_sa::REGISTER => self.register(n, key, sa_key, false, aptpl),
+            out_sa::REGISTER_AND_IGNORE => self.register(n, key, sa_key, true, aptpl),
             _ => {
                 if self.key_of(n) != Some(key) {
                     return Err(PrError::Conflict);
@@ -355,6 +364,7 @@ impl Reservations {
         key: u64,
         sa_key: u64,
         ignore: bool,
+        aptpl: bool,
     ) -> Result<Vec<Notice>, PrError> {
         let mut notices = Vec::new();
         match self.key_of(n) {
@@ -380,6 +390,13 @@ impl Reservations {
                     r.key = sa_key;
                 }
             }
+        }
+        // A key added or changed sets APTPL for everything (the last such
+        // REGISTER wins); with no registration left nothing is kept.
+        if sa_key != 0 {
+            self.aptpl = aptpl;
+        } else if self.regs.is_empty() {
+            self.aptpl = false;
         }
         self.generation = self.generation.wrapping_add(1);
         Ok(notices)
@@ -461,6 +478,7 @@ impl Reservations {
         let notices = self.others(n, Sense::reservations_preempted());
         self.regs.clear();
         self.res = None;
+        self.aptpl = false;
         self.generation = self.generation.wrapping_add(1);
         notices
     }
@@ -521,9 +539,11 @@ fn u64_at(p: &[u8], at: usize) -> u64 {
 }
 
 /// REPORT CAPABILITIES: CRH (SPC-2 RESERVE conflicts with persistent
-/// reservations), no SIP_C/ATP_C/PTPL_C, all six types.
-fn report_capabilities() -> Vec<u8> {
-    vec![0x00, 0x08, 0x10, 0x00, 0xEA, 0x01, 0x00, 0x00]
+/// reservations), PTPL_C (registrations are kept with the vdisk, through
+/// a restart of every node), PTPL_A as the last REGISTER set it, no
+/// SIP_C/ATP_C, all six types.
+fn report_capabilities(aptpl: bool) -> Vec<u8> {
+    vec![0x00, 0x08, 0x11, u8::from(aptpl), 0xEA, 0x01, 0x00, 0x00]
 }
 
 /// An iSCSI TransportID, initiator port format (SPC-4 7.6.4.6).

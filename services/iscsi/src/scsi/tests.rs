@@ -276,10 +276,62 @@ async fn persistent_reservations_follow_the_conflict_rules() {
         .execute(&a, &[0x5E, 4, 0, 0, 0, 0, 0, 0x40, 0, 0], &[])
         .await;
     assert_eq!(sense_of(&r).1, 0x24);
-    // APTPL is not supported.
-    let (c, mut p) = pr_out(6, 0, 0, 0xCC);
+    // SPEC_I_PT and ALL_TG_PT are not supported.
+    for flag in [0x08u8, 0x04] {
+        let (c, mut p) = pr_out(6, 0, 0, 0xCC);
+        p[20] = flag;
+        assert_eq!(sense_of(&lu.execute(&a, &c, &p).await).1, 0x26);
+    }
+}
+
+#[tokio::test]
+async fn aptpl_follows_the_last_register_and_is_kept_with_the_vdisk() {
+    let (disk, lu) = setup();
+    let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+    let caps = [0x5E, 2, 0, 0, 0, 0, 0, 0, 8, 0];
+    let ptpl = |r: &ScsiResponse| (r.data_in[2] & 1, r.data_in[3] & 1);
+    assert_eq!(
+        ptpl(&lu.execute(&a, &caps, &[]).await),
+        (1, 0),
+        "capable, not active"
+    );
+    let register = |n: &Nexus, key: u64, sa_key: u64, aptpl: bool| {
+        let (c, mut p) = pr_out(if key == 0 { 6 } else { 0 }, 0, key, sa_key);
+        p[20] = u8::from(aptpl);
+        let lu = &lu;
+        let n = n.clone();
+        async move { lu.execute(&n, &c, &p).await.status }
+    };
+    assert_eq!(register(&a, 0, 0xAA, true).await, status::GOOD);
+    assert_eq!(ptpl(&lu.execute(&a, &caps, &[]).await), (1, 1));
+    // Other service actions ignore the bit.
+    let (c, mut p) = pr_out(1, 1, 0xAA, 0);
     p[20] = 1;
-    assert_eq!(sense_of(&lu.execute(&a, &c, &p).await).1, 0x26);
+    assert_eq!(lu.execute(&a, &c, &p).await.status, status::GOOD);
+    let (c, p) = pr_out(2, 1, 0xAA, 0);
+    assert_eq!(lu.execute(&a, &c, &p).await.status, status::GOOD);
+    assert_eq!(ptpl(&lu.execute(&a, &caps, &[]).await), (1, 1));
+    // The last REGISTER that sets a key decides, for everyone...
+    assert_eq!(register(&b, 0, 0xBB, false).await, status::GOOD);
+    assert_eq!(ptpl(&lu.execute(&a, &caps, &[]).await), (1, 0));
+    assert_eq!(register(&b, 0xBB, 0xBC, true).await, status::GOOD);
+    assert_eq!(ptpl(&lu.execute(&b, &caps, &[]).await), (1, 1));
+    // ...and it is saved with the registrations.
+    use cairn_blockdev::BlockDevice as _;
+    use prost::Message as _;
+    let saved = disk
+        .load_state(crate::scsi::lu::PR_STATE_KEY)
+        .await
+        .unwrap()
+        .unwrap();
+    let saved = cairn_api::iscsi::v1::PersistentReservations::decode(saved.as_slice()).unwrap();
+    assert!(saved.aptpl);
+    assert_eq!(saved.registrations.len(), 2);
+    // Unregistering one leaves it; the last one gone clears it.
+    assert_eq!(register(&a, 0xAA, 0, false).await, status::GOOD);
+    assert_eq!(ptpl(&lu.execute(&b, &caps, &[]).await), (1, 1));
+    assert_eq!(register(&b, 0xBC, 0, false).await, status::GOOD);
+    assert_eq!(ptpl(&lu.execute(&b, &caps, &[]).await), (1, 0));
 }
 
 #[tokio::test]
