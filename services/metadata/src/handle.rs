@@ -129,9 +129,9 @@ impl MetadataHandle {
         rt: tokio::runtime::Handle,
     ) -> Result<(Self, tokio::task::JoinHandle<Result<(), MetaError>>), MetaError> {
         let engine = Engine::open(&cfg.db_path)?;
-        crate::log::finish_interrupted_install(&engine)?;
         let mut log = RaftLog::load(engine.clone())?;
         let snap_dir = log.snap_dir().clone();
+        crate::log::finish_interrupted_install(&engine, &snap_dir)?;
         let applied = match engine.get(CF_STATE, KEY_APPLIED)? {
             Some(b) => decode_pair(&b)?,
             None => (log.truncated_index(), 0),

@@ -295,9 +295,10 @@ pub fn decode_snapshot(snap: &Snapshot) -> Result<SnapshotData, MetaError> {
 /// At start, before anything reads the state: finishes a snapshot install
 /// that stopped between its log half and its state half (see
 /// [`RaftLog::mark_installing`]), and removes snapshot files no install
-/// needs any more.
-pub fn finish_interrupted_install(engine: &Engine) -> Result<(), MetaError> {
-    let dir = SnapDir::beside(engine.path())?;
+/// needs any more. Run after [`RaftLog::load`] (which reads only the raft
+/// column family, whose half of the install is complete) and before
+/// anything reads the state.
+pub fn finish_interrupted_install(engine: &Engine, dir: &SnapDir) -> Result<(), MetaError> {
     let Some(b) = engine.get(CF_RAFT, KEY_INSTALLING)? else {
         dir.clean(None);
         return Ok(());
@@ -312,16 +313,15 @@ pub fn finish_interrupted_install(engine: &Engine) -> Result<(), MetaError> {
             Some(b) => ConfState::parse_from_bytes(&b)?,
             None => ConfState::default(),
         };
-        let keys =
-            snapfile::install_state(engine, &dir, index, term, &conf_state).map_err(|e| {
-                MetaError::Corrupt {
-                    path: engine.path().display().to_string(),
-                    detail: format!(
+        let keys = snapfile::install_state(engine, dir, index, term, &conf_state).map_err(|e| {
+            MetaError::Corrupt {
+                path: engine.path().display().to_string(),
+                detail: format!(
                     "a metadata snapshot install (index {index}) was interrupted and cannot be \
                      finished: {e}"
                 ),
-                }
-            })?;
+            }
+        })?;
         engine.bump_catalog_era();
         tracing::info!(
             index,
@@ -566,17 +566,10 @@ mod tests {
 
     /// A leader's engine with `n` state keys applied at (index, 3), and the
     /// snapshot file it builds, copied where a follower at `to` receives it.
-    fn leader_snapshot(n: u32, index: u64, to: &SnapDir) -> Snapshot {
+    fn leader_snapshot(n: u64, index: u64, to: &SnapDir) -> Snapshot {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(&dir.path().join("metadata")).unwrap();
-        let mut b = engine.batch();
-        for i in 0..n {
-            b.put(CF_STATE, format!("v/{i:08}").as_bytes(), &[9u8; 100])
-                .unwrap();
-        }
-        b.put(CF_STATE, KEY_APPLIED, &encode_pair(index, 3))
-            .unwrap();
-        b.commit(false).unwrap();
+        snapfile::fill_test_state(&engine, n, 100, (index, 3));
         let cs = ConfState {
             voters: vec![1, 2, 3],
             ..Default::default()
@@ -587,31 +580,38 @@ mod tests {
         snap
     }
 
+    /// A node at `path` whose state holds `v/old` at index 5 receives a
+    /// leader's snapshot of `n` pairs at `index` (its file removed unless
+    /// `keep_file`), installs the log half and its note, synced, and dies.
+    fn interrupted_install(path: &std::path::Path, n: u64, index: u64, keep_file: bool) {
+        let engine = Engine::open(path).unwrap();
+        let mut log = RaftLog::load(engine.clone()).unwrap();
+        let mut b = engine.batch();
+        b.put(CF_STATE, b"v/old", b"gone after the install")
+            .unwrap();
+        b.put(CF_STATE, KEY_APPLIED, &encode_pair(5, 1)).unwrap();
+        b.commit(true).unwrap();
+        let snap = leader_snapshot(n, index, log.snap_dir());
+        if !keep_file {
+            std::fs::remove_file(log.snap_dir().received(index, 3)).unwrap();
+        }
+        let mut batch = engine.batch();
+        log.install_snapshot_log(&snap, &mut batch).unwrap();
+        RaftLog::mark_installing(&snap, &mut batch).unwrap();
+        batch.commit(true).unwrap();
+    }
+
     #[test]
     fn an_install_interrupted_between_its_halves_is_finished_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metadata");
-        {
-            let engine = Engine::open(&path).unwrap();
-            let mut log = RaftLog::load(engine.clone()).unwrap();
-            let mut b = engine.batch();
-            b.put(CF_STATE, b"v/old", b"gone after the install")
-                .unwrap();
-            b.put(CF_STATE, KEY_APPLIED, &encode_pair(5, 1)).unwrap();
-            b.commit(true).unwrap();
-            let snap = leader_snapshot(3_000, 77, log.snap_dir());
-            // The log half and its note, synced; then the node dies.
-            let mut batch = engine.batch();
-            log.install_snapshot_log(&snap, &mut batch).unwrap();
-            RaftLog::mark_installing(&snap, &mut batch).unwrap();
-            batch.commit(true).unwrap();
-        }
+        interrupted_install(&path, 3_000, 77, true);
         let engine = Engine::open(&path).unwrap();
         assert_eq!(
             engine.get(CF_STATE, b"v/old").unwrap().as_deref(),
             Some(&b"gone after the install"[..])
         );
-        finish_interrupted_install(&engine).unwrap();
+        finish_interrupted_install(&engine, &SnapDir::beside(engine.path()).unwrap()).unwrap();
         assert_eq!(engine.get(CF_STATE, b"v/old").unwrap(), None);
         assert_eq!(engine.scan(CF_STATE, b"v/").unwrap().len(), 3_000);
         assert_eq!(
@@ -626,7 +626,7 @@ mod tests {
             "files cleaned up"
         );
         // Starting again finds nothing to finish.
-        finish_interrupted_install(&engine).unwrap();
+        finish_interrupted_install(&engine, &SnapDir::beside(engine.path()).unwrap()).unwrap();
         let log = RaftLog::load(engine.clone()).unwrap();
         assert_eq!(log.truncated_index(), 77);
     }
@@ -635,18 +635,11 @@ mod tests {
     fn an_interrupted_install_without_its_file_stops_the_start_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metadata");
-        {
-            let engine = Engine::open(&path).unwrap();
-            let mut log = RaftLog::load(engine.clone()).unwrap();
-            let snap = leader_snapshot(10, 9, log.snap_dir());
-            std::fs::remove_file(log.snap_dir().received(9, 3)).unwrap();
-            let mut batch = engine.batch();
-            log.install_snapshot_log(&snap, &mut batch).unwrap();
-            RaftLog::mark_installing(&snap, &mut batch).unwrap();
-            batch.commit(true).unwrap();
-        }
+        interrupted_install(&path, 10, 9, false);
         let engine = Engine::open(&path).unwrap();
-        let err = finish_interrupted_install(&engine).unwrap_err().to_string();
+        let err = finish_interrupted_install(&engine, &SnapDir::beside(engine.path()).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("interrupted") && err.contains("missing"),
             "{err}"

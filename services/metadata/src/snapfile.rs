@@ -473,6 +473,28 @@ pub(crate) fn prepare_state(
     prepared
 }
 
+/// Test state: `n` pairs `v/<i>` of `value_len` bytes of `i % 251`, in
+/// batches, applied at `applied`.
+#[cfg(test)]
+pub(crate) fn fill_test_state(engine: &Engine, n: u64, value_len: usize, applied: (u64, u64)) {
+    for from in (0..n).step_by(50_000) {
+        let mut b = engine.batch();
+        for i in from..(from + 50_000).min(n) {
+            b.put(
+                CF_STATE,
+                format!("v/{i:012}").as_bytes(),
+                &vec![(i % 251) as u8; value_len],
+            )
+            .unwrap();
+        }
+        b.commit(false).unwrap();
+    }
+    let mut b = engine.batch();
+    b.put(CF_STATE, KEY_APPLIED, &encode_pair(applied.0, applied.1))
+        .unwrap();
+    b.commit(false).unwrap();
+}
+
 /// Why a snapshot file was not taken.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ReceiveError {

@@ -767,25 +767,10 @@ mod tests {
 
     /// A leader's state of `n` pairs and the raft message of its snapshot
     /// file to node 2; returns the message, the file's bytes and its folder.
-    fn file_snapshot(n: u32) -> (RaftMessage, Vec<u8>, SnapDir) {
+    fn file_snapshot(n: u64) -> (RaftMessage, Vec<u8>, SnapDir) {
         let dir = tempfile::tempdir().unwrap().keep();
         let engine = crate::engine::Engine::open(&dir.join("metadata")).unwrap();
-        let mut b = engine.batch();
-        for i in 0..n {
-            b.put(
-                crate::engine::CF_STATE,
-                format!("v/{i:08}").as_bytes(),
-                &[3u8; 200],
-            )
-            .unwrap();
-        }
-        b.put(
-            crate::engine::CF_STATE,
-            crate::state::KEY_APPLIED,
-            &crate::log::encode_pair(500, 4),
-        )
-        .unwrap();
-        b.commit(false).unwrap();
+        crate::snapfile::fill_test_state(&engine, n, 200, (500, 4));
         let sd = SnapDir::beside(engine.path()).unwrap();
         let cs = raft::eraftpb::ConfState {
             voters: vec![1, 2],
@@ -944,26 +929,7 @@ mod tests {
         let leader = Engine::open(&root.path().join("l/metadata")).unwrap();
         let n = mib * (1 << 20) / 216;
         let t = Instant::now();
-        for chunk in (0..n).collect::<Vec<_>>().chunks(50_000) {
-            let mut b = leader.batch();
-            for i in chunk {
-                b.put(
-                    CF_STATE,
-                    format!("v/{i:012}").as_bytes(),
-                    &[(*i % 251) as u8; 200],
-                )
-                .unwrap();
-            }
-            b.commit(false).unwrap();
-        }
-        let mut b = leader.batch();
-        b.put(
-            CF_STATE,
-            crate::state::KEY_APPLIED,
-            &crate::log::encode_pair(900, 5),
-        )
-        .unwrap();
-        b.commit(false).unwrap();
+        crate::snapfile::fill_test_state(&leader, n, 200, (900, 5));
         leader.flush().unwrap();
         eprintln!(
             "filled {n} pairs ({mib} MiB of keys and values) in {:?}; peak RSS {} MiB",
