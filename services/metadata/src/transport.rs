@@ -178,6 +178,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on writing one frame: a peer that stops reading (or a partition
 /// that swallows packets) gets a new connection instead of a stuck one.
 const FRAME_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a peer that answered without the raft stream and without the
+/// gRPC stream (one call per batch) is taken at its word before it is
+/// asked again. A restart of the peer (an upgrade) fails a call and asks
+/// at once; this catches one that came back between two batches.
+const REPROBE_AFTER: Duration = Duration::from_secs(60);
 
 /// The task driving a peer's gRPC raft stream; it ends when the stream does.
 type StreamCall =
@@ -270,6 +275,8 @@ async fn peer_loop(
     // again whenever its gRPC stream ends (it may have been upgraded).
     let mut stream_refused = false;
     let mut grpc_streaming = true;
+    // Since when every batch goes by one call (neither stream offered).
+    let mut calls_since: Option<Instant> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -313,6 +320,12 @@ async fn peer_loop(
 
         // Ordinary messages ride a stream; oversized messages (and peers
         // without any stream) use a call.
+        if calls_since.is_some_and(|t| t.elapsed() > REPROBE_AFTER) {
+            // The peer may have been upgraded since it last said no.
+            calls_since = None;
+            stream_refused = false;
+            grpc_streaming = true;
+        }
         if !oversized {
             match &link {
                 Link::Raw(raw) if raw.watch.is_finished() => link = Link::Down,
@@ -363,6 +376,9 @@ async fn peer_loop(
                         continue;
                     }
                 }
+            }
+            if matches!(link, Link::Down) && !grpc_streaming && calls_since.is_none() {
+                calls_since = Some(Instant::now());
             }
             if matches!(link, Link::Down) && grpc_streaming {
                 let (tx, brx) = mpsc::channel::<RaftBatch>(256);
@@ -422,6 +438,11 @@ async fn peer_loop(
                     status.message(),
                 );
                 let _ = inbox.send(Msg::Unreachable(id));
+                // It may be restarting as a newer version: the next batch
+                // asks for the streams again.
+                calls_since = None;
+                stream_refused = false;
+                grpc_streaming = true;
                 // Drop what queued up meanwhile: raft resends what still matters.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
@@ -572,6 +593,8 @@ mod tests {
         streamed: Seen,
         called: Seen,
         knows_install: bool,
+        /// An older version still: no gRPC stream either (one call per batch).
+        no_stream: bool,
         installed: Installed,
     }
 
@@ -588,6 +611,9 @@ mod tests {
             &self,
             r: tonic::Request<tonic::Streaming<RaftBatch>>,
         ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+            if self.no_stream {
+                return Err(tonic::Status::unimplemented("an older version"));
+            }
             let mut s = r.into_inner();
             while let Some(b) = s.message().await? {
                 self.streamed.lock().unwrap().push(b);
@@ -668,29 +694,34 @@ mod tests {
         types(seen)
     }
 
-    /// Node 2 serving the gRPC service, plus the raft stream if `raw`;
-    /// returns its address and a transport of node 1 pointed at it.
-    async fn peer_and_sender<S: RaftTransport>(
-        grpc: S,
-        raw: Option<Seen>,
-        snap_dir: SnapDir,
-    ) -> (Transport, tokio::sync::mpsc::UnboundedReceiver<Msg>) {
+    /// Node 2's and node 1's certificates, from one cluster CA.
+    fn identities() -> (cairn_rpc::pki::NodeIdentity, cairn_rpc::pki::NodeIdentity) {
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         let ca = cairn_rpc::pki::ClusterCa::generate("transport-test").unwrap();
-        let server_id = ca.issue_node(2, &[ip]).unwrap();
-        let client_id = ca.issue_node(1, &[ip]).unwrap();
-        let mut tls = (*cairn_rpc::tls::server_config(&server_id, true).unwrap()).clone();
+        (
+            ca.issue_node(2, &[ip]).unwrap(),
+            ca.issue_node(1, &[ip]).unwrap(),
+        )
+    }
+
+    /// Serves node 2's gRPC service, plus the raft stream if `raw`, on
+    /// `listener`, on the current runtime, for as long as that runtime runs.
+    fn serve_peer<S: RaftTransport>(
+        grpc: S,
+        raw: Option<Seen>,
+        listener: tokio::net::TcpListener,
+        id: &cairn_rpc::pki::NodeIdentity,
+    ) {
+        let mut tls = (*cairn_rpc::tls::server_config(id, true).unwrap()).clone();
         let mut raws: Vec<Arc<dyn RawProtocol>> = Vec::new();
         if let Some(seen) = raw {
             tls.alpn_protocols
                 .extend(wire::ALPNS.iter().map(|a| a.to_vec()));
             raws.push(Arc::new(RawSink(seen)));
         }
-        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         let router = tonic::service::Routes::new(RaftTransportServer::new(grpc)).into_axum_router();
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        // The listener lives as long as the test's runtime.
+        // The listener lives as long as the runtime.
         std::mem::forget(stop_tx);
         tokio::spawn(cairn_rpc::serve::serve_tls_with(
             listener,
@@ -700,17 +731,39 @@ mod tests {
             "test",
             stop,
         ));
+    }
+
+    /// Node 1's transport, pointed at node 2 at `addr`.
+    fn sender(
+        id: &cairn_rpc::pki::NodeIdentity,
+        addr: &str,
+        snap_dir: SnapDir,
+    ) -> (Transport, tokio::sync::mpsc::UnboundedReceiver<Msg>) {
         let (inbox, rx) = tokio::sync::mpsc::unbounded_channel();
         let t = Transport::new(
             1,
             "127.0.0.1:1".into(),
-            cairn_rpc::tls::mtls_client_config(&client_id).unwrap(),
+            cairn_rpc::tls::mtls_client_config(id).unwrap(),
             snap_dir,
             inbox,
             tokio::runtime::Handle::current(),
         );
-        t.set_peer(2, &addr);
+        t.set_peer(2, addr);
         (t, rx)
+    }
+
+    /// Node 2 serving the gRPC service, plus the raft stream if `raw`;
+    /// returns a transport of node 1 pointed at it.
+    async fn peer_and_sender<S: RaftTransport>(
+        grpc: S,
+        raw: Option<Seen>,
+        snap_dir: SnapDir,
+    ) -> (Transport, tokio::sync::mpsc::UnboundedReceiver<Msg>) {
+        let (server_id, client_id) = identities();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        serve_peer(grpc, raw, listener, &server_id);
+        sender(&client_id, &addr, snap_dir)
     }
 
     async fn snapshot_done(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>) -> bool {
@@ -757,6 +810,72 @@ mod tests {
         t.send(vec![message(MessageType::MsgSnapshot)]);
         assert!(snapshot_done(&mut rx).await, "a snapshot goes by call");
         assert_eq!(types(&grpc.called), vec![MessageType::MsgSnapshot]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_upgraded_from_one_call_per_batch_gets_the_raft_stream() {
+        // Node 2 first runs a version with neither stream, on a runtime of
+        // its own: shutting that runtime down is its process ending.
+        let (server_id, client_id) = identities();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let old = Grpc {
+            no_stream: true,
+            ..Default::default()
+        };
+        let old_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        {
+            let _in = old_rt.enter();
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            serve_peer(old.clone(), None, listener, &server_id);
+        }
+        let (t, _rx) = sender(&client_id, &addr.to_string(), scratch_dir());
+        // Raft resends heartbeats; the first batches find out what the
+        // peer speaks (the one on the refused gRPC stream is lost).
+        let beat_until = |seen: Seen| {
+            let t = &t;
+            async move {
+                for _ in 0..200 {
+                    if !types(&seen).is_empty() {
+                        return true;
+                    }
+                    t.send(vec![message(MessageType::MsgHeartbeat)]);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                false
+            }
+        };
+        assert!(beat_until(old.called.clone()).await, "one call per batch");
+        assert!(types(&old.streamed).is_empty());
+
+        // Upgraded: the same address now offers the raft stream.
+        old_rt.shutdown_background();
+        let mut listener = None;
+        for _ in 0..100 {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let raw: Seen = Arc::default();
+        serve_peer(
+            Grpc::default(),
+            Some(raw.clone()),
+            listener.expect("the old peer's port comes free"),
+            &server_id,
+        );
+        assert!(
+            beat_until(raw.clone()).await,
+            "the restarted peer must be asked for the raft stream again"
+        );
     }
 
     /// A snapshot folder for tests that send no file.
