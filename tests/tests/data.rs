@@ -213,8 +213,19 @@ fn spawn_writer(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ledger: std::sync::Arc<std::sync::Mutex<Ledger>>,
 ) -> std::thread::JoinHandle<()> {
+    spawn_writer_from(io, size, stop, ledger, 0)
+}
+
+/// [`spawn_writer`] whose generations start after `gen`: writers that take
+/// turns on one ledger must not reuse each other's generations.
+fn spawn_writer_from(
+    io: cairn_tests::BlockClient,
+    size: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ledger: std::sync::Arc<std::sync::Mutex<Ledger>>,
+    mut gen: u64,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut gen = 0u64;
         let blocks = size / BS as u64;
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             gen += 1;
@@ -324,6 +335,134 @@ fn writers_survive_kill9_of_a_replica_and_of_the_primary_rf2_rf3() -> Result<()>
         check_ledger(&c.block(2, vd)?, &l)?;
         check_ledger(&c.block(1, vd)?, &l)?;
     }
+    Ok(())
+}
+
+/// The owner of an RF2 vdisk, also the metadata leader, is cut off from
+/// the other nodes while its host still reaches it and keeps writing. The
+/// cut-off side must acknowledge nothing more (it can neither reach the
+/// other replica nor drop it from the group without a metadata quorum);
+/// the majority moves the vdisk and takes writes; after the heal, every
+/// node reads the newest acknowledged data and nothing the old owner wrote
+/// on its own resurfaces.
+#[test]
+fn a_partitioned_owner_acknowledges_nothing_the_majority_then_loses() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let _g = serial();
+    let c = Cluster::start_netns(3)?;
+    let leader = c.wait_leader(Duration::from_secs(10))?;
+    let old = c.index_of(leader);
+    let size = 8 * MIB;
+    let vd = c.make_vdisk("two", 2, "p", size, old)?;
+    let owner_seen_by = |i: usize| -> Option<u64> {
+        let r = c.get(i, "/v1/datastores/two/vdisks/p").ok()?;
+        (r.status == 200).then(|| r.body["owner_node_id"].as_u64())?
+    };
+    let ledger: Arc<Mutex<Ledger>> = Arc::default();
+    let acked = || ledger.lock().unwrap().ok;
+
+    // The old owner's host writes through it, before and during the cut.
+    let stop_old = Arc::new(AtomicBool::new(false));
+    let w_old = spawn_writer_from(
+        c.block(old, &vd)?,
+        size,
+        stop_old.clone(),
+        ledger.clone(),
+        0,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        acked() > 20,
+        "no progress before the cut\n{}",
+        c.logs_tail()
+    );
+
+    c.partition(old)?;
+    let at_cut = acked();
+    let t0 = Instant::now();
+    let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let new_owner = loop {
+        if let Some(o) = owner_seen_by(majority[0]).filter(|o| *o != leader) {
+            break o;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the majority did not move the vdisk\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!(
+        "vdisk moved to node {new_owner} {:?} after the cut",
+        t0.elapsed()
+    );
+    // The old side keeps trying for a while after the move.
+    std::thread::sleep(Duration::from_secs(3));
+    stop_old.store(true, Ordering::SeqCst);
+    w_old.join().unwrap();
+    let old_side = {
+        let l = ledger.lock().unwrap();
+        (l.ok - at_cut, l.failed)
+    };
+    eprintln!(
+        "old owner: {} writes acknowledged before the cut, {} after it, {} failed",
+        at_cut, old_side.0, old_side.1
+    );
+    // One write may have been past its replication when the cut fell.
+    assert!(
+        old_side.0 <= 1,
+        "the cut-off owner acknowledged {} writes it could not replicate\n{}",
+        old_side.0,
+        c.logs_tail()
+    );
+    assert!(old_side.1 > 0, "the old owner's host saw no failure at all");
+
+    // The majority's host writes the same blocks, through the heal.
+    let stop_new = Arc::new(AtomicBool::new(false));
+    let before = acked();
+    let w_new = spawn_writer_from(
+        c.block(majority[1], &vd)?,
+        size,
+        stop_new.clone(),
+        ledger.clone(),
+        1_000_000,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    c.heal(old)?;
+    std::thread::sleep(Duration::from_secs(4));
+    stop_new.store(true, Ordering::SeqCst);
+    w_new.join().unwrap();
+    let l = ledger.lock().unwrap().clone();
+    assert!(
+        l.ok > before + 20,
+        "the majority took too few writes: {} \n{}",
+        l.ok - before,
+        c.logs_tail()
+    );
+    eprintln!(
+        "{} writes acknowledged in all, {} failed, {} blocks checked",
+        l.ok,
+        l.failed,
+        l.acked.len()
+    );
+    // Every node, the old owner included, reads what was acknowledged last.
+    for i in 0..3 {
+        let io = c.block(i, &vd)?;
+        let read = check_ledger(&io, &l);
+        if let Err(e) = read {
+            anyhow::bail!(
+                "reading through node index {i} (the old owner is {old}): {e:#}\n{}",
+                c.logs_tail()
+            );
+        }
+    }
+    assert_eq!(
+        owner_seen_by(old),
+        Some(new_owner),
+        "the old owner sees the move"
+    );
     Ok(())
 }
 

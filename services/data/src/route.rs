@@ -183,7 +183,8 @@ impl BlockDevice for Routed {
         protocol: &str,
         command: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, DataError> {
-        match self.via().await? {
+        let via = self.via().await?;
+        match via {
             Via::Here(_) => Ok(None),
             Via::Owner(f) => self.settle(f.command(protocol, command).await),
         }

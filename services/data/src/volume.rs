@@ -427,7 +427,8 @@ impl DataService {
         self: &Arc<Self>,
         vdisk_id: &str,
     ) -> Result<Arc<dyn BlockDevice>, DataError> {
-        Ok(match self.route(vdisk_id).await? {
+        let via = self.route(vdisk_id).await?;
+        Ok(match via {
             Via::Here(v) => v,
             Via::Owner(f) => f,
         })
@@ -435,15 +436,24 @@ impl DataService {
 
     /// Where I/O for `vdisk_id` goes now.
     pub(crate) async fn route(self: &Arc<Self>, vdisk_id: &str) -> Result<Via, DataError> {
-        if let Some(v) = lock(&self.volumes).get(vdisk_id).cloned() {
+        // Each lookup is its own statement: a guard taken in an `if let`
+        // lives to the end of its block, and taking the same lock again in
+        // there deadlocked the runtime worker (an owner that lost its
+        // vdisk in a partition hung on the next I/O for it).
+        let cached = lock(&self.volumes).get(vdisk_id).cloned();
+        if let Some(v) = cached {
             if v.owned() {
                 return Ok(Via::Here(v));
             }
-            lock(&self.volumes).remove(vdisk_id);
+            let mut volumes = lock(&self.volumes);
+            if volumes.get(vdisk_id).is_some_and(|c| Arc::ptr_eq(c, &v)) {
+                volumes.remove(vdisk_id);
+            }
         }
         // A forwarder is trusted for a short while; the owner refuses
         // requests for vdisks it no longer owns, which drops it sooner.
-        if let Some((f, at)) = lock(&self.forwarders).get(vdisk_id).cloned() {
+        let forwarder = lock(&self.forwarders).get(vdisk_id).cloned();
+        if let Some((f, at)) = forwarder {
             if at.elapsed() < FORWARDER_TTL {
                 return Ok(Via::Owner(f));
             }
@@ -480,7 +490,8 @@ impl DataService {
         self: &Arc<Self>,
         vdisk_id: &str,
     ) -> Result<Arc<dyn BlockDevice>, DataError> {
-        match self.route(vdisk_id).await? {
+        let via = self.route(vdisk_id).await?;
+        match via {
             Via::Here(v) => Ok(v),
             Via::Owner(_) => {
                 lock(&self.forwarders).remove(vdisk_id);

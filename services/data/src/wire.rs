@@ -671,7 +671,8 @@ async fn read_answers<R: AsyncRead>(
     loop {
         match read_frame(&mut rd).await {
             Ok((kind @ (KIND_OK | KIND_ERR), id, body)) => {
-                if let Some(tx) = lock(&pending).remove(&id) {
+                let waiting = lock(&pending).remove(&id);
+                if let Some(tx) = waiting {
                     let _ = tx.send((kind, body));
                 }
             }
