@@ -466,6 +466,95 @@ fn a_partitioned_owner_acknowledges_nothing_the_majority_then_loses() -> Result<
     Ok(())
 }
 
+/// A replica of an RF3 vdisk is cut off while the owner's host writes: the
+/// owner drops it from its groups (writes stall for the replica timeout,
+/// then resume on the two left), and after the heal the same node, still
+/// running with its stale files, is brought back to a full, current copy.
+#[test]
+fn a_partitioned_replica_is_dropped_then_comes_back_current() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let _g = serial();
+    let c = Cluster::start_netns(3)?;
+    let leader = c.index_of(c.wait_leader(Duration::from_secs(10))?);
+    let owner = (leader + 1) % 3;
+    let cut = (leader + 2) % 3;
+    let size = 8 * MIB;
+    let vd = c.make_vdisk("three", 3, "r", size, owner)?;
+    let ledger: Arc<Mutex<Ledger>> = Arc::default();
+    let acked = || ledger.lock().unwrap().ok;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = spawn_writer(c.block(owner, &vd)?, size, stop.clone(), ledger.clone());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        acked() > 20,
+        "no progress before the cut\n{}",
+        c.logs_tail()
+    );
+
+    c.partition(cut)?;
+    let (at_cut, t0) = (acked(), Instant::now());
+    while acked() < at_cut + 50 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "writes did not resume without the cut-off replica\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("writes resumed {:?} after the cut", t0.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    c.heal(cut)?;
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let l = ledger.lock().unwrap().clone();
+    eprintln!(
+        "{} writes acknowledged, {} failed, {} blocks checked",
+        l.ok,
+        l.failed,
+        l.acked.len()
+    );
+    for i in 0..3 {
+        let io = c.block(i, &vd)?;
+        let read = check_ledger(&io, &l);
+        if let Err(e) = read {
+            anyhow::bail!("reading through node index {i}: {e:#}\n{}", c.logs_tail());
+        }
+    }
+
+    // The node that was cut off ends up with a whole, current copy: the
+    // image exported from its disk alone equals the live vdisk.
+    let live = c.block(owner, &vd)?.read(0, size)?;
+    let img = c.root.path().join("cut-off-replica.img");
+    let (img_s, dir) = (
+        img.display().to_string(),
+        c.nodes[cut].dir.join("disks").display().to_string(),
+    );
+    let t1 = Instant::now();
+    loop {
+        let exported = c
+            .cli_ok(&["extent", "export", "--vdisk", &vd, "-o", &img_s, &dir])
+            .ok()
+            .and_then(|_| std::fs::read(&img).ok());
+        if exported.as_deref() == Some(&live[..]) {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(120),
+            "the node cut off never got a current copy back\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!(
+        "the cut-off node holds a current copy {:?} after the heal",
+        t1.elapsed()
+    );
+    Ok(())
+}
+
 #[test]
 fn wiped_node_is_rebuilt_to_full_replication() -> Result<()> {
     use std::time::{Duration, Instant};

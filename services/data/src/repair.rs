@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_api::data::v1::{RecordKind, ReplicaListRequest, ReplicaWrite};
@@ -60,11 +60,17 @@ impl Default for MonitorConfig {
     }
 }
 
+/// What the liveness loop knows: when each node last answered a ping, and
+/// which ones are dead now.
+#[derive(Default)]
+struct Liveness {
+    last_ok: HashMap<u64, Instant>,
+    dead: HashSet<u64>,
+}
+
 /// State the monitor keeps between passes.
 #[derive(Default)]
 struct MonitorState {
-    last_ok: HashMap<u64, Instant>,
-    started: Option<Instant>,
     /// Local groups found unreferenced, and when first seen so.
     orphans: HashMap<u64, Instant>,
     scrub_cursor: usize,
@@ -75,13 +81,19 @@ struct MonitorState {
 impl DataService {
     /// Runs the monitor until `stop`.
     pub async fn run_monitor(self: Arc<Self>, cfg: MonitorConfig, mut stop: watch::Receiver<bool>) {
-        let mut st = MonitorState {
-            started: Some(Instant::now()),
-            ..Default::default()
-        };
+        // Pings run on their own: a repair or scrub pass that waits on a
+        // silent node (each call up to its timeout) must not hold back
+        // finding it dead, which is what makes calls to it fail at once.
+        let liveness = Arc::new(Mutex::new(Liveness::default()));
+        tokio::spawn(
+            self.clone()
+                .run_liveness(cfg.interval, liveness.clone(), stop.clone()),
+        );
+        let mut st = MonitorState::default();
         let mut last_err = String::new();
         loop {
-            match self.monitor_pass(&cfg, &mut st).await {
+            let dead = lock(&liveness).dead.clone();
+            match self.monitor_pass(&cfg, &mut st, &dead).await {
                 // Log a failure once, not every pass.
                 Err(e) if e.to_string() != last_err => {
                     tracing::warn!(error = %e, "data monitor pass incomplete");
@@ -111,40 +123,68 @@ impl DataService {
         )
     }
 
+    /// Pings every member each `every` until `stop`, and keeps the verdict
+    /// (dead: silent for [`DEAD_AFTER`]) in `liveness` and in the peers.
+    async fn run_liveness(
+        self: Arc<Self>,
+        every: Duration,
+        liveness: Arc<Mutex<Liveness>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let started = Instant::now();
+        loop {
+            if let Ok(nodes) = self.meta.nodes() {
+                let me = &self;
+                let pings = join_all(
+                    nodes
+                        .iter()
+                        .map(|n| async move { (n.id, me.ping(n.id).await) }),
+                )
+                .await;
+                let now = Instant::now();
+                let mut l = lock(&liveness);
+                for (id, ok) in pings {
+                    if ok {
+                        l.last_ok.insert(id, now);
+                        self.peers.observe::<()>(id, &Ok(()));
+                    }
+                }
+                let dead: HashSet<u64> = nodes
+                    .iter()
+                    .map(|n| n.id)
+                    .filter(|id| *id != self.node_id)
+                    .filter(|id| match l.last_ok.get(id) {
+                        Some(t) => now - *t > DEAD_AFTER,
+                        // Never seen since we started: dead once we waited long enough.
+                        None => now - started > DEAD_AFTER * 2,
+                    })
+                    .collect();
+                for n in &nodes {
+                    if n.id == self.node_id {
+                        continue;
+                    }
+                    if dead.contains(&n.id) {
+                        self.peers
+                            .observe::<()>(n.id, &Err(DataError::Unavailable("no ping".into())));
+                    }
+                    self.peers.set_dead(n.id, dead.contains(&n.id));
+                }
+                l.dead = dead;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
     async fn monitor_pass(
         self: &Arc<Self>,
         cfg: &MonitorConfig,
         st: &mut MonitorState,
+        dead: &HashSet<u64>,
     ) -> Result<(), DataError> {
         let nodes = self.meta.nodes().map_err(meta_err)?;
-        let pings = join_all(
-            nodes
-                .iter()
-                .map(|n| async move { (n.id, self.ping(n.id).await) }),
-        )
-        .await;
-        let now = Instant::now();
-        let since_start = st.started.map(|s| now - s).unwrap_or_default();
-        for (id, ok) in pings {
-            if ok {
-                st.last_ok.insert(id, now);
-                self.peers.observe::<()>(id, &Ok(()));
-            }
-        }
-        let dead: HashSet<u64> = nodes
-            .iter()
-            .map(|n| n.id)
-            .filter(|id| *id != self.node_id)
-            .filter(|id| match st.last_ok.get(id) {
-                Some(t) => now - *t > DEAD_AFTER,
-                // Never seen since we started: dead once we waited long enough.
-                None => since_start > DEAD_AFTER * 2,
-            })
-            .collect();
-        for id in &dead {
-            self.peers
-                .observe::<()>(*id, &Err(DataError::Unavailable("no ping".into())));
-        }
         let members: HashSet<u64> = nodes.iter().map(|n| n.id).collect();
 
         if self
@@ -154,9 +194,9 @@ impl DataService {
             .map(|s| s.role == "leader")
             .unwrap_or(false)
         {
-            self.fail_over_owners(&dead).await?;
+            self.fail_over_owners(dead).await?;
         }
-        let repaired = self.repair_owned(cfg, &dead, &members, st).await?;
+        let repaired = self.repair_owned(cfg, dead, &members, st).await?;
         if !repaired && cfg.scrub_bytes_per_sec > 0 {
             self.scrub_some(cfg, st).await?;
         }

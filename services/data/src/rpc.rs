@@ -2,7 +2,7 @@
 //! runs (replica operations for remote primaries, and forwarded vdisk I/O),
 //! the client side with its error mapping, and the cache of peer channels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -253,6 +253,9 @@ pub struct Peers {
     clients: Mutex<HashMap<(u64, String), DataReplicaClient<Channel>>>,
     down: Mutex<HashMap<u64, Instant>>,
     wire: Mutex<HashMap<u64, Wire>>,
+    /// Nodes the liveness monitor found silent ([`crate::repair::DEAD_AFTER`]):
+    /// calls to them fail at once instead of each waiting out its timeout.
+    dead: Mutex<HashSet<u64>>,
 }
 
 /// What we know of a peer's replica fast path.
@@ -280,6 +283,7 @@ impl Peers {
             clients: Mutex::new(HashMap::new()),
             down: Mutex::new(HashMap::new()),
             wire: Mutex::new(HashMap::new()),
+            dead: Mutex::new(HashSet::new()),
         }
     }
 
@@ -320,6 +324,41 @@ impl Peers {
         };
         cairn_util::sync::lock(&self.wire).insert(id, state);
         c
+    }
+
+    /// The liveness monitor's verdict on node `id`. A node found dead has
+    /// its fast-path calls in flight failed now: without that, a write to
+    /// each extent group with a replica there waited out its own timeout
+    /// (10 s) before dropping it, one group after another, for as long as
+    /// writes met groups that still listed the node.
+    pub fn set_dead(&self, id: u64, dead: bool) {
+        if !dead {
+            if cairn_util::sync::lock(&self.dead).remove(&id) {
+                tracing::info!(node = id, "node answers pings again");
+            }
+            return;
+        }
+        if !cairn_util::sync::lock(&self.dead).insert(id) {
+            return;
+        }
+        tracing::warn!(
+            node = id,
+            "node does not answer pings; calls to it fail at once until it does"
+        );
+        let wire = cairn_util::sync::lock(&self.wire).remove(&id);
+        if let Some(Wire::Up(_, c)) = wire {
+            c.fail_all();
+        }
+    }
+
+    /// An error when the liveness monitor found node `id` dead.
+    pub fn check_alive(&self, id: u64) -> Result<(), DataError> {
+        if cairn_util::sync::lock(&self.dead).contains(&id) {
+            return Err(DataError::Unavailable(format!(
+                "node {id} does not answer pings"
+            )));
+        }
+        Ok(())
     }
 
     fn down(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {

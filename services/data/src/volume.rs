@@ -168,6 +168,7 @@ impl DataService {
         match self.target(node)? {
             Target::Local => self.pool.write_local(req).await.map(|_| ()),
             Target::Remote(id, addr) => {
+                self.peers.check_alive(id)?;
                 if let Some(w) = self.peers.wire(id, &addr).await {
                     let r = w.write(req, self.peers.timeout()).await.map(|_| ());
                     self.peers.observe(id, &r);
@@ -205,6 +206,7 @@ impl DataService {
         match self.target(node)? {
             Target::Local => self.pool.read(req).await,
             Target::Remote(id, addr) => {
+                self.peers.check_alive(id)?;
                 if let Some(w) = self.peers.wire(id, &addr).await {
                     let r = w.read(&req, self.peers.timeout()).await;
                     self.peers.observe(id, &r);
@@ -236,6 +238,7 @@ impl DataService {
         let reply = match self.target(node)? {
             Target::Local => self.pool.set_epoch(group, epoch).await?,
             Target::Remote(id, addr) => {
+                self.peers.check_alive(id)?;
                 let mut c = self.peers.client(id, &addr)?;
                 c.set_epoch(cairn_api::data::v1::ReplicaSetEpoch {
                     extent_group_id: group,
@@ -254,6 +257,7 @@ impl DataService {
         match self.target(node)? {
             Target::Local => self.pool.sync(&groups).await,
             Target::Remote(id, addr) => {
+                self.peers.check_alive(id)?;
                 let mut c = self.peers.client(id, &addr)?;
                 let r = match c
                     .sync(cairn_api::data::v1::ReplicaSync {
@@ -276,6 +280,7 @@ impl DataService {
         match self.target(node)? {
             Target::Local => self.pool.delete(group).await,
             Target::Remote(id, addr) => {
+                self.peers.check_alive(id)?;
                 let mut c = self.peers.client(id, &addr)?;
                 c.delete(cairn_api::data::v1::ReplicaDelete {
                     extent_group_id: group,

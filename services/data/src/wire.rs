@@ -535,6 +535,15 @@ impl WireClient {
         })))
     }
 
+    /// Gives the connection up: every call waiting for an answer fails now
+    /// ("connection lost"), and no call uses it again.
+    pub fn fail_all(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.reader.abort();
+        // Dropping the senders fails the waiting calls.
+        lock(&self.pending).clear();
+    }
+
     /// Whether the connection failed (a new one is needed).
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)

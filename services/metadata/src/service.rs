@@ -132,7 +132,7 @@ impl RaftTransport for RaftService {
         request: TonicRequest<RaftBatch>,
     ) -> Result<TonicResponse<RaftAck>, Status> {
         self.deliver(request.into_inner())?;
-        Ok(TonicResponse::new(RaftAck {}))
+        Ok(TonicResponse::new(RaftAck { raft_stream: true }))
     }
 
     async fn stream(
@@ -145,7 +145,7 @@ impl RaftTransport for RaftService {
         while let Some(batch) = stream.message().await? {
             self.deliver(batch)?;
         }
-        Ok(TonicResponse::new(RaftAck {}))
+        Ok(TonicResponse::new(RaftAck { raft_stream: true }))
     }
 
     async fn install_snapshot(
@@ -184,7 +184,7 @@ impl RaftTransport for RaftService {
             "metadata snapshot file received"
         );
         self.deliver(head)?;
-        Ok(TonicResponse::new(RaftAck {}))
+        Ok(TonicResponse::new(RaftAck { raft_stream: true }))
     }
 
     async fn status(

@@ -431,7 +431,16 @@ async fn peer_loop(
             Err(_) => Err(tonic::Status::deadline_exceeded("raft call timed out")),
         };
         match sent {
-            Ok(_) => {}
+            Ok(ack) => {
+                if ack.into_inner().raft_stream && (stream_refused || !grpc_streaming) {
+                    // Upgraded since it said no (restarted between two
+                    // batches, so no call failed).
+                    tracing::info!(peer = id, "peer now offers the raft stream");
+                    calls_since = None;
+                    stream_refused = false;
+                    grpc_streaming = true;
+                }
+            }
             Err(status) => {
                 warn(
                     "raft messages to peer dropped (peer unreachable?)",
@@ -595,6 +604,8 @@ mod tests {
         knows_install: bool,
         /// An older version still: no gRPC stream either (one call per batch).
         no_stream: bool,
+        /// Says in its answers that it serves the raft stream.
+        offers_raw: bool,
         installed: Installed,
     }
 
@@ -605,7 +616,9 @@ mod tests {
             r: tonic::Request<RaftBatch>,
         ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
             self.called.lock().unwrap().push(r.into_inner());
-            Ok(tonic::Response::new(RaftAck {}))
+            Ok(tonic::Response::new(RaftAck {
+                raft_stream: self.offers_raw,
+            }))
         }
         async fn stream(
             &self,
@@ -618,7 +631,7 @@ mod tests {
             while let Some(b) = s.message().await? {
                 self.streamed.lock().unwrap().push(b);
             }
-            Ok(tonic::Response::new(RaftAck {}))
+            Ok(tonic::Response::new(RaftAck::default()))
         }
         async fn install_snapshot(
             &self,
@@ -635,7 +648,7 @@ mod tests {
                 data.extend_from_slice(&c.data);
             }
             self.installed.lock().unwrap().push((head.unwrap(), data));
-            Ok(tonic::Response::new(RaftAck {}))
+            Ok(tonic::Response::new(RaftAck::default()))
         }
         async fn status(
             &self,
@@ -865,9 +878,15 @@ mod tests {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+        // Whether a call fails while it restarts or the first call reaches
+        // the new version (which says it serves the stream), the next
+        // batch asks again.
         let raw: Seen = Arc::default();
         serve_peer(
-            Grpc::default(),
+            Grpc {
+                offers_raw: true,
+                ..Default::default()
+            },
             Some(raw.clone()),
             listener.expect("the old peer's port comes free"),
             &server_id,
@@ -985,7 +1004,7 @@ mod tests {
         ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
             let mut s = r.into_inner();
             while s.message().await?.is_some() {}
-            Ok(tonic::Response::new(RaftAck {}))
+            Ok(tonic::Response::new(RaftAck::default()))
         }
         async fn install_snapshot(
             &self,
@@ -1009,7 +1028,7 @@ mod tests {
             f.finish(&self.0)
                 .await
                 .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-            Ok(tonic::Response::new(RaftAck {}))
+            Ok(tonic::Response::new(RaftAck::default()))
         }
         async fn status(
             &self,
