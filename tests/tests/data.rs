@@ -555,6 +555,64 @@ fn a_partitioned_replica_is_dropped_then_comes_back_current() -> Result<()> {
     Ok(())
 }
 
+/// Partitions that come and go: the owner of an RF2 vdisk and then a
+/// replica holder are cut off and healed, again and again, faster than a
+/// rebuild finishes, while a host writes through the one node never cut
+/// off. Every acknowledged write must be read back through every node at
+/// the end, and writes must flow again once the network is whole.
+#[test]
+fn flapping_partitions_lose_no_acknowledged_write() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let _g = serial();
+    let c = Cluster::start_netns(3)?;
+    let size = 8 * MIB;
+    let vd = c.make_vdisk("two", 2, "f", size, 0)?;
+    let ledger: Arc<Mutex<Ledger>> = Arc::default();
+    let acked = || ledger.lock().unwrap().ok;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = spawn_writer(c.block(2, &vd)?, size, stop.clone(), ledger.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    for (round, victim) in [0usize, 1, 0, 1].into_iter().enumerate() {
+        c.partition(victim)?;
+        std::thread::sleep(Duration::from_secs(7));
+        c.heal(victim)?;
+        std::thread::sleep(Duration::from_secs(4));
+        eprintln!(
+            "round {round}: node index {victim} cut 7 s, healed; {} acknowledged",
+            acked()
+        );
+    }
+    // Whole again: writes must flow.
+    let (n0, t0) = (acked(), Instant::now());
+    while acked() < n0 + 100 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "writes did not resume once the network was whole\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let l = ledger.lock().unwrap().clone();
+    eprintln!(
+        "{} writes acknowledged, {} failed, {} blocks checked",
+        l.ok,
+        l.failed,
+        l.acked.len()
+    );
+    for i in 0..3 {
+        let io = c.block(i, &vd)?;
+        let read = check_ledger(&io, &l);
+        if let Err(e) = read {
+            anyhow::bail!("reading through node index {i}: {e:#}\n{}", c.logs_tail());
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn wiped_node_is_rebuilt_to_full_replication() -> Result<()> {
     use std::time::{Duration, Instant};
