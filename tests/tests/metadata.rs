@@ -350,6 +350,30 @@ fn a_follower_behind_log_compaction_catches_up_by_snapshot_and_drops_what_was_de
         on_follower.is_disjoint(&doomed),
         "vdisks deleted while the follower was down must be gone from it"
     );
+
+    // A received snapshot raft can no longer install (below the applied
+    // index, as one turned down on arrival is) goes while the node runs;
+    // one above it (it may be about to be installed) stays.
+    let snaps = c.nodes[fi].dir.join("metadata-snapshots");
+    let (stale, ahead) = (
+        snaps.join("received-1-1.snap"),
+        snaps.join(format!("received-{}-1.snap", u64::MAX / 2)),
+    );
+    std::fs::write(&stale, vec![0u8; 1 << 20])?;
+    std::fs::write(&ahead, b"not yet")?;
+    let t0 = Instant::now();
+    while stale.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "a stale received snapshot file stayed"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        ahead.exists(),
+        "a snapshot that may still be installed was removed"
+    );
+    std::fs::remove_file(&ahead)?;
     Ok(())
 }
 

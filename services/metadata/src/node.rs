@@ -51,6 +51,9 @@ use crate::state::{self, Layered, Overlay, KEY_APPLIED, KEY_CONF_STATE, PREFIX_N
 use crate::transport::Transport;
 use crate::MetaError;
 
+/// How often received snapshot files raft can no longer use are removed.
+const SNAPSHOT_SWEEP: Duration = Duration::from_secs(10);
+
 /// Tunables of the raft loop.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
@@ -163,6 +166,7 @@ impl Driver {
         self.refresh_peers()?;
         let mut next_tick = Instant::now() + self.settings.tick;
         let mut next_sweep = Instant::now() + Duration::from_secs(1);
+        let mut next_snap_sweep = Instant::now() + SNAPSHOT_SWEEP;
         loop {
             let deadline = tokio::time::Instant::from_std(next_tick);
             match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
@@ -193,10 +197,28 @@ impl Driver {
                 self.sweep_abandoned();
                 next_sweep = now + Duration::from_secs(1);
             }
+            if now >= next_snap_sweep {
+                self.sweep_received_snapshots();
+                next_snap_sweep = now + SNAPSHOT_SWEEP;
+            }
             self.start_reads();
             self.on_ready().await?;
         }
         self.shutdown().await
+    }
+
+    /// Removes received snapshot files raft can no longer install: their
+    /// index is below what this node has applied (raft refuses a snapshot
+    /// at or below its commit index). A snapshot raft turned down when it
+    /// arrived (stale by then) used to stay, as large as the whole state,
+    /// until the next install or start. The one being installed is never
+    /// below the applied index: installs run on this task, and `applied`
+    /// moves to a snapshot's index only once it is in.
+    fn sweep_received_snapshots(&self) {
+        let dir = self.raw.store().snap_dir().clone();
+        let below = self.applied;
+        // Unlinking a file of gigabytes takes a while: not on this worker.
+        tokio::task::spawn_blocking(move || dir.remove_received_below(below));
     }
 
     async fn shutdown(self) -> Result<(), MetaError> {
