@@ -183,6 +183,9 @@ const FRAME_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// asked again. A restart of the peer (an upgrade) fails a call and asks
 /// at once; this catches one that came back between two batches.
 const REPROBE_AFTER: Duration = Duration::from_secs(60);
+/// How often a snapshot that keeps failing to reach a peer is logged as a
+/// warning (raft asks again after each failure).
+const SNAPSHOT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The task driving a peer's gRPC raft stream; it ends when the stream does.
 type StreamCall =
@@ -277,6 +280,7 @@ async fn peer_loop(
     let mut grpc_streaming = true;
     // Since when every batch goes by one call (neither stream offered).
     let mut calls_since: Option<Instant> = None;
+    let snap_warned: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -292,12 +296,21 @@ async fn peer_loop(
             .partition(|m| m.get_msg_type() == MessageType::MsgSnapshot);
         for snap in snapshots {
             let (client, dir, inbox) = (client.clone(), snap_dir.clone(), inbox.clone());
-            let from_addr = from_addr.clone();
+            let (from_addr, snap_warned) = (from_addr.clone(), snap_warned.clone());
             tokio::spawn(async move {
                 let to = snap.to;
                 let sent = send_snapshot(client, snap, &dir, from_node, &from_addr).await;
                 if let Err(e) = &sent {
-                    tracing::warn!(peer = to, error = %e, "metadata snapshot not sent");
+                    // Raft asks again after each failure: one line a minute
+                    // says it as well as one per attempt.
+                    let mut last = cairn_util::sync::lock(&snap_warned);
+                    if last.is_none_or(|t| t.elapsed() > SNAPSHOT_WARN_EVERY) {
+                        tracing::warn!(peer = to, error = %e, "metadata snapshot not sent");
+                        *last = Some(Instant::now());
+                    } else {
+                        tracing::debug!(peer = to, error = %e, "metadata snapshot not sent");
+                    }
+                    drop(last);
                     let _ = inbox.send(Msg::Unreachable(to));
                 }
                 let _ = inbox.send(Msg::SnapshotDone {
@@ -491,12 +504,22 @@ async fn send_snapshot(
         );
         match stream_file(client.clone(), head, file).await {
             Err(s) if s.code() == tonic::Code::Unimplemented => {
+                let limit = MAX_RPC_MESSAGE - (1 << 20);
+                if data.file.as_ref().is_some_and(|f| f.bytes > limit as u64) {
+                    // Refused before reading: the inline message would be
+                    // about as large as the file, and raft asks again soon.
+                    return Err(format!(
+                        "the metadata snapshot at index {index} is larger than the {limit} \
+                         bytes an older node takes in one message; upgrade that node to let \
+                         it catch up"
+                    ));
+                }
                 tracing::info!(
                     peer = msg.to,
                     "peer has no InstallSnapshot (an older version); sending the state inline"
                 );
                 let inline = tokio::task::spawn_blocking(move || {
-                    crate::snapfile::read_inline(&path, index, term, MAX_RPC_MESSAGE - (1 << 20))
+                    crate::snapfile::read_inline(&path, index, term, limit)
                 })
                 .await
                 .map_err(|e| e.to_string())?
@@ -968,6 +991,26 @@ mod tests {
         assert_eq!(
             (data.applied_index, msg.get_snapshot().get_metadata().index),
             (500, 500)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_older_peer_is_refused_a_state_too_large_for_one_message_without_reading_it() {
+        let grpc = Grpc::default();
+        let (mut m, _, sd) = file_snapshot(100);
+        // The descriptor says what the file holds: past one message, the
+        // file is not read into memory only to be refused.
+        let mut data = crate::log::decode_snapshot(m.get_snapshot()).unwrap();
+        if let Some(f) = data.file.as_mut() {
+            f.bytes = MAX_RPC_MESSAGE as u64;
+        }
+        m.mut_snapshot().set_data(data.encode_to_vec().into());
+        let (t, mut rx) = peer_and_sender(grpc.clone(), None, sd).await;
+        t.send(vec![m]);
+        assert!(!snapshot_done(&mut rx).await, "raft hears it failed");
+        assert!(
+            grpc.called.lock().unwrap().is_empty(),
+            "nothing sent inline"
         );
     }
 
