@@ -22,7 +22,7 @@
 //!   epoch, so a stale primary can no longer complete a write.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -94,9 +94,14 @@ pub(crate) struct GroupState {
     pub(crate) id: u64,
     rec: RwLock<ExtentGroupRecord>,
     next_seq: AtomicU64,
-    /// Set once the primary has fenced older primaries (or created the
-    /// group); cleared when another node raised the epoch.
-    ready: AtomicBool,
+    /// The vdisk owner epoch + 1 under which this node fenced older
+    /// primaries (or created the group); 0 when not ready. Tied to the
+    /// owner epoch because this state outlives an ownership: a node that
+    /// lost a vdisk and later got it back kept "ready" groups whose record
+    /// (replicas, epoch) was from its first tenure, and read its own stale
+    /// copies as current (found by flapping partitions: an acknowledged
+    /// write read back older). Cleared when another node raised the epoch.
+    ready: AtomicU64,
     /// Serializes replica-set changes and takeovers.
     pub(crate) change: tokio::sync::Mutex<()>,
     /// Header to send with writes while replicas may not have the file yet.
@@ -300,7 +305,9 @@ impl DataService {
         let mut m = lock(&self.groups);
         m.entry(rec.id)
             .or_insert_with(|| {
-                let ready = AtomicBool::new(fresh.is_some());
+                // Never ready for an owner epoch yet: the first write or
+                // live read takes the group over.
+                let ready = AtomicU64::new(0);
                 let next = if fresh.is_some() { 1 } else { 0 };
                 Arc::new(GroupState {
                     id: rec.id,
@@ -795,7 +802,7 @@ impl Volume {
             id: rec.id,
             rec: RwLock::new(rec.clone()),
             next_seq: AtomicU64::new(1),
-            ready: AtomicBool::new(true),
+            ready: AtomicU64::new(self.rec().owner_epoch + 1),
             change: tokio::sync::Mutex::new(()),
             create: RwLock::new(Some(header.clone())),
             gate: tokio::sync::RwLock::new(()),
@@ -1010,7 +1017,7 @@ impl Volume {
                         self.rec().id
                     )));
                 }
-                gs.ready.store(false, Ordering::SeqCst);
+                gs.ready.store(0, Ordering::SeqCst);
                 self.ensure_ready(gs).await?;
                 continue;
             }
@@ -1118,11 +1125,12 @@ impl Volume {
     /// the highest sequence, and bring replicas that missed an unacknowledged
     /// write into agreement.
     async fn ensure_ready(&self, gs: &Arc<GroupState>) -> Result<(), DataError> {
-        if gs.ready.load(Ordering::SeqCst) {
+        let tenure = self.rec().owner_epoch + 1;
+        if gs.ready.load(Ordering::SeqCst) == tenure {
             return Ok(());
         }
         let c = gs.change.lock().await;
-        if gs.ready.load(Ordering::SeqCst) {
+        if gs.ready.load(Ordering::SeqCst) == tenure {
             return Ok(());
         }
         self.refresh_group(gs).await?;
@@ -1191,7 +1199,7 @@ impl Volume {
         if seqs.iter().any(|(_, s, _)| *s != max) || digests_differ {
             self.reconcile(gs).await?;
         }
-        gs.ready.store(true, Ordering::SeqCst);
+        gs.ready.store(tenure, Ordering::SeqCst);
         drop(c);
         tracing::info!(
             group = gs.id,
@@ -1288,8 +1296,9 @@ impl Volume {
         gs: &Arc<GroupState>,
         first: u32,
         count: u32,
+        live: bool,
     ) -> Result<Vec<bool>, DataError> {
-        Ok(self.query_group(gs, first, count, false, true).await?.1)
+        Ok(self.query_group(gs, first, count, live, true).await?.1)
     }
 
     async fn query_group(
@@ -1652,9 +1661,13 @@ impl BlockDevice for Volume {
                 None => push(base + p.off, p.len, false),
                 Some(m) => {
                     let gs = self.svc.load_group(m.extent_group_id).await?;
+                    // A live group's replicas are known only once this
+                    // owner has taken it over (as for reads): an older
+                    // record may list a copy that missed writes.
+                    let live = m.vdisk_id == self.rec().id && m.generation == self.rec().generation;
                     let first = (p.off / BLOCK_SIZE as u64) as u32;
                     let last = (p.off + p.len).div_ceil(BLOCK_SIZE as u64) as u32;
-                    let mapped = self.group_states(&gs, first, last - first).await?;
+                    let mapped = self.group_states(&gs, first, last - first, live).await?;
                     for (i, m) in mapped.iter().enumerate() {
                         let bstart = base + u64::from(first + i as u32) * BLOCK_SIZE as u64;
                         let s = bstart.max(base + p.off);
