@@ -51,6 +51,9 @@ use crate::state::{self, Layered, Overlay, KEY_APPLIED, KEY_CONF_STATE, PREFIX_N
 use crate::transport::Transport;
 use crate::MetaError;
 
+/// Silence from a member after which its outbound link is renewed.
+const SILENT_LINK: Duration = Duration::from_secs(3);
+
 /// How often received snapshot files raft can no longer use are removed.
 const SNAPSHOT_SWEEP: Duration = Duration::from_secs(10);
 
@@ -125,6 +128,10 @@ pub(crate) struct Driver {
     applied_term: u64,
     conf_state: ConfState,
     last_leader: u64,
+    /// When each peer's last raft message arrived, and when its link was
+    /// last renewed for silence (see [`Transport::reconnect`]).
+    last_heard: HashMap<u64, Instant>,
+    last_renewed: HashMap<u64, Instant>,
 }
 
 impl Driver {
@@ -157,6 +164,8 @@ impl Driver {
             applied_term: applied.1,
             conf_state,
             last_leader: raft::INVALID_ID,
+            last_heard: HashMap::new(),
+            last_renewed: HashMap::new(),
         }
     }
 
@@ -192,6 +201,7 @@ impl Driver {
             if now >= next_tick {
                 self.raw.tick();
                 next_tick = now + self.settings.tick;
+                self.renew_silent_links(now);
             }
             if now >= next_sweep {
                 self.sweep_abandoned();
@@ -205,6 +215,28 @@ impl Driver {
             self.on_ready().await?;
         }
         self.shutdown().await
+    }
+
+    /// Asks the transport for a new connection to each member this node
+    /// has not heard from for [`SILENT_LINK`] (at most once per that long
+    /// per peer). A link only renews when something is sent on it, so a
+    /// follower's idle links to other followers are left alone.
+    fn renew_silent_links(&mut self, now: Instant) {
+        let members = self
+            .conf_state
+            .voters
+            .iter()
+            .chain(&self.conf_state.learners)
+            .copied()
+            .filter(|id| *id != self.id);
+        for id in members {
+            let heard = *self.last_heard.entry(id).or_insert(now);
+            let renewed = self.last_renewed.get(&id).copied();
+            if now - heard > SILENT_LINK && renewed.is_none_or(|t| now - t > SILENT_LINK) {
+                self.transport.reconnect(id);
+                self.last_renewed.insert(id, now);
+            }
+        }
     }
 
     /// Removes received snapshot files raft can no longer install: their
@@ -294,6 +326,7 @@ impl Driver {
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Raft(m) => {
+                self.last_heard.insert(m.from, Instant::now());
                 if let Err(e) = self.raw.step(*m) {
                     tracing::debug!(node = self.id, error = %e, "raft step ignored a message");
                 }

@@ -35,6 +35,8 @@ pub const MAX_RPC_MESSAGE: usize = 512 << 20;
 struct Peer {
     addr: String,
     tx: mpsc::Sender<RaftMessage>,
+    /// Set by [`Transport::reconnect`]: the next batch opens a new link.
+    reset: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Outbound raft transport of one node.
@@ -129,6 +131,7 @@ impl Transport {
             }
         };
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let reset = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let client = RaftTransportClient::new(channel)
             .max_decoding_message_size(MAX_RPC_MESSAGE)
             .max_encoding_message_size(MAX_RPC_MESSAGE);
@@ -142,6 +145,7 @@ impl Transport {
             self.inbox(),
             self.self_id,
             self.self_addr.clone(),
+            reset.clone(),
         ));
         tracing::info!(peer = id, addr, "raft peer address set");
         peers.insert(
@@ -149,8 +153,20 @@ impl Transport {
             Peer {
                 addr: addr.to_string(),
                 tx,
+                reset,
             },
         );
+    }
+
+    /// Makes the next batch to `id` go on a new connection. For a peer
+    /// the driver has not heard from for a while: after a partition heals,
+    /// the old connection's unacknowledged data waits for TCP's backed-off
+    /// retransmission (seconds, up to two minutes after a long cut) while
+    /// the peer, hearing no leader, keeps campaigning.
+    pub(crate) fn reconnect(&self, id: u64) {
+        if let Some(p) = self.peers().get(&id) {
+            p.reset.store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     pub(crate) fn remove_peer(&self, id: u64) {
@@ -265,6 +281,7 @@ async fn peer_loop(
     inbox: UnboundedSender<Msg>,
     from_node: u64,
     from_addr: String,
+    reset: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut last_warn: Option<Instant> = None;
     let mut warn = |what: &str, err: &str| {
@@ -330,6 +347,14 @@ async fn peer_loop(
             }
         }
         let oversized = messages.iter().any(|m| m.len() > wire::MAX_STREAM_MESSAGE);
+        if reset.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            match std::mem::replace(&mut link, Link::Down) {
+                Link::Raw(raw) => raw.watch.abort(),
+                Link::Grpc(_, call) => call.abort(),
+                Link::Down => {}
+            }
+            stream_refused = false;
+        }
 
         // Ordinary messages ride a stream; oversized messages (and peers
         // without any stream) use a call.
