@@ -660,10 +660,21 @@ impl Cluster {
     /// Cuts node index `i` off from every other node (both ways); the test
     /// host (.254) still reaches it.
     pub fn partition(&self, i: usize) -> Result<()> {
+        self.cut(i, true)
+    }
+
+    /// A one-way cut: node index `i` still sends to the other nodes but
+    /// hears nothing from them (its answers and pings arrive, theirs do
+    /// not); the test host still reaches it both ways.
+    pub fn deafen(&self, i: usize) -> Result<()> {
+        self.cut(i, false)
+    }
+
+    fn cut(&self, i: usize, both_ways: bool) -> Result<()> {
         let ns = self.nodes[i]
             .ns
             .as_deref()
-            .ok_or_else(|| anyhow!("partition needs a netns cluster"))?;
+            .ok_or_else(|| anyhow!("a cut needs a netns cluster"))?;
         let others: Vec<String> = self
             .nodes
             .iter()
@@ -672,15 +683,20 @@ impl Cluster {
             .map(|(_, n)| n.ip.clone())
             .collect();
         let set = others.join(", ");
-        for cmd in [
+        let mut cmds = vec![
             "add table inet cairnpart".to_string(),
             "add chain inet cairnpart in { type filter hook input priority 0; policy accept; }"
                 .to_string(),
             "add chain inet cairnpart out { type filter hook output priority 0; policy accept; }"
                 .to_string(),
             format!("add rule inet cairnpart in ip saddr {{ {set} }} drop"),
-            format!("add rule inet cairnpart out ip daddr {{ {set} }} drop"),
-        ] {
+        ];
+        if both_ways {
+            cmds.push(format!(
+                "add rule inet cairnpart out ip daddr {{ {set} }} drop"
+            ));
+        }
+        for cmd in cmds {
             nft(ns, &cmd)?;
         }
         Ok(())
