@@ -280,6 +280,23 @@ fn check_ledger(io: &cairn_tests::BlockClient, l: &Ledger) -> Result<()> {
     Ok(())
 }
 
+/// [`check_ledger`] through every node, with the nodes' logs on a failure.
+fn check_ledger_everywhere(c: &Cluster, vd: &str, l: &Ledger) -> Result<()> {
+    eprintln!(
+        "{} writes acknowledged, {} failed, {} blocks checked",
+        l.ok,
+        l.failed,
+        l.acked.len()
+    );
+    for i in 0..c.nodes.len() {
+        let read = check_ledger(&c.block(i, vd)?, l);
+        if let Err(e) = read {
+            anyhow::bail!("reading through node index {i}: {e:#}\n{}", c.logs_tail());
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn writers_survive_kill9_of_a_replica_and_of_the_primary_rf2_rf3() -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -473,23 +490,8 @@ fn partitioned_owner(one_way: bool) -> Result<()> {
         l.ok - before,
         c.logs_tail()
     );
-    eprintln!(
-        "{} writes acknowledged in all, {} failed, {} blocks checked",
-        l.ok,
-        l.failed,
-        l.acked.len()
-    );
     // Every node, the old owner included, reads what was acknowledged last.
-    for i in 0..3 {
-        let io = c.block(i, &vd)?;
-        let read = check_ledger(&io, &l);
-        if let Err(e) = read {
-            anyhow::bail!(
-                "reading through node index {i} (the old owner is {old}): {e:#}\n{}",
-                c.logs_tail()
-            );
-        }
-    }
+    check_ledger_everywhere(&c, &vd, &l)?;
     assert_eq!(
         owner_seen_by(old),
         Some(new_owner),
@@ -542,19 +544,7 @@ fn a_partitioned_replica_is_dropped_then_comes_back_current() -> Result<()> {
     stop.store(true, Ordering::SeqCst);
     w.join().unwrap();
     let l = ledger.lock().unwrap().clone();
-    eprintln!(
-        "{} writes acknowledged, {} failed, {} blocks checked",
-        l.ok,
-        l.failed,
-        l.acked.len()
-    );
-    for i in 0..3 {
-        let io = c.block(i, &vd)?;
-        let read = check_ledger(&io, &l);
-        if let Err(e) = read {
-            anyhow::bail!("reading through node index {i}: {e:#}\n{}", c.logs_tail());
-        }
-    }
+    check_ledger_everywhere(&c, &vd, &l)?;
 
     // The node that was cut off ends up with a whole, current copy: the
     // image exported from its disk alone equals the live vdisk.
@@ -629,19 +619,7 @@ fn flapping_partitions_lose_no_acknowledged_write() -> Result<()> {
     stop.store(true, Ordering::SeqCst);
     w.join().unwrap();
     let l = ledger.lock().unwrap().clone();
-    eprintln!(
-        "{} writes acknowledged, {} failed, {} blocks checked",
-        l.ok,
-        l.failed,
-        l.acked.len()
-    );
-    for i in 0..3 {
-        let io = c.block(i, &vd)?;
-        let read = check_ledger(&io, &l);
-        if let Err(e) = read {
-            anyhow::bail!("reading through node index {i}: {e:#}\n{}", c.logs_tail());
-        }
-    }
+    check_ledger_everywhere(&c, &vd, &l)?;
     Ok(())
 }
 

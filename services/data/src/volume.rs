@@ -297,25 +297,21 @@ impl DataService {
         }
     }
 
-    pub(crate) fn group_state(
-        &self,
-        rec: ExtentGroupRecord,
-        fresh: Option<ExtentGroupHeader>,
-    ) -> Arc<GroupState> {
+    /// The cached state of an existing group (groups this node creates
+    /// are cached by `Volume` as it makes them).
+    pub(crate) fn group_state(&self, rec: ExtentGroupRecord) -> Arc<GroupState> {
         let mut m = lock(&self.groups);
         m.entry(rec.id)
             .or_insert_with(|| {
-                // Never ready for an owner epoch yet: the first write or
-                // live read takes the group over.
-                let ready = AtomicU64::new(0);
-                let next = if fresh.is_some() { 1 } else { 0 };
                 Arc::new(GroupState {
                     id: rec.id,
                     rec: RwLock::new(rec),
-                    next_seq: AtomicU64::new(next),
-                    ready,
+                    // Learned, and the group made ready, by the takeover
+                    // of the first write or live read.
+                    next_seq: AtomicU64::new(0),
+                    ready: AtomicU64::new(0),
                     change: tokio::sync::Mutex::new(()),
-                    create: RwLock::new(fresh),
+                    create: RwLock::new(None),
                     gate: tokio::sync::RwLock::new(()),
                 })
             })
@@ -331,7 +327,7 @@ impl DataService {
             .extent_group(id)
             .map_err(meta_err)?
             .ok_or_else(|| DataError::NotFound(format!("extent group {id}")))?;
-        Ok(self.group_state(rec, None))
+        Ok(self.group_state(rec))
     }
 
     /// Chooses `rf` nodes for a new group: this node first (reads stay

@@ -231,6 +231,24 @@ enum Link {
     Grpc(mpsc::Sender<RaftBatch>, StreamCall),
 }
 
+/// What a peer (an older version) said it does not serve; forgotten when
+/// it may have been upgraded since.
+#[derive(Default)]
+struct Refused {
+    /// The last connection was answered without the raft stream; asked
+    /// again whenever its gRPC stream ends.
+    raw: bool,
+    /// Since when it refused the gRPC stream too: every batch goes by
+    /// one call.
+    grpc_stream: Option<Instant>,
+}
+
+impl Refused {
+    fn any(&self) -> bool {
+        self.raw || self.grpc_stream.is_some()
+    }
+}
+
 /// The batch that carries `messages` from this node, whichever way it goes.
 fn raft_batch(from_node: u64, from_addr: &str, messages: Vec<Vec<u8>>) -> RaftBatch {
     RaftBatch {
@@ -291,12 +309,7 @@ async fn peer_loop(
         }
     };
     let mut link = Link::Down;
-    // The peer answered the last connection without the raft stream; asked
-    // again whenever its gRPC stream ends (it may have been upgraded).
-    let mut stream_refused = false;
-    let mut grpc_streaming = true;
-    // Since when every batch goes by one call (neither stream offered).
-    let mut calls_since: Option<Instant> = None;
+    let mut refused = Refused::default();
     let snap_warned: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -353,16 +366,17 @@ async fn peer_loop(
                 Link::Grpc(_, call) => call.abort(),
                 Link::Down => {}
             }
-            stream_refused = false;
+            refused.raw = false;
         }
 
         // Ordinary messages ride a stream; oversized messages (and peers
         // without any stream) use a call.
-        if calls_since.is_some_and(|t| t.elapsed() > REPROBE_AFTER) {
+        if refused
+            .grpc_stream
+            .is_some_and(|t| t.elapsed() > REPROBE_AFTER)
+        {
             // The peer may have been upgraded since it last said no.
-            calls_since = None;
-            stream_refused = false;
-            grpc_streaming = true;
+            refused = Refused::default();
         }
         if !oversized {
             match &link {
@@ -375,7 +389,7 @@ async fn peer_loop(
                                     peer = id,
                                     "peer has no raft stream; using one call per batch"
                                 );
-                                grpc_streaming = false;
+                                refused.grpc_stream = Some(Instant::now());
                             }
                             Ok(Err(s)) => {
                                 warn("raft stream to peer ended (peer unreachable?)", s.message())
@@ -383,12 +397,12 @@ async fn peer_loop(
                             _ => {}
                         }
                     }
-                    stream_refused = false;
+                    refused.raw = false;
                     let _ = inbox.send(Msg::Unreachable(id));
                 }
                 _ => {}
             }
-            if matches!(link, Link::Down) && !stream_refused {
+            if matches!(link, Link::Down) && !refused.raw {
                 match cairn_rpc::dial::connect_alpn(&addr, &tls, wire::ALPNS, CONNECT_TIMEOUT).await
                 {
                     Ok(Some(stream)) => {
@@ -403,7 +417,7 @@ async fn peer_loop(
                     }
                     Ok(None) => {
                         tracing::info!(peer = id, "peer has no raft stream; using gRPC");
-                        stream_refused = true;
+                        refused.raw = true;
                     }
                     Err(e) => {
                         warn("cannot connect to raft peer", &e.to_string());
@@ -415,10 +429,7 @@ async fn peer_loop(
                     }
                 }
             }
-            if matches!(link, Link::Down) && !grpc_streaming && calls_since.is_none() {
-                calls_since = Some(Instant::now());
-            }
-            if matches!(link, Link::Down) && grpc_streaming {
+            if matches!(link, Link::Down) && refused.grpc_stream.is_none() {
                 let (tx, brx) = mpsc::channel::<RaftBatch>(256);
                 let body =
                     futures::stream::unfold(
@@ -470,13 +481,11 @@ async fn peer_loop(
         };
         match sent {
             Ok(ack) => {
-                if ack.into_inner().raft_stream && (stream_refused || !grpc_streaming) {
+                if ack.into_inner().raft_stream && refused.any() {
                     // Upgraded since it said no (restarted between two
                     // batches, so no call failed).
                     tracing::info!(peer = id, "peer now offers the raft stream");
-                    calls_since = None;
-                    stream_refused = false;
-                    grpc_streaming = true;
+                    refused = Refused::default();
                 }
             }
             Err(status) => {
@@ -487,9 +496,7 @@ async fn peer_loop(
                 let _ = inbox.send(Msg::Unreachable(id));
                 // It may be restarting as a newer version: the next batch
                 // asks for the streams again.
-                calls_since = None;
-                stream_refused = false;
-                grpc_streaming = true;
+                refused = Refused::default();
                 // Drop what queued up meanwhile: raft resends what still matters.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
