@@ -5,6 +5,8 @@
 //! - the extent group file format ([`format`], [`egroup`]): self-describing,
 //!   append-only, a crc32c per 4 KiB block, optional zstd per record, and
 //!   the index checkpoints beside each file ([`checkpoint`]);
+//! - re-replication that copies only what a returning replica missed
+//!   ([`catchup`]);
 //! - the local disks ([`store`]): placement across them, free space, group
 //!   commit (concurrent writes to a group share one fdatasync);
 //! - the front-end trait ([`frontend::BlockDevice`]), the only way iSCSI and
@@ -16,6 +18,7 @@
 //! whose checksum fails is never returned ([`egroup::ExtentGroupFile::read`]
 //! returns an error instead).
 
+pub mod catchup;
 pub mod checkpoint;
 pub mod egroup;
 pub mod format;

@@ -232,6 +232,7 @@ impl LocalPool {
             return Ok(ReplicaReadReply {
                 data: Vec::new(),
                 blocks: block_states(&disk, &group, first, count),
+                versions: true,
             });
         }
         // From the page cache without leaving this thread when it can be.
@@ -239,12 +240,17 @@ impl LocalPool {
             return Ok(ReplicaReadReply {
                 data,
                 blocks: block_states(&disk, &group, first, count),
+                versions: true,
             });
         }
         blocking(move || {
             let data = disk.read(&group, first, count)?;
             let blocks = block_states(&disk, &group, first, count);
-            Ok(ReplicaReadReply { data, blocks })
+            Ok(ReplicaReadReply {
+                data,
+                blocks,
+                versions: true,
+            })
         })
         .await
     }
@@ -380,13 +386,10 @@ impl LocalPool {
     }
 }
 
-/// Mapped or not, and the sequence, of each block of a range.
+/// Mapped or not, the sequence and the checksum of each block of a range.
 fn block_states(disk: &DiskStore, group: &Group, first: u32, count: u32) -> Vec<BlockState> {
     disk.slots(group, first, count)
-        .into_iter()
-        .map(|s| BlockState {
-            mapped: s.is_mapped(),
-            sequence: s.seq(),
-        })
+        .iter()
+        .map(crate::catchup::block_state)
         .collect()
 }

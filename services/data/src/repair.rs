@@ -30,6 +30,7 @@ use futures::future::join_all;
 use prost::Message as _;
 use tokio::sync::watch;
 
+use crate::catchup;
 use crate::format::{self, BLOCK_SIZE};
 use crate::volume::{group_block_count, lock, meta_err, DataService, GroupState, Target, Volume};
 use crate::DataError;
@@ -38,6 +39,12 @@ use crate::DataError;
 pub const DEAD_AFTER: Duration = Duration::from_secs(5);
 /// How long a local replica must stay unreferenced before it is deleted.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+/// Default of [`MonitorConfig::rebuild_wait`]: long enough for a node's
+/// restart or a reboot of its VM (an upgrade), short enough that a node
+/// that is gone does not leave its groups with a replica fewer for long.
+/// Ceph waits 10 minutes before it marks an OSD out, Longhorn 10 before it
+/// replenishes a replica.
+pub const REBUILD_WAIT: Duration = Duration::from_secs(300);
 /// Key prefix of task records in the metadata key-value space.
 pub const TASK_PREFIX: &str = "tasks/";
 
@@ -46,6 +53,11 @@ pub const TASK_PREFIX: &str = "tasks/";
 pub struct MonitorConfig {
     pub interval: Duration,
     pub rebuild_bytes_per_sec: u64,
+    /// How long a group whose replica was dropped while its node could not
+    /// be reached waits for that node to come back (and be caught up with
+    /// what it missed) before it is rebuilt on another node. Zero rebuilds
+    /// at once.
+    pub rebuild_wait: Duration,
     /// 0 disables the scrubber.
     pub scrub_bytes_per_sec: u64,
 }
@@ -55,6 +67,7 @@ impl Default for MonitorConfig {
         Self {
             interval: Duration::from_secs(2),
             rebuild_bytes_per_sec: 200 << 20,
+            rebuild_wait: REBUILD_WAIT,
             scrub_bytes_per_sec: 16 << 20,
         }
     }
@@ -68,6 +81,65 @@ struct Liveness {
     dead: HashSet<u64>,
 }
 
+/// Builds a copy record for one group (kind, sequence, first block, block
+/// count, data, whether it may create the file).
+type CopyWrite<'a> = dyn Fn(RecordKind, u64, u32, u32, Vec<u8>, bool) -> ReplicaWrite + Sync + 'a;
+
+/// One group a re-replication pass works on.
+struct RepairWork {
+    vol: Arc<Volume>,
+    g: ExtentGroupRecord,
+    /// Replicas to drop from its set.
+    lost: Vec<u64>,
+    /// Live nodes outside its set that still hold a readable copy (a
+    /// replica dropped while its node was away): caught up first.
+    stale: Vec<u64>,
+}
+
+/// What bringing one replica back took.
+#[derive(Debug, Clone, Copy, Default)]
+struct Copied {
+    /// Only the blocks it missed were copied.
+    caught_up: bool,
+    /// Block data sent.
+    bytes: u64,
+}
+
+/// What a re-replication pass did, for its task and its log line.
+#[derive(Debug, Default)]
+struct CopyTally {
+    caught_up: u64,
+    caught_up_blocks: u64,
+    whole: u64,
+    whole_blocks: u64,
+}
+
+impl CopyTally {
+    fn add(&mut self, c: &Copied) {
+        let blocks = c.bytes / BLOCK_SIZE as u64;
+        if c.caught_up {
+            self.caught_up += 1;
+            self.caught_up_blocks += blocks;
+        } else {
+            self.whole += 1;
+            self.whole_blocks += blocks;
+        }
+    }
+}
+
+impl std::fmt::Display for CopyTally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} caught up ({} KiB missed), {} copied whole ({} KiB)",
+            self.caught_up,
+            self.caught_up_blocks * BLOCK_SIZE as u64 / 1024,
+            self.whole,
+            self.whole_blocks * BLOCK_SIZE as u64 / 1024
+        )
+    }
+}
+
 /// State the monitor keeps between passes.
 #[derive(Default)]
 struct MonitorState {
@@ -76,6 +148,8 @@ struct MonitorState {
     scrub_cursor: usize,
     /// Highest sequence any replica of a group had at the previous pass.
     seen_max: HashMap<u64, u64>,
+    /// Groups waiting for their replicas' nodes, as last logged.
+    waiting_logged: usize,
 }
 
 impl DataService {
@@ -288,7 +362,16 @@ impl DataService {
                 holdings.insert(*id, list);
             }
         }
-        let mut work: Vec<(Arc<Volume>, ExtentGroupRecord, Vec<u64>)> = Vec::new();
+        let absent: Vec<u64> = members
+            .iter()
+            .copied()
+            .filter(|n| !holdings.contains_key(n))
+            .collect();
+        let mut work: Vec<RepairWork> = Vec::new();
+        // Groups short of replicas or losing one, and of those how many wait
+        // for a node to come back.
+        let mut short: HashSet<u64> = HashSet::new();
+        let mut waiting = 0usize;
         let mut seen: HashMap<u64, u64> = HashMap::new();
         for vd in owned {
             let vol = self.local_volume(vd.clone())?;
@@ -337,11 +420,49 @@ impl DataService {
                     .unwrap_or(0);
                 seen.insert(g.id, now_max);
                 if !lost.is_empty() || (g.replicas.len() as u32) < vol.rf {
-                    work.push((vol.clone(), g, lost));
+                    let mut stale: Vec<u64> = holdings
+                        .iter()
+                        .filter(|(n, h)| {
+                            !g.replicas.iter().any(|r| r.node_id == **n)
+                                && h.get(&g.id).is_some_and(|(damaged, _)| !damaged)
+                        })
+                        .map(|(n, _)| *n)
+                        .collect();
+                    // This node's own copy first (no network), then by id.
+                    stale.sort_by_key(|n| (*n != self.node_id, *n));
+                    short.insert(g.id);
+                    if lost.is_empty()
+                        && stale.is_empty()
+                        && self.awaits_node(g.id, &absent, cfg.rebuild_wait)
+                    {
+                        waiting += 1;
+                        continue;
+                    }
+                    work.push(RepairWork {
+                        vol: vol.clone(),
+                        g,
+                        lost,
+                        stale,
+                    });
                 }
             }
         }
         st.seen_max = seen;
+        // Forget nodes awaited by groups that are whole again, or awaited
+        // longer than the wait.
+        lock(&self.away)
+            .retain(|(g, _), since| short.contains(g) && since.elapsed() < cfg.rebuild_wait);
+        if waiting != st.waiting_logged {
+            if waiting > 0 {
+                tracing::warn!(
+                    groups = waiting,
+                    wait_secs = cfg.rebuild_wait.as_secs(),
+                    "extent groups run with a replica fewer while they wait for its node \
+                     to come back and catch up; rebuilt elsewhere once the wait is over"
+                );
+            }
+            st.waiting_logged = waiting;
+        }
         if work.is_empty() {
             return Ok(false);
         }
@@ -363,38 +484,70 @@ impl DataService {
         self.put_task(&task).await;
         let mut last_put = Instant::now();
         let mut failures = 0;
-        for (vol, g, lost) in work {
+        let mut tally = CopyTally::default();
+        let mut last_err = String::new();
+        for RepairWork {
+            vol,
+            g,
+            lost,
+            mut stale,
+        } in work
+        {
             let gs = self.load_group(g.id).await?;
             let t0 = Instant::now();
+            let mut moved = 0u64;
             let res = async {
                 if !lost.is_empty() {
                     vol.drop_replicas(&gs, &lost).await?;
                 }
+                stale.retain(|n| !lost.contains(n) && !dead.contains(n));
+                stale.reverse();
                 while (gs.rec_snapshot().replicas.len() as u32) < vol.rf {
-                    let Some(target) = self.pick_target(&gs.rec_snapshot(), dead) else {
-                        return Err(DataError::Unavailable(
-                            "no node can take another replica".into(),
-                        ));
+                    let holders = gs.rec_snapshot();
+                    let stale_copy = loop {
+                        match stale.pop() {
+                            Some(n) if holders.replicas.iter().any(|r| r.node_id == n) => {}
+                            other => break other,
+                        }
                     };
-                    self.add_replica(&vol, &gs, target).await?;
+                    let (target, has_copy) = match stale_copy {
+                        Some(n) => (n, true),
+                        // Just dropped a replica whose node is away: wait
+                        // for it (a later pass) rather than rebuild now.
+                        None if self.awaits_node(g.id, &absent, cfg.rebuild_wait) => break,
+                        None => match self.pick_target(&holders, dead) {
+                            Some(n) => (n, false),
+                            None => {
+                                return Err(DataError::Unavailable(
+                                    "no node can take another replica".into(),
+                                ))
+                            }
+                        },
+                    };
+                    let copy = self.add_replica(&vol, &gs, target, has_copy).await?;
+                    moved += copy.bytes;
+                    tally.add(&copy);
                 }
                 Ok::<(), DataError>(())
             }
             .await;
             if let Err(e) = res {
                 failures += 1;
-                task.message = format!("extent group {}: {e}", g.id);
+                last_err = format!("; {failures} failed, the last: extent group {}: {e}", g.id);
                 tracing::warn!(group = g.id, error = %e, "re-replication of a group failed; will retry");
             }
             task.done_bytes += per_group;
             task.updated_unix_ms = cairn_util::now_unix_ms();
+            task.message = format!("{tally}{last_err}");
             if last_put.elapsed() > Duration::from_millis(500) {
                 self.put_task(&task).await;
                 last_put = Instant::now();
             }
-            // Throttle: leave the disks and network to foreground I/O.
-            let budget =
-                Duration::from_secs_f64(per_group as f64 / cfg.rebuild_bytes_per_sec.max(1) as f64);
+            // Throttle on what moved: leave the disks and network to
+            // foreground I/O (a catch-up of a few blocks waits little).
+            let budget = Duration::from_secs_f64(
+                moved.max(BLOCK_SIZE as u64) as f64 / cfg.rebuild_bytes_per_sec.max(1) as f64,
+            );
             if let Some(rest) = budget.checked_sub(t0.elapsed()) {
                 tokio::time::sleep(rest).await;
             }
@@ -406,7 +559,9 @@ impl DataService {
         };
         task.updated_unix_ms = cairn_util::now_unix_ms();
         self.put_task(&task).await;
-        tracing::warn!(task = %task.id, failures, "re-replication pass finished");
+        tracing::warn!(task = %task.id, failures, caught_up = tally.caught_up,
+            caught_up_blocks = tally.caught_up_blocks, copied_whole = tally.whole,
+            "re-replication pass finished");
         Ok(true)
     }
 
@@ -469,33 +624,24 @@ impl DataService {
         best.map(|(_, id)| id)
     }
 
-    /// Copies a group to `target` and adds it to the replica set. Writes to
-    /// the group wait meanwhile (one group at a time, so briefly).
+    /// Brings `target` to a current copy of the group and adds it to the
+    /// replica set: by copying only the blocks it lacks when it still holds
+    /// a copy (`has_copy`, see [`crate::catchup`]), else the whole group.
+    /// Writes to the group wait meanwhile (one group at a time, so briefly).
     async fn add_replica(
         &self,
         vol: &Volume,
         gs: &Arc<GroupState>,
         target: u64,
-    ) -> Result<(), DataError> {
+        has_copy: bool,
+    ) -> Result<Copied, DataError> {
         let _gate = gs.gate.write().await;
         let _c = gs.change.lock().await;
         let rec = gs.rec_snapshot();
         let blocks = group_block_count(&rec);
-        // A healthy source: the local replica if we have one.
+        // Healthy sources: the local replica first if we have one.
         let mut sources: Vec<u64> = rec.replicas.iter().map(|r| r.node_id).collect();
         sources.sort_by_key(|n| *n != self.node_id);
-        let mut src = None;
-        for n in sources {
-            if let Ok(r) = self.replica_read(n, gs.id, 0, blocks, false).await {
-                src = Some(r);
-                break;
-            }
-        }
-        let src = src.ok_or_else(|| {
-            DataError::Unavailable(format!("extent group {}: no readable replica", gs.id))
-        })?;
-        // Start clean: a stale copy on the target could resurrect old blocks.
-        self.replica_delete(target, gs.id).await?;
         let mut header = vol.header_for(&rec);
         header.epoch = rec.epoch;
         let write =
@@ -519,41 +665,19 @@ impl DataService {
                     deferred_sync: false,
                 }
             };
-        self.replica_write(
-            target,
-            write(RecordKind::RecordEpoch, 0, 0, 0, Vec::new(), true),
-        )
-        .await?;
-        let mut b = 0usize;
-        let n = src.blocks.len();
-        while b < n {
-            let st = src.blocks[b];
-            if !st.mapped {
-                b += 1;
-                continue;
+        let caught_up = if has_copy {
+            self.catch_up(gs.id, blocks, &sources, target, &write)
+                .await?
+        } else {
+            None
+        };
+        let copied = match caught_up {
+            Some(c) => c,
+            None => {
+                self.copy_whole(gs.id, blocks, &sources, target, &write)
+                    .await?
             }
-            let start = b;
-            while b < n
-                && src.blocks[b].mapped
-                && src.blocks[b].sequence == st.sequence
-                && b - start < 256
-            {
-                b += 1;
-            }
-            let data = src.data[start * BLOCK_SIZE..b * BLOCK_SIZE].to_vec();
-            self.replica_write(
-                target,
-                write(
-                    RecordKind::RecordData,
-                    st.sequence,
-                    start as u32,
-                    (b - start) as u32,
-                    data,
-                    false,
-                ),
-            )
-            .await?;
-        }
+        };
         let mut replicas = rec.replicas.clone();
         replicas.push(ReplicaLocation {
             node_id: target,
@@ -588,9 +712,180 @@ impl DataService {
             group = gs.id,
             node = target,
             replicas = new.replicas.len(),
+            caught_up = copied.caught_up,
+            blocks = copied.bytes / BLOCK_SIZE as u64,
             "extent group re-replicated"
         );
-        Ok(())
+        Ok(copied)
+    }
+
+    /// Copies every mapped block of the group from the first readable
+    /// source to `target`, whose copy (if any) is deleted first.
+    async fn copy_whole(
+        &self,
+        group: u64,
+        blocks: u32,
+        sources: &[u64],
+        target: u64,
+        write: &CopyWrite<'_>,
+    ) -> Result<Copied, DataError> {
+        let mut src = None;
+        for n in sources {
+            if let Ok(r) = self.replica_read(*n, group, 0, blocks, false).await {
+                src = Some(r);
+                break;
+            }
+        }
+        let src = src.ok_or_else(|| {
+            DataError::Unavailable(format!("extent group {group}: no readable replica"))
+        })?;
+        // Start clean: a stale copy on the target could resurrect old blocks.
+        self.replica_delete(target, group).await?;
+        self.replica_write(
+            target,
+            write(RecordKind::RecordEpoch, 0, 0, 0, Vec::new(), true),
+        )
+        .await?;
+        let mut bytes = 0u64;
+        let mut b = 0usize;
+        let n = src.blocks.len();
+        while b < n {
+            let st = src.blocks[b];
+            if !st.mapped {
+                b += 1;
+                continue;
+            }
+            let start = b;
+            while b < n
+                && src.blocks[b].mapped
+                && src.blocks[b].sequence == st.sequence
+                && b - start < 256
+            {
+                b += 1;
+            }
+            let data = src.data[start * BLOCK_SIZE..b * BLOCK_SIZE].to_vec();
+            bytes += data.len() as u64;
+            self.replica_write(
+                target,
+                write(
+                    RecordKind::RecordData,
+                    st.sequence,
+                    start as u32,
+                    (b - start) as u32,
+                    data,
+                    false,
+                ),
+            )
+            .await?;
+        }
+        Ok(Copied {
+            caught_up: false,
+            bytes,
+        })
+    }
+
+    /// Copies to `target`, which holds a stale copy of the group, only the
+    /// blocks whose version differs from a current replica's. `None` when
+    /// that cannot make it current (it holds versions no current replica
+    /// supersedes, its copy is unreadable or gone, or a node predates
+    /// block versions): the caller copies the group whole.
+    async fn catch_up(
+        &self,
+        group: u64,
+        blocks: u32,
+        sources: &[u64],
+        target: u64,
+        write: &CopyWrite<'_>,
+    ) -> Result<Option<Copied>, DataError> {
+        // Fence first: from this record on the target refuses the epochs of
+        // every earlier primary, and the record's durable write syncs what
+        // the copy already held, which the comparison below trusts.
+        self.replica_write(
+            target,
+            write(RecordKind::RecordEpoch, 0, 0, 0, Vec::new(), true),
+        )
+        .await?;
+        let theirs = match self.replica_read(target, group, 0, blocks, true).await {
+            Ok(r) if r.versions => r,
+            Ok(_) => return Ok(None),
+            Err(e) => {
+                tracing::info!(group, node = target, error = %e,
+                    "the stale copy cannot be read; copying the group whole");
+                return Ok(None);
+            }
+        };
+        let mut source = None;
+        for n in sources {
+            if let Ok(r) = self.replica_read(*n, group, 0, blocks, true).await {
+                source = Some((*n, r));
+                break;
+            }
+        }
+        let Some((from, ours)) = source else {
+            return Err(DataError::Unavailable(format!(
+                "extent group {group}: no readable replica"
+            )));
+        };
+        if !ours.versions {
+            return Ok(None);
+        }
+        let Some(runs) = catchup::catch_up_plan(&ours.blocks, &theirs.blocks) else {
+            tracing::info!(
+                group,
+                node = target,
+                "the stale copy holds writes no current replica has; copying the group whole"
+            );
+            return Ok(None);
+        };
+        let mut bytes = 0u64;
+        for r in runs {
+            if r.trim {
+                self.replica_write(
+                    target,
+                    write(
+                        RecordKind::RecordTrim,
+                        r.sequence,
+                        r.first_block,
+                        r.block_count,
+                        Vec::new(),
+                        false,
+                    ),
+                )
+                .await?;
+                continue;
+            }
+            let got = self
+                .replica_read(from, group, r.first_block, r.block_count, false)
+                .await?;
+            // The group's writes wait on its gate, so the source cannot have
+            // moved on; if it did anyway, the copy would be wrong: fail.
+            if got
+                .blocks
+                .iter()
+                .any(|b| !b.mapped || b.sequence != r.sequence)
+            {
+                return Err(DataError::Unavailable(format!(
+                    "extent group {group}: the source changed during a catch-up"
+                )));
+            }
+            bytes += got.data.len() as u64;
+            self.replica_write(
+                target,
+                write(
+                    RecordKind::RecordData,
+                    r.sequence,
+                    r.first_block,
+                    r.block_count,
+                    got.data,
+                    false,
+                ),
+            )
+            .await?;
+        }
+        Ok(Some(Copied {
+            caught_up: true,
+            bytes,
+        }))
     }
 
     /// Verifies a slice of this node's owned groups on every replica.
@@ -653,6 +948,31 @@ impl DataService {
         Ok(())
     }
 
+    /// Whether `group` lost a replica, within the last `wait`, whose node
+    /// could not be reached and is not back (among `absent`: the members
+    /// whose listing this pass did not get).
+    fn awaits_node(&self, group: u64, absent: &[u64], wait: Duration) -> bool {
+        let away = lock(&self.away);
+        absent.iter().any(|n| {
+            away.get(&(group, *n))
+                .is_some_and(|since| since.elapsed() < wait)
+        })
+    }
+
+    /// The group has fewer replicas than its datastore's RF.
+    fn short_of_replicas(&self, g: &ExtentGroupRecord) -> bool {
+        let Ok(Some(vd)) = self.meta.vdisk_by_id(&g.vdisk_id) else {
+            return false;
+        };
+        let Ok(stores) = self.meta.datastores() else {
+            return false;
+        };
+        stores
+            .iter()
+            .find(|d| d.id == vd.datastore_id)
+            .is_some_and(|d| (g.replicas.len() as u32) < d.replication_factor.clamp(1, 3))
+    }
+
     /// Deletes local replicas that metadata no longer lists for this node.
     async fn collect_garbage(&self, st: &mut MonitorState) -> Result<(), DataError> {
         let now = Instant::now();
@@ -666,12 +986,16 @@ impl DataService {
         for d in self.pool().disks() {
             for id in d.group_ids() {
                 seen.insert(id);
-                let referenced = self
-                    .meta
-                    .extent_group(id)
-                    .map_err(meta_err)?
+                let rec = self.meta.extent_group(id).map_err(meta_err)?;
+                let referenced = rec
+                    .as_ref()
                     .is_some_and(|g| g.replicas.iter().any(|r| r.node_id == self.node_id));
+                // A copy of a group still short of replicas is what its
+                // owner will catch up (only the missed writes) rather than
+                // copy whole to some node: kept until the group is whole.
+                let wanted = rec.as_ref().is_some_and(|g| self.short_of_replicas(g));
                 if referenced
+                    || wanted
                     || lock(&self.groups).get(&id).is_some_and(|g| {
                         g.rec_snapshot()
                             .replicas

@@ -378,6 +378,12 @@ impl Peers {
         }
     }
 
+    /// Whether `id` cannot be reached now: its last call failed for that,
+    /// or the liveness monitor found it dead.
+    pub fn unreachable(&self, id: u64) -> bool {
+        self.down().contains_key(&id) || cairn_util::sync::lock(&self.dead).contains(&id)
+    }
+
     /// Whether `id` answered the last call (or failed long enough ago to retry).
     pub fn is_up(&self, id: u64) -> bool {
         self.down().get(&id).is_none_or(|t| t.elapsed() > DOWN_FOR)

@@ -82,6 +82,12 @@ pub struct DataService {
     /// request otherwise).
     addrs: Mutex<EraCache<String>>,
     pub stats: Stats,
+    /// Replicas of groups this node owns that were dropped while their node
+    /// could not be reached, by (group, node), and when: their copies are
+    /// likely intact, so the group waits for the node to come back and be
+    /// caught up before it is rebuilt elsewhere
+    /// ([`crate::repair::MonitorConfig::rebuild_wait`]).
+    pub(crate) away: Mutex<HashMap<(u64, u64), Instant>>,
 }
 
 /// Blocks in a group of this record's vblock size.
@@ -137,6 +143,7 @@ impl DataService {
             commands: Mutex::new(HashMap::new()),
             addrs: Mutex::new(EraCache::default()),
             stats: Stats::default(),
+            away: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1104,6 +1111,15 @@ impl Volume {
                     .await
                 {
                     tracing::warn!(group = gs.id, node = r.node_id, error = %e, "cannot raise a replica's epoch");
+                }
+            }
+            {
+                let now = Instant::now();
+                let mut away = lock(&self.svc.away);
+                for n in nodes {
+                    if self.svc.peers.unreachable(*n) {
+                        away.entry((gs.id, *n)).or_insert(now);
+                    }
                 }
             }
             tracing::warn!(group = gs.id, dropped = ?nodes, epoch = new.epoch,

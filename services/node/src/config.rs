@@ -78,6 +78,14 @@ impl IscsiConfig {
 pub struct DataConfig {
     /// Re-replication after a failure is throttled to this rate.
     pub rebuild_bytes_per_sec: u64,
+    /// How long, in seconds (0 to 86,400), extent groups that lost a
+    /// replica because its node could not be reached run with a replica
+    /// fewer, waiting for that node to come back and be caught up with only
+    /// the writes it missed, before they are rebuilt whole on another node.
+    /// 0 rebuilds at once. Written to the file only when set otherwise, as
+    /// `deferred_sync_ms`.
+    #[serde(skip_serializing_if = "is_default_rebuild_wait")]
+    pub rebuild_wait_secs: u64,
     /// The scrubber re-reads and verifies replicas at this rate; 0 turns it off.
     pub scrub_bytes_per_sec: u64,
     /// The longest an acknowledged write whose host did not ask for
@@ -90,6 +98,13 @@ pub struct DataConfig {
     pub deferred_sync_ms: u64,
 }
 
+fn is_default_rebuild_wait(secs: &u64) -> bool {
+    *secs == cairn_data::repair::REBUILD_WAIT.as_secs()
+}
+
+/// What `[data] rebuild_wait_secs` may be.
+const REBUILD_WAIT_SECS: std::ops::RangeInclusive<u64> = 0..=86_400;
+
 fn is_default_deferred_sync(ms: &u64) -> bool {
     u128::from(*ms) == cairn_data::maintenance::SYNC_INTERVAL.as_millis()
 }
@@ -98,6 +113,11 @@ fn is_default_deferred_sync(ms: &u64) -> bool {
 const DEFERRED_SYNC_MS: std::ops::RangeInclusive<u64> = 10..=600_000;
 
 impl DataConfig {
+    /// [`Self::rebuild_wait_secs`] as a duration, held to its bounds.
+    pub fn rebuild_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.rebuild_wait_secs.min(*REBUILD_WAIT_SECS.end()))
+    }
+
     /// [`Self::deferred_sync_ms`] as a duration (`load` refuses values out
     /// of bounds; a config built in code is held to them here).
     pub fn deferred_sync(&self) -> std::time::Duration {
@@ -113,6 +133,7 @@ impl Default for DataConfig {
         let d = cairn_data::repair::MonitorConfig::default();
         Self {
             rebuild_bytes_per_sec: d.rebuild_bytes_per_sec,
+            rebuild_wait_secs: d.rebuild_wait.as_secs(),
             scrub_bytes_per_sec: d.scrub_bytes_per_sec,
             deferred_sync_ms: cairn_data::maintenance::SYNC_INTERVAL.as_millis() as u64,
         }
@@ -209,6 +230,14 @@ impl NodeConfig {
                 path.display(),
                 DEFERRED_SYNC_MS.start(),
                 DEFERRED_SYNC_MS.end()
+            );
+        }
+        if !REBUILD_WAIT_SECS.contains(&cfg.data.rebuild_wait_secs) {
+            bail!(
+                "invalid config {}: data.rebuild_wait_secs must be from {} to {} (seconds)",
+                path.display(),
+                REBUILD_WAIT_SECS.start(),
+                REBUILD_WAIT_SECS.end()
             );
         }
         if cfg.iscsi.nop_interval_secs > 0 && cfg.iscsi.nop_timeout_secs == 0 {

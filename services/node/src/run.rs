@@ -106,6 +106,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     tokio::spawn(data.clone().run_monitor(
         cairn_data::repair::MonitorConfig {
             rebuild_bytes_per_sec: cfg.data.rebuild_bytes_per_sec.max(1 << 20),
+            rebuild_wait: cfg.data.rebuild_wait(),
             scrub_bytes_per_sec: cfg.data.scrub_bytes_per_sec,
             ..Default::default()
         },
