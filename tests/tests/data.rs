@@ -726,6 +726,67 @@ fn a_restarted_replica_catches_up_only_the_writes_it_missed() -> Result<()> {
     Ok(())
 }
 
+/// A node that does not come back within `[data] rebuild_wait_secs`: the
+/// RF2 groups that held a replica there wait out the wait, then are
+/// rebuilt whole on the third node, and every block reads back.
+#[test]
+fn groups_whose_node_stays_away_are_rebuilt_elsewhere_after_the_wait() -> Result<()> {
+    use std::time::{Duration, Instant};
+    let _g = serial();
+    let mut c = Cluster::start(3)?;
+    let wait = Duration::from_secs(8);
+    for i in 0..3 {
+        c.set_config(
+            i,
+            "data",
+            &format!("rebuild_wait_secs = {}", wait.as_secs()),
+        )?;
+        c.stop(i)?;
+        c.spawn(i)?;
+    }
+    c.wait_leader(Duration::from_secs(30))?;
+    let size = 8 * MIB;
+    let vd = c.make_vdisk("two", 2, "w", size, 0)?;
+    let io = c.block(0, &vd)?;
+    let data: Vec<u8> = (0..size / BS as u64)
+        .flat_map(|b| block(b * BS as u64, 3))
+        .collect();
+    for chunk in 0..size / MIB {
+        let at = (chunk * MIB) as usize;
+        io.write(chunk * MIB, &data[at..at + MIB as usize])?;
+    }
+    let on_2 = extent_files(&c.nodes[2].dir.join("disks")).len() as u64;
+    assert!(on_2 > 0, "node index 2 holds no replica");
+    c.kill9(2);
+    let t0 = Instant::now();
+    let took = loop {
+        let (caught_up, whole, _) = rebuild_tally(&c, 0)?;
+        if whole >= on_2 {
+            assert_eq!(caught_up, 0);
+            break t0.elapsed();
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(90),
+            "{whole} of {on_2} groups rebuilt\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("{on_2} groups rebuilt on the third node {took:?} after the kill");
+    // Dropped once found dead (5 s), then waited for.
+    assert!(took >= wait, "rebuilt after {took:?}, within the wait");
+    assert!(
+        c.block(1, &vd)?.read(0, size)? == data,
+        "data differs after the rebuild"
+    );
+    let dirs: Vec<String> = c.disk_dirs()[..2]
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    c.cli_ok(&["extent", "verify", &dirs[0], &dirs[1]])?;
+    Ok(())
+}
+
 /// Partitions that come and go: the owner of an RF2 vdisk and then a
 /// replica holder are cut off and healed, again and again, faster than a
 /// rebuild finishes, while a host writes through the one node never cut

@@ -27,6 +27,7 @@ use cairn_api::metadata::v1::{
     UpdateExtentGroup,
 };
 use futures::future::join_all;
+use futures::StreamExt as _;
 use prost::Message as _;
 use tokio::sync::watch;
 
@@ -45,6 +46,11 @@ pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 /// Ceph waits 10 minutes before it marks an OSD out, Longhorn 10 before it
 /// replenishes a replica.
 pub const REBUILD_WAIT: Duration = Duration::from_secs(300);
+/// A catch-up with more data runs than this reads their whole span from
+/// the source at once.
+const SPAN_READ_AFTER: usize = 16;
+/// Copy records of one catch-up in flight to the target at once.
+const COPIES_IN_FLIGHT: usize = 32;
 /// Key prefix of task records in the metadata key-value space.
 pub const TASK_PREFIX: &str = "tasks/";
 
@@ -837,50 +843,84 @@ impl DataService {
             );
             return Ok(None);
         };
+        // Many scattered runs (random writes missed): one read of the span
+        // they cover costs less than a read each.
+        let data_runs: Vec<&catchup::CopyRun> = runs.iter().filter(|r| !r.trim).collect();
+        let span = match (data_runs.first(), data_runs.last()) {
+            (Some(a), Some(z)) if data_runs.len() > SPAN_READ_AFTER => {
+                let (first, end) = (a.first_block, z.first_block + z.block_count);
+                let got = self
+                    .replica_read(from, group, first, end - first, false)
+                    .await?;
+                Some((first, got))
+            }
+            _ => None,
+        };
+        let mut records = Vec::with_capacity(runs.len());
         let mut bytes = 0u64;
-        for r in runs {
+        for r in &runs {
             if r.trim {
-                self.replica_write(
-                    target,
-                    write(
-                        RecordKind::RecordTrim,
-                        r.sequence,
-                        r.first_block,
-                        r.block_count,
-                        Vec::new(),
-                        false,
-                    ),
-                )
-                .await?;
+                records.push(write(
+                    RecordKind::RecordTrim,
+                    r.sequence,
+                    r.first_block,
+                    r.block_count,
+                    Vec::new(),
+                    false,
+                ));
                 continue;
             }
-            let got = self
-                .replica_read(from, group, r.first_block, r.block_count, false)
-                .await?;
+            let (states, data) = match &span {
+                Some((first, got)) => {
+                    let at = (r.first_block - first) as usize;
+                    let n = r.block_count as usize;
+                    let data = got
+                        .data
+                        .get(at * BLOCK_SIZE..(at + n) * BLOCK_SIZE)
+                        .map(<[u8]>::to_vec);
+                    (got.blocks.get(at..at + n).map(<[_]>::to_vec), data)
+                }
+                None => {
+                    let got = self
+                        .replica_read(from, group, r.first_block, r.block_count, false)
+                        .await?;
+                    (Some(got.blocks), Some(got.data))
+                }
+            };
             // The group's writes wait on its gate, so the source cannot have
             // moved on; if it did anyway, the copy would be wrong: fail.
-            if got
-                .blocks
-                .iter()
-                .any(|b| !b.mapped || b.sequence != r.sequence)
+            let (Some(states), Some(data)) = (states, data) else {
+                return Err(DataError::Unavailable(format!(
+                    "extent group {group}: short read from node {from} during a catch-up"
+                )));
+            };
+            if states.len() != r.block_count as usize
+                || data.len() != r.block_count as usize * BLOCK_SIZE
+                || states.iter().any(|b| !b.mapped || b.sequence != r.sequence)
             {
                 return Err(DataError::Unavailable(format!(
                     "extent group {group}: the source changed during a catch-up"
                 )));
             }
-            bytes += got.data.len() as u64;
-            self.replica_write(
-                target,
-                write(
-                    RecordKind::RecordData,
-                    r.sequence,
-                    r.first_block,
-                    r.block_count,
-                    got.data,
-                    false,
-                ),
-            )
-            .await?;
+            bytes += data.len() as u64;
+            records.push(write(
+                RecordKind::RecordData,
+                r.sequence,
+                r.first_block,
+                r.block_count,
+                data,
+                false,
+            ));
+        }
+        // The runs never overlap and the target keeps the highest sequence
+        // per block whatever the order, so they may arrive in any order:
+        // several in flight at once (each waits for its sync, and waiting
+        // writes share one).
+        let mut sent = futures::stream::iter(records)
+            .map(|w| self.replica_write(target, w))
+            .buffer_unordered(COPIES_IN_FLIGHT);
+        while let Some(r) = sent.next().await {
+            r?;
         }
         Ok(Some(Copied {
             caught_up: true,
