@@ -642,6 +642,17 @@ fn rebuild_tally(c: &Cluster, i: usize) -> Result<(u64, u64, u64)> {
     Ok(sum)
 }
 
+/// Node index 0's newest task of kind `rebuild-wait` in `state`.
+fn wait_task(c: &Cluster, state: &str) -> Result<Option<serde_json::Value>> {
+    let r = c.get(0, "/v1/tasks")?;
+    Ok(r.body.as_array().and_then(|ts| {
+        ts.iter()
+            .rev()
+            .find(|t| t["kind"] == "rebuild-wait" && t["state"] == state)
+            .cloned()
+    }))
+}
+
 /// A planned restart: the node of replicas of an RF3 and an RF2 vdisk is
 /// away long enough to be found dead (its replicas dropped from every
 /// group) while the host writes ten blocks to each and unmaps one, then
@@ -683,8 +694,20 @@ fn a_restarted_replica_catches_up_only_the_writes_it_missed() -> Result<()> {
     }
     let trimmed = 15 * MIB + 5 * BS as u64;
     ios[0].unmap(trimmed, BS as u64)?;
-    // Dead after 5 s of silence: every group drops it.
+    // Dead after 5 s of silence: every group drops it, and waits for it
+    // in a task the operator sees.
     std::thread::sleep(Duration::from_secs(10));
+    let waiting = wait_task(&c, "running")?
+        .ok_or_else(|| anyhow::anyhow!("no running rebuild-wait task\n{}", c.logs_tail()))?;
+    let desc = waiting["description"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        desc.contains(&format!("{on_2} extent group(s)"))
+            && desc.contains(&c.nodes[2].id.to_string()),
+        "{waiting}"
+    );
     c.spawn(2)?;
 
     // Every group it held is caught up (none copied whole, none rebuilt on
@@ -713,6 +736,15 @@ fn a_restarted_replica_catches_up_only_the_writes_it_missed() -> Result<()> {
         c.logs_tail()
     );
     assert_eq!(files(1), on_1, "groups were rebuilt on the third node");
+    let t1 = Instant::now();
+    while wait_task(&c, "done")?.is_none() {
+        anyhow::ensure!(
+            t1.elapsed() < Duration::from_secs(20),
+            "the rebuild-wait task never ended\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let took = wait_current_copy(&c, 2, 0, &vds[0], size)?;
     eprintln!("the restarted node holds a current RF3 copy {took:?} later");
     let others = [c.block(1, &vds[1])?, c.block(2, &vds[0])?];

@@ -154,8 +154,10 @@ struct MonitorState {
     scrub_cursor: usize,
     /// Highest sequence any replica of a group had at the previous pass.
     seen_max: HashMap<u64, u64>,
-    /// Groups waiting for their replicas' nodes, as last logged.
+    /// Groups waiting for their replicas' nodes, as last reported.
     waiting_logged: usize,
+    /// The task that shows them, while any wait.
+    wait_task: Option<TaskRecord>,
 }
 
 impl DataService {
@@ -378,6 +380,7 @@ impl DataService {
         // for a node to come back.
         let mut short: HashSet<u64> = HashSet::new();
         let mut waiting = 0usize;
+        let mut awaited: std::collections::BTreeSet<u64> = Default::default();
         let mut seen: HashMap<u64, u64> = HashMap::new();
         for vd in owned {
             let vol = self.local_volume(vd.clone())?;
@@ -437,12 +440,12 @@ impl DataService {
                     // This node's own copy first (no network), then by id.
                     stale.sort_by_key(|n| (*n != self.node_id, *n));
                     short.insert(g.id);
-                    if lost.is_empty()
-                        && stale.is_empty()
-                        && self.awaits_node(g.id, &absent, cfg.rebuild_wait)
-                    {
-                        waiting += 1;
-                        continue;
+                    if lost.is_empty() && stale.is_empty() {
+                        if let Some(n) = self.awaits_node(g.id, &absent, cfg.rebuild_wait) {
+                            waiting += 1;
+                            awaited.insert(n);
+                            continue;
+                        }
                     }
                     work.push(RepairWork {
                         vol: vol.clone(),
@@ -458,17 +461,7 @@ impl DataService {
         // longer than the wait.
         lock(&self.away)
             .retain(|(g, _), since| short.contains(g) && since.elapsed() < cfg.rebuild_wait);
-        if waiting != st.waiting_logged {
-            if waiting > 0 {
-                tracing::warn!(
-                    groups = waiting,
-                    wait_secs = cfg.rebuild_wait.as_secs(),
-                    "extent groups run with a replica fewer while they wait for its node \
-                     to come back and catch up; rebuilt elsewhere once the wait is over"
-                );
-            }
-            st.waiting_logged = waiting;
-        }
+        self.report_waiting(cfg, st, waiting, &awaited).await;
         if work.is_empty() {
             return Ok(false);
         }
@@ -520,7 +513,9 @@ impl DataService {
                         Some(n) => (n, true),
                         // Just dropped a replica whose node is away: wait
                         // for it (a later pass) rather than rebuild now.
-                        None if self.awaits_node(g.id, &absent, cfg.rebuild_wait) => break,
+                        None if self.awaits_node(g.id, &absent, cfg.rebuild_wait).is_some() => {
+                            break
+                        }
                         None => match self.pick_target(&holders, dead) {
                             Some(n) => (n, false),
                             None => {
@@ -988,15 +983,74 @@ impl DataService {
         Ok(())
     }
 
-    /// Whether `group` lost a replica, within the last `wait`, whose node
-    /// could not be reached and is not back (among `absent`: the members
-    /// whose listing this pass did not get).
-    fn awaits_node(&self, group: u64, absent: &[u64], wait: Duration) -> bool {
+    /// The node `group` waits for: one of its replicas was dropped, within
+    /// the last `wait`, while that node could not be reached, and it is not
+    /// back (among `absent`: the members whose listing this pass did not
+    /// get).
+    fn awaits_node(&self, group: u64, absent: &[u64], wait: Duration) -> Option<u64> {
         let away = lock(&self.away);
-        absent.iter().any(|n| {
+        absent.iter().copied().find(|n| {
             away.get(&(group, *n))
                 .is_some_and(|since| since.elapsed() < wait)
         })
+    }
+
+    /// Shows groups waiting for their nodes as a task (`rebuild-wait`,
+    /// running while any wait, done once none does) and a log line, each
+    /// time their number changes.
+    async fn report_waiting(
+        &self,
+        cfg: &MonitorConfig,
+        st: &mut MonitorState,
+        waiting: usize,
+        nodes: &std::collections::BTreeSet<u64>,
+    ) {
+        if waiting == st.waiting_logged {
+            return;
+        }
+        st.waiting_logged = waiting;
+        let now = cairn_util::now_unix_ms();
+        if waiting == 0 {
+            if let Some(mut t) = st.wait_task.take() {
+                t.state = TaskState::TaskDone as i32;
+                t.done_bytes = t.total_bytes;
+                t.updated_unix_ms = now;
+                t.message = "no group waits any more: their nodes came back and were \
+                             caught up, or the wait ran out and they were rebuilt elsewhere \
+                             (see the rebuild tasks)"
+                    .into();
+                self.put_task(&t).await;
+            }
+            return;
+        }
+        tracing::warn!(
+            groups = waiting,
+            nodes = ?nodes,
+            wait_secs = cfg.rebuild_wait.as_secs(),
+            "extent groups run with a replica fewer while they wait for its node \
+             to come back and catch up; rebuilt elsewhere once the wait is over"
+        );
+        let t = st.wait_task.get_or_insert_with(|| TaskRecord {
+            format_version: cairn_api::FORMAT_VERSION,
+            id: format!("rebuild-wait-{}-{now}", self.node_id),
+            kind: "rebuild-wait".into(),
+            state: TaskState::TaskRunning as i32,
+            node_id: self.node_id,
+            started_unix_ms: now,
+            ..Default::default()
+        });
+        t.description = format!(
+            "{waiting} extent group(s) run with a replica fewer, waiting for node(s) {nodes:?} \
+             to come back"
+        );
+        t.message = format!(
+            "each is rebuilt on another node once it has waited {} s",
+            cfg.rebuild_wait.as_secs()
+        );
+        t.total_bytes = waiting as u64 * u64::from(crate::DEFAULT_VBLOCK_SIZE);
+        t.updated_unix_ms = now;
+        let t = t.clone();
+        self.put_task(&t).await;
     }
 
     /// The group has fewer replicas than its datastore's RF.
