@@ -610,8 +610,8 @@ fn wait_current_copy(
 
 /// What node index `i`'s finished rebuild tasks did: groups caught up,
 /// groups copied whole, and KiB of missed writes the catch-ups copied
-/// (their message: "N caught up (K KiB missed), M copied whole (L KiB)",
-/// failed passes included).
+/// (their message: "N caught up (K KiB missed), M copied whole (L KiB); D
+/// replica(s) dropped", failed passes included).
 fn rebuild_tally(c: &Cluster, i: usize) -> Result<(u64, u64, u64)> {
     let r = c.get(i, "/v1/tasks")?;
     let node = c.nodes[i].id;

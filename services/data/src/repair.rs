@@ -114,6 +114,8 @@ struct Copied {
 /// What a re-replication pass did, for its task and its log line.
 #[derive(Debug, Default)]
 struct CopyTally {
+    /// Replicas dropped from their groups' sets.
+    dropped: u64,
     caught_up: u64,
     caught_up_blocks: u64,
     whole: u64,
@@ -137,11 +139,12 @@ impl std::fmt::Display for CopyTally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} caught up ({} KiB missed), {} copied whole ({} KiB)",
+            "{} caught up ({} KiB missed), {} copied whole ({} KiB); {} replica(s) dropped",
             self.caught_up,
             self.caught_up_blocks * BLOCK_SIZE as u64 / 1024,
             self.whole,
-            self.whole_blocks * BLOCK_SIZE as u64 / 1024
+            self.whole_blocks * BLOCK_SIZE as u64 / 1024,
+            self.dropped
         )
     }
 }
@@ -498,6 +501,7 @@ impl DataService {
             let res = async {
                 if !lost.is_empty() {
                     vol.drop_replicas(&gs, &lost).await?;
+                    tally.dropped += lost.len() as u64;
                 }
                 stale.retain(|n| !lost.contains(n) && !dead.contains(n));
                 stale.reverse();
@@ -560,7 +564,7 @@ impl DataService {
         };
         task.updated_unix_ms = cairn_util::now_unix_ms();
         self.put_task(&task).await;
-        tracing::warn!(task = %task.id, failures, caught_up = tally.caught_up,
+        tracing::warn!(task = %task.id, failures, dropped = tally.dropped, caught_up = tally.caught_up,
             caught_up_blocks = tally.caught_up_blocks, copied_whole = tally.whole,
             "re-replication pass finished");
         Ok(true)
