@@ -348,6 +348,7 @@ impl DataService {
         members: &HashSet<u64>,
         st: &mut MonitorState,
     ) -> Result<bool, DataError> {
+        let pass_start = Instant::now();
         let owned: Vec<_> = self
             .meta
             .all_vdisks()
@@ -461,9 +462,11 @@ impl DataService {
         }
         st.seen_max = seen;
         // Forget nodes awaited by groups that are whole again, or awaited
-        // longer than the wait.
-        lock(&self.away)
-            .retain(|(g, _), since| short.contains(g) && since.elapsed() < cfg.rebuild_wait);
+        // longer than the wait (a drop newer than the records read above is
+        // kept: its group may not look short in them yet).
+        lock(&self.away).retain(|(g, _), since| {
+            since.elapsed() < cfg.rebuild_wait && (short.contains(g) || *since >= pass_start)
+        });
         self.report_waiting(cfg, st, waiting, &awaited).await;
         if work.is_empty() {
             return Ok(false);
@@ -529,7 +532,19 @@ impl DataService {
                             }
                         },
                     };
-                    let copy = self.add_replica(&vol, &gs, target, has_copy).await?;
+                    let copy = match self.add_replica(&vol, &gs, target, has_copy).await {
+                        Ok(c) => c,
+                        // A copy that cannot be caught up (its disk full or
+                        // failing, its node gone again) must not hold the
+                        // group back pass after pass: the next candidate,
+                        // or a whole copy, this pass.
+                        Err(e) if has_copy => {
+                            tracing::warn!(group = g.id, node = target, error = %e,
+                                "catching up a returning replica failed; trying another way");
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     moved += copy.bytes;
                     tally.add(&copy);
                 }
