@@ -34,6 +34,18 @@ fn check_block(got: &[u8], offset: u64, gen: u64) {
     }
 }
 
+/// Writes every block of `io`'s first `size` bytes as generation `gen`, a
+/// MiB per write; returns what was written.
+fn write_all_blocks(io: &cairn_tests::BlockClient, size: u64, gen: u64) -> Result<Vec<u8>> {
+    let data: Vec<u8> = (0..size / BS as u64)
+        .flat_map(|b| block(b * BS as u64, gen))
+        .collect();
+    for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+        io.write(i as u64 * MIB, chunk)?;
+    }
+    Ok(data)
+}
+
 /// Runs `cairn ARGS <every node's disk folder>`; an error if it fails.
 fn on_all_disks(c: &Cluster, args: &[&str]) -> Result<String> {
     let dirs: Vec<String> = c
@@ -673,12 +685,7 @@ fn a_restarted_replica_catches_up_only_the_writes_it_missed() -> Result<()> {
     ];
     let ios = [c.block(0, &vds[0])?, c.block(0, &vds[1])?];
     for io in &ios {
-        for chunk in 0..size / MIB {
-            let data: Vec<u8> = (0..MIB / BS as u64)
-                .flat_map(|b| block(chunk * MIB + b * BS as u64, 1))
-                .collect();
-            io.write(chunk * MIB, &data)?;
-        }
+        write_all_blocks(io, size, 1)?;
     }
     let dirs: Vec<PathBuf> = c.disk_dirs();
     let files = |i: usize| extent_files(&dirs[i]).len();
@@ -779,14 +786,7 @@ fn groups_whose_node_stays_away_are_rebuilt_elsewhere_after_the_wait() -> Result
     c.wait_leader(Duration::from_secs(30))?;
     let size = 8 * MIB;
     let vd = c.make_vdisk("two", 2, "w", size, 0)?;
-    let io = c.block(0, &vd)?;
-    let data: Vec<u8> = (0..size / BS as u64)
-        .flat_map(|b| block(b * BS as u64, 3))
-        .collect();
-    for chunk in 0..size / MIB {
-        let at = (chunk * MIB) as usize;
-        io.write(chunk * MIB, &data[at..at + MIB as usize])?;
-    }
+    let data = write_all_blocks(&c.block(0, &vd)?, size, 3)?;
     let on_2 = extent_files(&c.nodes[2].dir.join("disks")).len() as u64;
     assert!(on_2 > 0, "node index 2 holds no replica");
     c.kill9(2);
@@ -811,11 +811,7 @@ fn groups_whose_node_stays_away_are_rebuilt_elsewhere_after_the_wait() -> Result
         c.block(1, &vd)?.read(0, size)? == data,
         "data differs after the rebuild"
     );
-    let dirs: Vec<String> = c.disk_dirs()[..2]
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect();
-    c.cli_ok(&["extent", "verify", &dirs[0], &dirs[1]])?;
+    on_all_disks(&c, &["extent", "verify"])?;
     Ok(())
 }
 
@@ -873,13 +869,7 @@ fn wiped_node_is_rebuilt_to_full_replication() -> Result<()> {
     let size = 24 * MIB;
     let vd = c.make_vdisk("two", 2, "w", size, 0)?;
     let io = c.block(0, &vd)?;
-    let data: Vec<u8> = (0..size / BS as u64)
-        .flat_map(|b| block(b * BS as u64, 7))
-        .collect();
-    for chunk in 0..(size / MIB) {
-        let at = (chunk * MIB) as usize;
-        io.write(chunk * MIB, &data[at..at + MIB as usize])?;
-    }
+    let data = write_all_blocks(&io, size, 7)?;
     let groups = extent_files(&c.nodes[0].dir.join("disks")).len();
     assert_eq!(groups, 24);
 

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_api::data::v1::{RecordKind, ReplicaListRequest, ReplicaWrite};
+use cairn_api::data::v1::{RecordKind, ReplicaListRequest, ReplicaReadReply, ReplicaWrite};
 use cairn_api::metadata::v1::{
     command::Op, ExtentGroupRecord, PutKv, ReplicaLocation, SetVdiskOwner, TaskRecord, TaskState,
     UpdateExtentGroup,
@@ -739,6 +739,25 @@ impl DataService {
         Ok(copied)
     }
 
+    /// Reads the group's `blocks` (or only their states) from the first of
+    /// `sources` that answers; returns that node and its reply.
+    async fn read_any(
+        &self,
+        sources: &[u64],
+        group: u64,
+        blocks: u32,
+        states_only: bool,
+    ) -> Result<(u64, ReplicaReadReply), DataError> {
+        for n in sources {
+            if let Ok(r) = self.replica_read(*n, group, 0, blocks, states_only).await {
+                return Ok((*n, r));
+            }
+        }
+        Err(DataError::Unavailable(format!(
+            "extent group {group}: no readable replica"
+        )))
+    }
+
     /// Copies every mapped block of the group from the first readable
     /// source to `target`, whose copy (if any) is deleted first.
     async fn copy_whole(
@@ -749,16 +768,7 @@ impl DataService {
         target: u64,
         write: &CopyWrite<'_>,
     ) -> Result<Copied, DataError> {
-        let mut src = None;
-        for n in sources {
-            if let Ok(r) = self.replica_read(*n, group, 0, blocks, false).await {
-                src = Some(r);
-                break;
-            }
-        }
-        let src = src.ok_or_else(|| {
-            DataError::Unavailable(format!("extent group {group}: no readable replica"))
-        })?;
+        let (_, src) = self.read_any(sources, group, blocks, false).await?;
         // Start clean: a stale copy on the target could resurrect old blocks.
         self.replica_delete(target, group).await?;
         self.replica_write(
@@ -834,18 +844,7 @@ impl DataService {
                 return Ok(None);
             }
         };
-        let mut source = None;
-        for n in sources {
-            if let Ok(r) = self.replica_read(*n, group, 0, blocks, true).await {
-                source = Some((*n, r));
-                break;
-            }
-        }
-        let Some((from, ours)) = source else {
-            return Err(DataError::Unavailable(format!(
-                "extent group {group}: no readable replica"
-            )));
-        };
+        let (from, ours) = self.read_any(sources, group, blocks, true).await?;
         if !ours.versions {
             return Ok(None);
         }
