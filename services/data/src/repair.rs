@@ -54,6 +54,41 @@ const COPIES_IN_FLIGHT: usize = 32;
 /// Key prefix of task records in the metadata key-value space.
 pub const TASK_PREFIX: &str = "tasks/";
 
+/// How long a group that lost a replica on a node that could not be
+/// reached waits for that node: the monitor's `rebuild_wait` from the
+/// drop, or longer while the node has a maintenance mark
+/// (`NodeMaintenance`, read once per pass).
+struct Waits {
+    wait: Duration,
+    /// node id -> end of its maintenance mark (unix ms), unexpired ones only.
+    maintenance: HashMap<u64, u64>,
+}
+
+impl Waits {
+    fn read(meta: &cairn_metadata::MetadataHandle, wait: Duration) -> Self {
+        let now = cairn_util::now_unix_ms();
+        let maintenance = match meta.maintenance() {
+            Ok(marks) => marks
+                .into_iter()
+                .filter(|m| m.until_unix_ms > now)
+                .map(|m| (m.node_id, m.until_unix_ms))
+                .collect(),
+            Err(e) => {
+                // Without the marks the plain wait still holds: the
+                // conservative side (a rebuild) once it has passed.
+                tracing::warn!(error = %e, "cannot read node maintenance marks");
+                HashMap::new()
+            }
+        };
+        Self { wait, maintenance }
+    }
+
+    /// Whether a replica dropped on `node` at `since` is still waited for.
+    fn holds(&self, node: u64, since: Instant) -> bool {
+        since.elapsed() < self.wait || self.maintenance.contains_key(&node)
+    }
+}
+
 /// Tunables of the monitor.
 #[derive(Debug, Clone)]
 pub struct MonitorConfig {
@@ -349,6 +384,7 @@ impl DataService {
         st: &mut MonitorState,
     ) -> Result<bool, DataError> {
         let pass_start = Instant::now();
+        let waits = Waits::read(&self.meta, cfg.rebuild_wait);
         let owned: Vec<_> = self
             .meta
             .all_vdisks()
@@ -445,7 +481,7 @@ impl DataService {
                     stale.sort_by_key(|n| (*n != self.node_id, *n));
                     short.insert(g.id);
                     if lost.is_empty() && stale.is_empty() {
-                        if let Some(n) = self.awaits_node(g.id, &absent, cfg.rebuild_wait) {
+                        if let Some(n) = self.awaits_node(g.id, &absent, &waits) {
                             waiting += 1;
                             awaited.insert(n);
                             continue;
@@ -464,10 +500,11 @@ impl DataService {
         // Forget nodes awaited by groups that are whole again, or awaited
         // longer than the wait (a drop newer than the records read above is
         // kept: its group may not look short in them yet).
-        lock(&self.away).retain(|(g, _), since| {
-            since.elapsed() < cfg.rebuild_wait && (short.contains(g) || *since >= pass_start)
+        lock(&self.away).retain(|(g, n), since| {
+            waits.holds(*n, *since) && (short.contains(g) || *since >= pass_start)
         });
-        self.report_waiting(cfg, st, waiting, &awaited).await;
+        self.report_waiting(cfg, st, waiting, &awaited, &waits)
+            .await;
         if work.is_empty() {
             return Ok(false);
         }
@@ -520,9 +557,7 @@ impl DataService {
                         Some(n) => (n, true),
                         // Just dropped a replica whose node is away: wait
                         // for it (a later pass) rather than rebuild now.
-                        None if self.awaits_node(g.id, &absent, cfg.rebuild_wait).is_some() => {
-                            break
-                        }
+                        None if self.awaits_node(g.id, &absent, &waits).is_some() => break,
                         None => match self.pick_target(&holders, dead) {
                             Some(n) => (n, false),
                             None => {
@@ -1005,11 +1040,11 @@ impl DataService {
     /// the last `wait`, while that node could not be reached, and it is not
     /// back (among `absent`: the members whose listing this pass did not
     /// get).
-    fn awaits_node(&self, group: u64, absent: &[u64], wait: Duration) -> Option<u64> {
+    fn awaits_node(&self, group: u64, absent: &[u64], waits: &Waits) -> Option<u64> {
         let away = lock(&self.away);
         absent.iter().copied().find(|n| {
             away.get(&(group, *n))
-                .is_some_and(|since| since.elapsed() < wait)
+                .is_some_and(|since| waits.holds(*n, *since))
         })
     }
 
@@ -1022,6 +1057,7 @@ impl DataService {
         st: &mut MonitorState,
         waiting: usize,
         nodes: &std::collections::BTreeSet<u64>,
+        waits: &Waits,
     ) {
         if waiting == st.waiting_logged {
             return;
@@ -1061,10 +1097,25 @@ impl DataService {
             "{waiting} extent group(s) run with a replica fewer, waiting for node(s) {nodes:?} \
              to come back"
         );
-        t.message = format!(
+        let mut message = format!(
             "each is rebuilt on another node once it has waited {} s",
             cfg.rebuild_wait.as_secs()
         );
+        let in_maintenance: Vec<String> = nodes
+            .iter()
+            .filter_map(|n| waits.maintenance.get(n).map(|until| (n, until)))
+            .map(|(n, until)| {
+                let left = until.saturating_sub(now) / 1000;
+                format!("node {n} for {left} s more")
+            })
+            .collect();
+        if !in_maintenance.is_empty() {
+            message.push_str(&format!(
+                ", or once its node's maintenance ends: {}",
+                in_maintenance.join(", ")
+            ));
+        }
+        t.message = message;
         t.total_bytes = waiting as u64 * u64::from(crate::DEFAULT_VBLOCK_SIZE);
         t.updated_unix_ms = now;
         let t = t.clone();

@@ -14,8 +14,8 @@ use axum::{Json, Router};
 use cairn_api::metadata::v1::command::Op;
 use cairn_api::metadata::v1::{
     AllocateNodeId, CloneVdisk, CreateDatastore, CreateSnapshot, CreateVdisk, DatastoreRecord,
-    DeleteDatastore, DeleteSnapshot, DeleteVdisk, NodeRecord, NodeRole, ResizeVdisk,
-    SnapshotRecord, TaskRecord, TaskState, TieringPolicy, VdiskRecord,
+    DeleteDatastore, DeleteKv, DeleteSnapshot, DeleteVdisk, NodeMaintenance, NodeRecord, NodeRole,
+    PutKv, ResizeVdisk, SnapshotRecord, TaskRecord, TaskState, TieringPolicy, VdiskRecord,
 };
 use cairn_metadata::MetadataHandle;
 use cairn_rpc::pki::TlsPaths;
@@ -49,6 +49,10 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::delete(remove_member),
         )
         .route("/v1/nodes", get(list_nodes).post(prepare_node))
+        .route(
+            "/v1/nodes/:id/maintenance",
+            axum::routing::put(start_maintenance).delete(end_maintenance),
+        )
         .route(
             "/v1/datastores",
             get(list_datastores).post(create_datastore),
@@ -148,6 +152,32 @@ struct NodeJson {
     iscsi_addr: String,
     role: &'static str,
     version: String,
+    /// Present while the node is announced as away for maintenance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    maintenance: Option<MaintenanceJson>,
+}
+
+#[derive(Serialize)]
+struct MaintenanceJson {
+    started_unix_ms: u64,
+    until_unix_ms: u64,
+    reason: String,
+}
+
+impl NodeJson {
+    /// `marks`: every maintenance mark; only an unexpired one of this node shows.
+    fn with_marks(n: NodeRecord, marks: &[NodeMaintenance], now_ms: u64) -> Self {
+        let mut j = Self::from(n);
+        j.maintenance = marks
+            .iter()
+            .find(|m| m.node_id == j.id && m.until_unix_ms > now_ms)
+            .map(|m| MaintenanceJson {
+                started_unix_ms: m.started_unix_ms,
+                until_unix_ms: m.until_unix_ms,
+                reason: m.reason.clone(),
+            });
+        j
+    }
 }
 
 fn role_name(role: i32) -> &'static str {
@@ -168,6 +198,7 @@ impl From<NodeRecord> for NodeJson {
             iscsi_addr: n.iscsi_addr,
             role: role_name(n.role),
             version: n.version,
+            maintenance: None,
         }
     }
 }
@@ -276,7 +307,101 @@ async fn cluster_status(State(st): State<ApiState>) -> ApiResult<Json<serde_json
 
 async fn list_nodes(State(st): State<ApiState>) -> ApiResult<Json<Vec<NodeJson>>> {
     st.meta.read_barrier().await?;
-    Ok(Json(st.meta.nodes()?.into_iter().map(Into::into).collect()))
+    let marks = st.meta.maintenance()?;
+    let now = cairn_util::now_unix_ms();
+    Ok(Json(
+        st.meta
+            .nodes()?
+            .into_iter()
+            .map(|n| NodeJson::with_marks(n, &marks, now))
+            .collect(),
+    ))
+}
+
+/// Longest maintenance one request may announce: a mark always ends by
+/// itself, so a forgotten one cannot keep groups short of a replica for good.
+const MAX_MAINTENANCE_SECS: u64 = 7 * 86_400;
+const MAX_MAINTENANCE_REASON: usize = 256;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartMaintenance {
+    duration_secs: u64,
+    #[serde(default)]
+    reason: String,
+}
+
+/// A member node (not removed) by the id in a path.
+fn member(st: &ApiState, id: &str) -> ApiResult<NodeRecord> {
+    let n: u64 = id.parse().map_err(|_| {
+        Problem::from_code(codes::INVALID, format!("node id {id:?} is not a number"))
+    })?;
+    st.meta
+        .node(n)?
+        .filter(|r| r.role != NodeRole::Removed as i32)
+        .ok_or_else(|| missing(&format!("node {n}")))
+}
+
+/// Announces that a node will be away (an upgrade, a reboot): until the
+/// mark ends, groups that lose a replica on it wait for it instead of
+/// being rebuilt elsewhere after the node's `rebuild_wait_secs`. Starting
+/// it again replaces the mark (extends or shortens it).
+async fn start_maintenance(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<StartMaintenance>,
+) -> ApiResult<Json<NodeJson>> {
+    if !(1..=MAX_MAINTENANCE_SECS).contains(&body.duration_secs) {
+        return Err(Problem::from_code(
+            codes::INVALID,
+            format!(
+                "duration_secs {} out of range: from 1 to {MAX_MAINTENANCE_SECS} (7 days)",
+                body.duration_secs
+            ),
+        ));
+    }
+    if body.reason.len() > MAX_MAINTENANCE_REASON || body.reason.chars().any(char::is_control) {
+        return Err(Problem::from_code(
+            codes::INVALID,
+            format!("reason must be at most {MAX_MAINTENANCE_REASON} bytes of printable text"),
+        ));
+    }
+    st.meta.read_barrier().await?;
+    let node = member(&st, &id)?;
+    let now = cairn_util::now_unix_ms();
+    let mark = NodeMaintenance {
+        format_version: cairn_api::FORMAT_VERSION,
+        node_id: node.id,
+        started_unix_ms: now,
+        until_unix_ms: now.saturating_add(body.duration_secs.saturating_mul(1000)),
+        reason: body.reason,
+    };
+    st.meta
+        .propose(Op::PutKv(PutKv {
+            key: cairn_metadata::handle::maintenance_key(node.id),
+            value: prost::Message::encode_to_vec(&mark),
+        }))
+        .await?;
+    tracing::info!(node = node.id, duration_secs = body.duration_secs, reason = %mark.reason,
+        "node maintenance started: its groups wait for it until the mark ends");
+    Ok(Json(NodeJson::with_marks(node, &[mark], now)))
+}
+
+/// Ends a node's maintenance mark: groups still waiting for it wait only
+/// the node's `rebuild_wait_secs` from when they lost the replica.
+async fn end_maintenance(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NodeJson>> {
+    st.meta.read_barrier().await?;
+    let node = member(&st, &id)?;
+    st.meta
+        .propose(Op::DeleteKv(DeleteKv {
+            key: cairn_metadata::handle::maintenance_key(node.id),
+        }))
+        .await?;
+    tracing::info!(node = node.id, "node maintenance ended");
+    Ok(Json(NodeJson::from(node)))
 }
 
 #[derive(Deserialize)]

@@ -26,6 +26,16 @@ use crate::state::{self, KEY_APPLIED, KEY_CLUSTER, KEY_CONF_STATE, PREFIX_DATAST
 use crate::transport::Transport;
 use crate::MetaError;
 
+/// Key-value prefix of node maintenance marks
+/// ([`cairn_api::metadata::v1::NodeMaintenance`]); the node id follows.
+pub const MAINTENANCE_PREFIX: &str = "maintenance/";
+
+/// The key-value key (without the key-value space's own prefix) of node
+/// `id`'s maintenance mark: what `PutKv`/`DeleteKv` take.
+pub fn maintenance_key(id: u64) -> Vec<u8> {
+    format!("{MAINTENANCE_PREFIX}{id:020}").into_bytes()
+}
+
 /// Raft status of one node.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct NodeStatus {
@@ -457,6 +467,11 @@ impl MetadataHandle {
     /// Long-running operations, from the key-value entries `tasks/<id>`.
     pub fn tasks(&self) -> Result<Vec<cairn_api::metadata::v1::TaskRecord>, MetaError> {
         self.list(&state::kv_key(b"tasks/"))
+    }
+    /// Maintenance marks of nodes (`maintenance/<id>`), expired ones
+    /// included: the reader compares `until_unix_ms` with its clock.
+    pub fn maintenance(&self) -> Result<Vec<cairn_api::metadata::v1::NodeMaintenance>, MetaError> {
+        self.list(&state::kv_key(MAINTENANCE_PREFIX.as_bytes()))
     }
     pub fn snapshots(&self, vdisk_id: &str) -> Result<Vec<SnapshotRecord>, MetaError> {
         self.list(&state::snapshot_prefix(vdisk_id))

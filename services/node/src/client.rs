@@ -108,6 +108,12 @@ impl Api {
         self.finish(&url, r)
     }
 
+    pub fn put(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        let url = format!("{}{}", self.base, path);
+        let r = self.auth(self.agent.put(&url)).send_json(body.clone());
+        self.finish(&url, r)
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value, ApiError> {
         let url = format!("{}{}", self.base, path);
         let r = self.auth(self.agent.delete(&url)).call();

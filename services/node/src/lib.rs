@@ -111,6 +111,78 @@ enum NodeCmd {
     },
     /// List the cluster's nodes.
     List,
+    /// Announce that a node will be away (an upgrade, a reboot): until the
+    /// mark ends, groups that lose a replica on it wait for it to come back
+    /// instead of being rebuilt on another node.
+    #[command(subcommand)]
+    Maintenance(MaintenanceCmd),
+}
+
+#[derive(Subcommand)]
+enum MaintenanceCmd {
+    /// Start (or replace) a node's maintenance mark.
+    Start {
+        /// The node's id (`cairn node list`).
+        id: u64,
+        /// How long the node may stay away: seconds, or with a unit
+        /// (90s, 20m, 2h, 1d); at most 7 days.
+        #[arg(long = "for", value_parser = parse_duration_secs)]
+        duration: u64,
+        /// Shown with the mark ("kernel upgrade").
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End a node's maintenance mark.
+    End {
+        /// The node's id.
+        id: u64,
+    },
+}
+
+/// `90`, `90s`, `20m`, `2h`, `1d` → seconds.
+fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 20m, 2h or 1d"))?;
+    let mul = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}: use s, m, h or d")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// For the table: a node's maintenance mark as one cell ("ends in 19m 40s
+/// (reason)"); JSON output keeps the object.
+fn maintenance_cells(v: &mut Value, now_ms: u64) {
+    let rows: Vec<&mut Value> = match v {
+        Value::Array(a) => a.iter_mut().collect(),
+        other => vec![other],
+    };
+    for r in rows {
+        let Some(m) = r.get("maintenance").filter(|m| m.is_object()) else {
+            continue;
+        };
+        let left = m["until_unix_ms"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(now_ms)
+            / 1000;
+        let reason = m["reason"].as_str().unwrap_or_default();
+        let mut cell = format!("ends in {}m {:02}s", left / 60, left % 60);
+        if !reason.is_empty() {
+            cell.push_str(&format!(" ({reason})"));
+        }
+        r["maintenance"] = Value::String(cell);
+    }
 }
 
 #[derive(Subcommand)]
@@ -503,6 +575,7 @@ const NODE_COLS: &[&str] = &[
     "api_addr",
     "iscsi_addr",
     "version",
+    "maintenance",
 ];
 const TARGET_COLS: &[&str] = &["iqn", "luns", "chap", "chap_user", "mutual_chap", "allowed"];
 
@@ -662,7 +735,32 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(run::run(&config))?;
         }
-        Cmd::Node(NodeCmd::List) => print(out, &api()?.get("/v1/nodes")?, NODE_COLS),
+        Cmd::Node(NodeCmd::List) => {
+            let mut v = api()?.get("/v1/nodes")?;
+            if out != Output::Json {
+                maintenance_cells(&mut v, cairn_util::now_unix_ms());
+            }
+            print(out, &v, NODE_COLS)
+        }
+        Cmd::Node(NodeCmd::Maintenance(MaintenanceCmd::Start {
+            id,
+            duration,
+            reason,
+        })) => {
+            let mut v = api()?.put(
+                &format!("/v1/nodes/{id}/maintenance"),
+                &json!({ "duration_secs": duration, "reason": reason }),
+            )?;
+            if out != Output::Json {
+                maintenance_cells(&mut v, cairn_util::now_unix_ms());
+            }
+            print(out, &v, NODE_COLS)
+        }
+        Cmd::Node(NodeCmd::Maintenance(MaintenanceCmd::End { id })) => print(
+            out,
+            &api()?.delete(&format!("/v1/nodes/{id}/maintenance"))?,
+            NODE_COLS,
+        ),
         Cmd::Cluster(ClusterCmd::Init {
             name,
             rpc_addr,
@@ -1052,7 +1150,33 @@ pub fn cli_main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{maintenance_cells, parse_duration_secs, parse_size};
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert_eq!(parse_duration_secs("20m"), Ok(1200));
+        assert_eq!(parse_duration_secs("2h"), Ok(7200));
+        assert_eq!(parse_duration_secs("1d"), Ok(86_400));
+        assert!(parse_duration_secs("").is_err());
+        assert!(parse_duration_secs("m").is_err());
+        assert!(parse_duration_secs("5w").is_err());
+        assert!(parse_duration_secs("-5m").is_err());
+        assert!(parse_duration_secs("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn maintenance_shows_as_one_cell() {
+        let mut v = serde_json::json!([
+            { "id": 1 },
+            { "id": 2, "maintenance": { "until_unix_ms": 1_000_000 + 125_000,
+                "started_unix_ms": 1, "reason": "upgrade" } },
+        ]);
+        maintenance_cells(&mut v, 1_000_000);
+        assert_eq!(v[0].get("maintenance"), None);
+        assert_eq!(v[1]["maintenance"], "ends in 2m 05s (upgrade)");
+    }
 
     #[test]
     fn sizes() {
