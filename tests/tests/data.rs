@@ -766,15 +766,17 @@ fn a_restarted_replica_catches_up_only_the_writes_it_missed() -> Result<()> {
     Ok(())
 }
 
-/// A node that does not come back within `[data] rebuild_wait_secs`: the
-/// RF2 groups that held a replica there wait out the wait, then are
-/// rebuilt whole on the third node, and every block reads back.
-#[test]
-fn groups_whose_node_stays_away_are_rebuilt_elsewhere_after_the_wait() -> Result<()> {
-    use std::time::{Duration, Instant};
-    let _g = serial();
+/// A 3-node cluster whose nodes wait `wait` for an away replica's node
+/// (`[data] rebuild_wait_secs`), with an RF2 vdisk of `size` owned by node
+/// index 0 and written whole: the cluster, the vdisk, its data and how
+/// many groups node index 2 holds a replica of (at least one).
+fn rf2_with_rebuild_wait(
+    wait: std::time::Duration,
+    name: &str,
+    size: u64,
+    gen: u64,
+) -> Result<(Cluster, String, Vec<u8>, u64)> {
     let mut c = Cluster::start(3)?;
-    let wait = Duration::from_secs(8);
     for i in 0..3 {
         c.set_config(
             i,
@@ -784,27 +786,48 @@ fn groups_whose_node_stays_away_are_rebuilt_elsewhere_after_the_wait() -> Result
         c.stop(i)?;
         c.spawn(i)?;
     }
-    c.wait_leader(Duration::from_secs(30))?;
-    let size = 8 * MIB;
-    let vd = c.make_vdisk("two", 2, "w", size, 0)?;
-    let data = write_all_blocks(&c.block(0, &vd)?, size, 3)?;
+    c.wait_leader(std::time::Duration::from_secs(30))?;
+    let vd = c.make_vdisk("two", 2, name, size, 0)?;
+    let data = write_all_blocks(&c.block(0, &vd)?, size, gen)?;
     let on_2 = extent_files(&c.nodes[2].dir.join("disks")).len() as u64;
-    assert!(on_2 > 0, "node index 2 holds no replica");
-    c.kill9(2);
+    anyhow::ensure!(on_2 > 0, "node index 2 holds no replica");
+    Ok((c, vd, data, on_2))
+}
+
+/// Waits (up to 90 s) until node index 0's finished rebuild tasks count
+/// `groups` copied whole; returns their (caught up, copied whole) counts.
+fn wait_copied_whole(c: &Cluster, groups: u64, what: &str) -> Result<(u64, u64)> {
+    use std::time::{Duration, Instant};
     let t0 = Instant::now();
-    let took = loop {
-        let (caught_up, whole, _) = rebuild_tally(&c, 0)?;
-        if whole >= on_2 {
-            assert_eq!(caught_up, 0);
-            break t0.elapsed();
+    loop {
+        let (caught_up, whole, _) = rebuild_tally(c, 0)?;
+        if whole >= groups {
+            return Ok((caught_up, whole));
         }
         anyhow::ensure!(
             t0.elapsed() < Duration::from_secs(90),
-            "{whole} of {on_2} groups rebuilt\n{}",
+            "{whole} of {groups} groups rebuilt {what}\n{}",
             c.logs_tail()
         );
         std::thread::sleep(Duration::from_millis(500));
-    };
+    }
+}
+
+/// A node that does not come back within `[data] rebuild_wait_secs`: the
+/// RF2 groups that held a replica there wait out the wait, then are
+/// rebuilt whole on the third node, and every block reads back.
+#[test]
+fn groups_whose_node_stays_away_are_rebuilt_elsewhere_after_the_wait() -> Result<()> {
+    use std::time::{Duration, Instant};
+    let _g = serial();
+    let wait = Duration::from_secs(8);
+    let size = 8 * MIB;
+    let (mut c, vd, data, on_2) = rf2_with_rebuild_wait(wait, "w", size, 3)?;
+    c.kill9(2);
+    let t0 = Instant::now();
+    let (caught_up, _) = wait_copied_whole(&c, on_2, "after the kill")?;
+    assert_eq!(caught_up, 0);
+    let took = t0.elapsed();
     eprintln!("{on_2} groups rebuilt on the third node {took:?} after the kill");
     // Dropped once found dead (5 s), then waited for.
     assert!(took >= wait, "rebuilt after {took:?}, within the wait");
@@ -824,23 +847,8 @@ fn groups_whose_node_stays_away_are_rebuilt_elsewhere_after_the_wait() -> Result
 fn groups_wait_for_a_node_in_maintenance_past_the_rebuild_wait() -> Result<()> {
     use std::time::{Duration, Instant};
     let _g = serial();
-    let mut c = Cluster::start(3)?;
-    let wait = Duration::from_secs(3);
-    for i in 0..3 {
-        c.set_config(
-            i,
-            "data",
-            &format!("rebuild_wait_secs = {}", wait.as_secs()),
-        )?;
-        c.stop(i)?;
-        c.spawn(i)?;
-    }
-    c.wait_leader(Duration::from_secs(30))?;
     let size = 8 * MIB;
-    let vd = c.make_vdisk("two", 2, "m", size, 0)?;
-    let data = write_all_blocks(&c.block(0, &vd)?, size, 5)?;
-    let on_2 = extent_files(&c.nodes[2].dir.join("disks")).len() as u64;
-    assert!(on_2 > 0, "node index 2 holds no replica");
+    let (mut c, vd, data, on_2) = rf2_with_rebuild_wait(Duration::from_secs(3), "m", size, 5)?;
     let id = c.nodes[2].id.to_string();
     let path = format!("/v1/nodes/{id}/maintenance");
 
@@ -930,18 +938,7 @@ fn groups_wait_for_a_node_in_maintenance_past_the_rebuild_wait() -> Result<()> {
 
     cli(&c, &["node", "maintenance", "end", &id])?;
     let t1 = Instant::now();
-    loop {
-        let (_, whole, _) = rebuild_tally(&c, 0)?;
-        if whole >= on_2 {
-            break;
-        }
-        anyhow::ensure!(
-            t1.elapsed() < Duration::from_secs(90),
-            "{whole} of {on_2} groups rebuilt after the maintenance ended\n{}",
-            c.logs_tail()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_copied_whole(&c, on_2, "after the maintenance ended")?;
     eprintln!(
         "{on_2} groups rebuilt {:?} after the maintenance ended",
         t1.elapsed()

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use cairn_api::data::v1::{RecordKind, ReplicaListRequest, ReplicaReadReply, ReplicaWrite};
 use cairn_api::metadata::v1::{
     command::Op, ExtentGroupRecord, PutKv, ReplicaLocation, SetVdiskOwner, TaskRecord, TaskState,
-    UpdateExtentGroup,
 };
 use futures::future::join_all;
 use futures::StreamExt as _;
@@ -738,31 +737,11 @@ impl DataService {
             node_id: target,
             disk_id: String::new(),
         });
-        let res = self
-            .meta
-            .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
-                id: gs.id,
-                expect_epoch: rec.epoch,
-                new_epoch: rec.epoch + 1,
-                replicas: replicas.clone(),
-            }))
-            .await
-            .map_err(meta_err)?;
-        if !res.error_code.is_empty() {
-            return Err(DataError::Unavailable(format!(
-                "adding a replica: {}",
-                res.error_message
-            )));
-        }
-        let mut new = rec.clone();
-        new.epoch += 1;
-        new.replicas = replicas;
-        gs.set_rec(new.clone());
-        for r in &new.replicas {
-            if let Err(e) = self.replica_set_epoch(r.node_id, gs.id, new.epoch).await {
-                tracing::warn!(group = gs.id, node = r.node_id, error = %e, "cannot raise a replica's epoch");
-            }
-        }
+        let new = self
+            .propose_replica_set(gs, &rec, replicas)
+            .await?
+            .map_err(|why| DataError::Unavailable(format!("adding a replica: {why}")))?;
+        self.raise_replica_epochs(&new).await;
         tracing::info!(
             group = gs.id,
             node = target,

@@ -264,6 +264,50 @@ impl DataService {
         Ok((reply.max_sequence, reply.sequence_digest))
     }
 
+    /// Proposes `replicas` as group `rec.id`'s replica set under the next
+    /// epoch, a compare-and-set on `rec.epoch` (the record `gs` holds).
+    /// Applied: `gs` holds the new record, which is returned. Refused
+    /// (another change came first): `Ok(Err(why))`, and the caller decides
+    /// whether to re-read and retry. Raising the replicas' own epochs is
+    /// left to the caller.
+    pub(crate) async fn propose_replica_set(
+        &self,
+        gs: &GroupState,
+        rec: &ExtentGroupRecord,
+        replicas: Vec<ReplicaLocation>,
+    ) -> Result<Result<ExtentGroupRecord, String>, DataError> {
+        let res = self
+            .meta
+            .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
+                id: rec.id,
+                expect_epoch: rec.epoch,
+                new_epoch: rec.epoch + 1,
+                replicas: replicas.clone(),
+            }))
+            .await
+            .map_err(meta_err)?;
+        if !res.error_code.is_empty() {
+            return Ok(Err(res.error_message));
+        }
+        let mut new = rec.clone();
+        new.epoch += 1;
+        new.replicas = replicas;
+        gs.set_rec(new.clone());
+        Ok(Ok(new))
+    }
+
+    /// Raises every replica of `rec` to its epoch, one after another; a
+    /// replica that cannot be reached is only logged (it refuses the old
+    /// primary's writes once it hears of the epoch, and the monitor drops
+    /// it if it stays away).
+    pub(crate) async fn raise_replica_epochs(&self, rec: &ExtentGroupRecord) {
+        for r in &rec.replicas {
+            if let Err(e) = self.replica_set_epoch(r.node_id, rec.id, rec.epoch).await {
+                tracing::warn!(group = rec.id, node = r.node_id, error = %e, "cannot raise a replica's epoch");
+            }
+        }
+    }
+
     /// Makes `groups` durable on `node`.
     pub(crate) async fn replica_sync(&self, node: u64, groups: Vec<u64>) -> Result<(), DataError> {
         match self.target(node)? {
@@ -1081,38 +1125,15 @@ impl Volume {
                     gs.id
                 )));
             }
-            let res = self
-                .svc
-                .meta
-                .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
-                    id: gs.id,
-                    expect_epoch: rec.epoch,
-                    new_epoch: rec.epoch + 1,
-                    replicas: keep.clone(),
-                }))
-                .await
-                .map_err(meta_err)?;
-            if !res.error_code.is_empty() {
+            let Ok(new) = self.svc.propose_replica_set(gs, &rec, keep).await? else {
                 self.refresh_group(gs).await?;
                 continue;
-            }
-            let mut new = rec.clone();
-            new.epoch += 1;
-            new.replicas = keep.clone();
-            gs.set_rec(new.clone());
+            };
             self.svc
                 .stats
                 .replicas_dropped
                 .fetch_add(nodes.len() as u64, Ordering::Relaxed);
-            for r in &keep {
-                if let Err(e) = self
-                    .svc
-                    .replica_set_epoch(r.node_id, gs.id, new.epoch)
-                    .await
-                {
-                    tracing::warn!(group = gs.id, node = r.node_id, error = %e, "cannot raise a replica's epoch");
-                }
-            }
+            self.svc.raise_replica_epochs(&new).await;
             {
                 let now = Instant::now();
                 let mut away = lock(&self.svc.away);
@@ -1123,7 +1144,7 @@ impl Volume {
                 }
             }
             tracing::warn!(group = gs.id, dropped = ?nodes, epoch = new.epoch,
-                replicas = keep.len(), "extent group runs with fewer replicas until re-replication");
+                replicas = new.replicas.len(), "extent group runs with fewer replicas until re-replication");
             return Ok(());
         }
         Err(DataError::Unavailable(format!(
@@ -1147,27 +1168,14 @@ impl Volume {
         }
         self.refresh_group(gs).await?;
         let rec = gs.rec_snapshot();
-        let new_epoch = rec.epoch + 1;
-        let res = self
+        let new = self
             .svc
-            .meta
-            .propose_raw(Op::UpdateExtentGroup(UpdateExtentGroup {
-                id: gs.id,
-                expect_epoch: rec.epoch,
-                new_epoch,
-                replicas: rec.replicas.clone(),
-            }))
-            .await
-            .map_err(meta_err)?;
-        if !res.error_code.is_empty() {
-            return Err(DataError::Unavailable(format!(
-                "taking over extent group {}: {}",
-                gs.id, res.error_message
-            )));
-        }
-        let mut new = rec.clone();
-        new.epoch = new_epoch;
-        gs.set_rec(new.clone());
+            .propose_replica_set(gs, &rec, rec.replicas.clone())
+            .await?
+            .map_err(|why| {
+                DataError::Unavailable(format!("taking over extent group {}: {why}", gs.id))
+            })?;
+        let new_epoch = new.epoch;
         let mut max = 0;
         let mut seqs = Vec::new();
         let mut dead = Vec::new();
