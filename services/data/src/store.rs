@@ -550,29 +550,94 @@ impl DiskStore {
         lock(&group.file).needs_compaction()
     }
 
-    /// Compacts a group whose file is mostly superseded records. Runs with
-    /// the group's sync and file locks held (in that order, as `sync_to`
-    /// takes them): writers of this one group wait, others do not. Blocks:
+    /// Compacts a group whose file is mostly superseded records. Blocks:
     /// call it where blocking is allowed.
+    ///
+    /// The group's file lock, which every write and read of the group takes
+    /// (some on the runtime's own threads), is held only for short steps:
+    /// the snapshot of the index, and at the end the copy of the blocks
+    /// written during the compaction and the rename. Its sync lock is held
+    /// throughout: a sync punches superseded records into holes, which the
+    /// copy may still be reading, and no write may be called durable between
+    /// the rename and the new file's sync.
     pub fn maybe_compact(&self, group: &Group) -> Result<(), DataError> {
         if !lock(&group.file).needs_compaction() {
             return Ok(());
         }
-        let _turn = lock(&group.sync_lock);
-        let mut f = lock(&group.file);
-        if !f.needs_compaction() {
-            return Ok(());
+        let started = Instant::now();
+        let turn = lock(&group.sync_lock);
+        let begun = {
+            let f = lock(&group.file);
+            if !f.needs_compaction() {
+                return Ok(());
+            }
+            f.begin_compaction()
+        };
+        // Writes that came during the copy are copied once more without the
+        // file lock (and synced), so that the pass under it has little left.
+        let copied = begun.and_then(|mut c| {
+            c.copy()?;
+            if lock(&group.file).compaction_catch_up(&mut c)? > 0 {
+                c.sync()?;
+            }
+            Ok(c)
+        });
+        let mut c = match copied {
+            Ok(c) => c,
+            Err(e) => return self.compaction_skipped(group, e),
+        };
+        let swap = Instant::now();
+        let (fd, end, freed, dir, retired) = {
+            let mut f = lock(&group.file);
+            let before = f.allocated_bytes();
+            if let Err(e) = f.compaction_catch_up(&mut c) {
+                drop(f);
+                return self.compaction_skipped(group, e);
+            }
+            let (fd, retired) = match f.finish_compaction(c) {
+                Ok((fd, retired)) => (Arc::new(fd), retired),
+                Err(e) => {
+                    drop(f);
+                    return self.compaction_skipped(group, e);
+                }
+            };
+            let old_fd = std::mem::replace(&mut *lock(&group.fd), fd.clone());
+            // Offsets in the old file mean nothing in the new one, and
+            // nothing is durable until the sync below: a writer checking
+            // `synced` meanwhile waits for this sync lock.
+            group.synced.store(0, Ordering::SeqCst);
+            let dir = f.path().parent().map(Path::to_path_buf);
+            let freed = before.saturating_sub(f.allocated_bytes());
+            (fd, f.end(), freed, dir, (retired, old_fd))
+        };
+        let locked = swap.elapsed();
+        fd.sync_data()
+            .map_err(|e| self.note(DataError::io(&self.root, e)))?;
+        if let Some(dir) = dir {
+            cairn_util::durable::sync_dir(&dir).map_err(|e| self.note(DataError::io(&dir, e)))?;
         }
-        let before = f.allocated_bytes();
-        if let Err(e) = f.compact() {
-            // Not fatal: the old file is intact; a repair or a later try fixes it.
-            tracing::warn!(disk = %self.id, path = %f.path().display(), error = %e, "compaction skipped");
-            return Ok(());
+        group.synced.fetch_max(end, Ordering::AcqRel);
+        {
+            let mut f = lock(&group.file);
+            let punched = f.mark_synced(end);
+            // The old file's checkpoint names the old instance; this one
+            // describes the new file whole.
+            f.write_checkpoint(1);
+            self.release_bytes(freed + punched);
         }
-        *lock(&group.fd) = Arc::new(f.sync_handle()?);
-        group.synced.store(f.end(), Ordering::SeqCst);
-        let after = f.allocated_bytes();
-        self.release_bytes(before.saturating_sub(after));
+        drop(turn);
+        let closed = Instant::now();
+        drop(retired);
+        tracing::debug!(disk = %self.id, took_ms = started.elapsed().as_millis() as u64,
+            locked_us = locked.as_micros() as u64, close_us = closed.elapsed().as_micros() as u64,
+            "extent group compaction done");
+        Ok(())
+    }
+
+    /// Not fatal: the old file is intact; a repair or a later try fixes it.
+    fn compaction_skipped(&self, group: &Group, e: DataError) -> Result<(), DataError> {
+        let path = group.with(|f| f.path().to_path_buf());
+        tracing::warn!(disk = %self.id, path = %path.display(), error = %e, "compaction skipped");
         Ok(())
     }
 
@@ -640,6 +705,8 @@ impl DiskStore {
         let Some(g) = lock(&self.groups).remove(&id) else {
             return Ok(());
         };
+        // A compaction under way would put the file back.
+        let _turn = lock(&g.sync_lock);
         let (path, len) = g.with(|f| (f.path().to_path_buf(), f.allocated_bytes()));
         std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
         // A new file of this id gets a new instance anyway; this is tidiness.
@@ -657,6 +724,7 @@ impl DiskStore {
         let Some(g) = lock(&self.groups).remove(&id) else {
             return Ok(());
         };
+        let _turn = lock(&g.sync_lock);
         let path = g.with(|f| f.path().to_path_buf());
         let aside = path.with_extension(format!("ceg.bad-{}", cairn_util::now_unix_ms()));
         std::fs::rename(&path, &aside).map_err(|e| DataError::io(&path, e))?;
