@@ -950,6 +950,70 @@ fn groups_wait_for_a_node_in_maintenance_past_the_rebuild_wait() -> Result<()> {
     Ok(())
 }
 
+/// The owner of an RF2 vdisk restarts while a replica's node is away
+/// (dropped from the groups it held): the groups keep waiting for that
+/// node, as the away marks in metadata say, instead of being copied whole
+/// to the third node the moment the owner is back; when the node returns
+/// they are caught up.
+#[test]
+fn an_owner_that_restarts_keeps_waiting_for_an_away_node() -> Result<()> {
+    use std::time::{Duration, Instant};
+    let _g = serial();
+    let size = 8 * MIB;
+    let (mut c, vd, data, on_2) = rf2_with_rebuild_wait(Duration::from_secs(60), "o", size, 9)?;
+    c.kill9(2);
+    // Found dead after ~5 s and dropped from its groups: they wait.
+    let t0 = Instant::now();
+    while wait_task(&c, "running")?.is_none() {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no rebuild-wait task after the kill\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let dropped = Instant::now();
+    c.kill9(0);
+    c.spawn(0)?;
+    c.wait_leader(Duration::from_secs(30))?;
+    // Several monitor passes of the restarted owner, still well inside the
+    // 60 s wait: nothing may be copied to the third node.
+    while dropped.elapsed() < Duration::from_secs(35) {
+        let (caught_up, whole, _) = rebuild_tally(&c, 0)?;
+        assert_eq!(
+            (caught_up, whole),
+            (0, 0),
+            "rebuilt by the restarted owner inside the wait\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        c.block(0, &vd)?.read(0, size)? == data,
+        "data differs after the owner's restart"
+    );
+    c.spawn(2)?;
+    let t1 = Instant::now();
+    loop {
+        let (caught_up, whole, _) = rebuild_tally(&c, 0)?;
+        assert_eq!(whole, 0, "copied whole instead of caught up");
+        if caught_up >= on_2 {
+            break;
+        }
+        anyhow::ensure!(
+            t1.elapsed() < Duration::from_secs(60),
+            "{caught_up} of {on_2} groups caught up after the node came back\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        c.block(1, &vd)?.read(0, size)? == data,
+        "data differs after the catch-up"
+    );
+    Ok(())
+}
+
 /// Partitions that come and go: the owner of an RF2 vdisk and then a
 /// replica holder are cut off and healed, again and again, faster than a
 /// rebuild finishes, while a host writes through the one node never cut

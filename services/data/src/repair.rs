@@ -61,10 +61,23 @@ struct Waits {
     wait: Duration,
     /// node id -> end of its maintenance mark (unix ms), unexpired ones only.
     maintenance: HashMap<u64, u64>,
+    /// (group, node) -> since when (unix ms): the away marks in metadata,
+    /// whichever owner wrote them.
+    away: HashMap<(u64, u64), u64>,
 }
 
 impl Waits {
     fn read(meta: &cairn_metadata::MetadataHandle, wait: Duration) -> Self {
+        let away = match meta.away_replicas() {
+            Ok(marks) => marks
+                .into_iter()
+                .map(|m| ((m.extent_group_id, m.node_id), m.since_unix_ms))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read away marks");
+                HashMap::new()
+            }
+        };
         let now = cairn_util::now_unix_ms();
         let maintenance = match meta.maintenance() {
             Ok(marks) => marks
@@ -79,12 +92,18 @@ impl Waits {
                 HashMap::new()
             }
         };
-        Self { wait, maintenance }
+        Self {
+            wait,
+            maintenance,
+            away,
+        }
     }
 
-    /// Whether a replica dropped on `node` at `since` is still waited for.
-    fn holds(&self, node: u64, since: Instant) -> bool {
-        since.elapsed() < self.wait || self.maintenance.contains_key(&node)
+    /// Whether a replica dropped on `node` at `since` (unix ms) is still
+    /// waited for.
+    fn holds(&self, node: u64, since: u64) -> bool {
+        let waited = cairn_util::now_unix_ms().saturating_sub(since);
+        u128::from(waited) < self.wait.as_millis() || self.maintenance.contains_key(&node)
     }
 }
 
@@ -382,7 +401,7 @@ impl DataService {
         members: &HashSet<u64>,
         st: &mut MonitorState,
     ) -> Result<bool, DataError> {
-        let pass_start = Instant::now();
+        let pass_start = cairn_util::now_unix_ms();
         let waits = Waits::read(&self.meta, cfg.rebuild_wait);
         let owned: Vec<_> = self
             .meta
@@ -498,10 +517,22 @@ impl DataService {
         st.seen_max = seen;
         // Forget nodes awaited by groups that are whole again, or awaited
         // longer than the wait (a drop newer than the records read above is
-        // kept: its group may not look short in them yet).
-        lock(&self.away).retain(|(g, n), since| {
-            waits.holds(*n, *since) && (short.contains(g) || *since >= pass_start)
-        });
+        // kept: its group may not look short in them yet); in metadata too,
+        // for the groups this node owns, and for groups that are gone.
+        let keep = |(g, n): &(u64, u64), since: u64| {
+            waits.holds(*n, since) && (short.contains(g) || since >= pass_start)
+        };
+        lock(&self.away).retain(|k, since| keep(k, *since));
+        for (&(g, n), &since) in &waits.away {
+            let forget = if known_before.contains(&g) {
+                !keep(&(g, n), since)
+            } else {
+                matches!(self.meta.extent_group(g), Ok(None))
+            };
+            if forget {
+                self.forget_away(g, n).await;
+            }
+        }
         self.report_waiting(cfg, st, waiting, &awaited, &waits)
             .await;
         if work.is_empty() {
@@ -1023,6 +1054,7 @@ impl DataService {
         let away = lock(&self.away);
         absent.iter().copied().find(|n| {
             away.get(&(group, *n))
+                .or_else(|| waits.away.get(&(group, *n)))
                 .is_some_and(|since| waits.holds(*n, *since))
         })
     }

@@ -32,13 +32,14 @@ use cairn_api::data::v1::{
     ReplicaWrite, VdiskIo,
 };
 use cairn_api::metadata::v1::{
-    command::Op, AllocateExtentGroup, DeleteExtentGroup, ExtentGroupRecord, ReplicaLocation,
-    SetVdiskFrontendState, UpdateExtentGroup, VblockMapping, VdiskRecord,
+    command::Op, AllocateExtentGroup, AwayReplica, DeleteExtentGroup, DeleteKv, ExtentGroupRecord,
+    PutKv, ReplicaLocation, SetVdiskFrontendState, UpdateExtentGroup, VblockMapping, VdiskRecord,
 };
 use cairn_api::record::Record;
 use cairn_metadata::MetadataHandle;
 use cairn_util::error_code::codes as meta_codes;
 use futures::future::join_all;
+use prost::Message as _;
 
 use crate::format::{self, BLOCK_SIZE};
 use crate::frontend::{check_range, BlockDevice, BlockService, Bytes, CommandHandler, Extent};
@@ -86,8 +87,10 @@ pub struct DataService {
     /// could not be reached, by (group, node), and when: their copies are
     /// likely intact, so the group waits for the node to come back and be
     /// caught up before it is rebuilt elsewhere
-    /// ([`crate::repair::MonitorConfig::rebuild_wait`]).
-    pub(crate) away: Mutex<HashMap<(u64, u64), Instant>>,
+    /// ([`crate::repair::MonitorConfig::rebuild_wait`]). Since when, in
+    /// unix ms; also kept in metadata (`away/<group>/<node>`), which is
+    /// what an owner that restarted, or a new one, goes by.
+    pub(crate) away: Mutex<HashMap<(u64, u64), u64>>,
 }
 
 /// Blocks in a group of this record's vblock size.
@@ -294,6 +297,43 @@ impl DataService {
         new.replicas = replicas;
         gs.set_rec(new.clone());
         Ok(Ok(new))
+    }
+
+    /// Records in metadata that `node`'s replica of `group` was dropped at
+    /// `since` while the node could not be reached. Best effort: without it
+    /// this owner still waits (its memory), only a restarted or new owner
+    /// would not.
+    pub(crate) async fn note_away(&self, group: u64, node: u64, since: u64) {
+        let mark = AwayReplica {
+            format_version: cairn_api::FORMAT_VERSION,
+            extent_group_id: group,
+            node_id: node,
+            since_unix_ms: since,
+        };
+        let r = self
+            .meta
+            .propose(Op::PutKv(PutKv {
+                key: cairn_metadata::handle::away_key(group, node),
+                value: mark.encode_to_vec(),
+            }))
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(group, node, error = %e, "cannot record an awaited replica in metadata");
+        }
+    }
+
+    /// Forgets an away mark in metadata (best effort: a stale one is only
+    /// read for a group short of replicas, and is removed by a later pass).
+    pub(crate) async fn forget_away(&self, group: u64, node: u64) {
+        let r = self
+            .meta
+            .propose(Op::DeleteKv(DeleteKv {
+                key: cairn_metadata::handle::away_key(group, node),
+            }))
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(group, node, error = %e, "cannot remove an away mark");
+        }
     }
 
     /// Raises every replica of `rec` to its epoch, one after another; a
@@ -1134,14 +1174,10 @@ impl Volume {
                 .replicas_dropped
                 .fetch_add(nodes.len() as u64, Ordering::Relaxed);
             self.svc.raise_replica_epochs(&new).await;
-            {
-                let now = Instant::now();
-                let mut away = lock(&self.svc.away);
-                for n in nodes {
-                    if self.svc.peers.unreachable(*n) {
-                        away.entry((gs.id, *n)).or_insert(now);
-                    }
-                }
+            let now = cairn_util::now_unix_ms();
+            for n in nodes.iter().filter(|n| self.svc.peers.unreachable(**n)) {
+                lock(&self.svc.away).entry((gs.id, *n)).or_insert(now);
+                self.svc.note_away(gs.id, *n, now).await;
             }
             tracing::warn!(group = gs.id, dropped = ?nodes, epoch = new.epoch,
                 replicas = new.replicas.len(), "extent group runs with fewer replicas until re-replication");

@@ -36,6 +36,15 @@ pub fn maintenance_key(id: u64) -> Vec<u8> {
     format!("{MAINTENANCE_PREFIX}{id:020}").into_bytes()
 }
 
+/// Key-value prefix of replicas awaited after their node went away
+/// ([`cairn_api::metadata::v1::AwayReplica`]); group and node ids follow.
+pub const AWAY_PREFIX: &str = "away/";
+
+/// The key-value key of the away mark of `node`'s replica of `group`.
+pub fn away_key(group: u64, node: u64) -> Vec<u8> {
+    format!("{AWAY_PREFIX}{group:020}/{node:020}").into_bytes()
+}
+
 /// Raft status of one node.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct NodeStatus {
@@ -472,6 +481,10 @@ impl MetadataHandle {
     /// included: the reader compares `until_unix_ms` with its clock.
     pub fn maintenance(&self) -> Result<Vec<cairn_api::metadata::v1::NodeMaintenance>, MetaError> {
         self.list(&state::kv_key(MAINTENANCE_PREFIX.as_bytes()))
+    }
+    /// Replicas awaited after their node went away (`away/<group>/<node>`).
+    pub fn away_replicas(&self) -> Result<Vec<cairn_api::metadata::v1::AwayReplica>, MetaError> {
+        self.list(&state::kv_key(AWAY_PREFIX.as_bytes()))
     }
     pub fn snapshots(&self, vdisk_id: &str) -> Result<Vec<SnapshotRecord>, MetaError> {
         self.list(&state::snapshot_prefix(vdisk_id))
