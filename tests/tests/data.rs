@@ -1011,6 +1011,16 @@ fn an_owner_that_restarts_keeps_waiting_for_an_away_node() -> Result<()> {
         c.block(1, &vd)?.read(0, size)? == data,
         "data differs after the catch-up"
     );
+    // The wait task of the owner's first run was closed by its second, and
+    // the second's once nothing waited: none is left running.
+    let t2 = Instant::now();
+    while let Some(t) = wait_task(&c, "running")? {
+        anyhow::ensure!(
+            t2.elapsed() < Duration::from_secs(20),
+            "a rebuild-wait task still running after the catch-up: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     Ok(())
 }
 

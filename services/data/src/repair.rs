@@ -212,9 +212,16 @@ struct MonitorState {
     seen_max: HashMap<u64, u64>,
     /// Groups waiting for their replicas' nodes, as last reported.
     waiting_logged: usize,
-    /// The task that shows them, while any wait.
+    /// The task that shows them, while any wait, and when it was last put.
     wait_task: Option<TaskRecord>,
+    wait_put_at: Option<Instant>,
+    /// This node's tasks left running by its previous run were closed.
+    tasks_swept: bool,
 }
+
+/// How often a running rebuild-wait task is rewritten when nothing but
+/// time changed (the maintenance time left in its message).
+const WAIT_TASK_REFRESH: Duration = Duration::from_secs(10);
 
 impl DataService {
     /// Runs the monitor until `stop`.
@@ -230,6 +237,9 @@ impl DataService {
         let mut st = MonitorState::default();
         let mut last_err = String::new();
         loop {
+            if !st.tasks_swept {
+                st.tasks_swept = self.sweep_stale_tasks().await;
+            }
             let dead = lock(&liveness).dead.clone();
             match self.monitor_pass(&cfg, &mut st, &dead).await {
                 // Log a failure once, not every pass.
@@ -1070,10 +1080,16 @@ impl DataService {
         nodes: &std::collections::BTreeSet<u64>,
         waits: &Waits,
     ) {
-        if waiting == st.waiting_logged {
+        let stale = st
+            .wait_put_at
+            .is_none_or(|t| t.elapsed() >= WAIT_TASK_REFRESH);
+        let changed = waiting != st.waiting_logged;
+        let refresh = waiting > 0 && stale;
+        if !(changed || refresh) {
             return;
         }
         st.waiting_logged = waiting;
+        st.wait_put_at = Some(Instant::now());
         let now = cairn_util::now_unix_ms();
         if waiting == 0 {
             if let Some(mut t) = st.wait_task.take() {
@@ -1088,13 +1104,15 @@ impl DataService {
             }
             return;
         }
-        tracing::warn!(
-            groups = waiting,
-            nodes = ?nodes,
-            wait_secs = cfg.rebuild_wait.as_secs(),
-            "extent groups run with a replica fewer while they wait for its node \
-             to come back and catch up; rebuilt elsewhere once the wait is over"
-        );
+        if changed {
+            tracing::warn!(
+                groups = waiting,
+                nodes = ?nodes,
+                wait_secs = cfg.rebuild_wait.as_secs(),
+                "extent groups run with a replica fewer while they wait for its node \
+                 to come back and catch up; rebuilt elsewhere once the wait is over"
+            );
+        }
         let t = st.wait_task.get_or_insert_with(|| TaskRecord {
             format_version: cairn_api::FORMAT_VERSION,
             id: format!("rebuild-wait-{}-{now}", self.node_id),
@@ -1131,6 +1149,50 @@ impl DataService {
         t.updated_unix_ms = now;
         let t = t.clone();
         self.put_task(&t).await;
+    }
+
+    /// Closes the rebuild and rebuild-wait tasks this node's previous run
+    /// left running (it stopped or crashed during them): a fresh monitor
+    /// has none of its own yet, and they would otherwise show as running
+    /// for ever. Returns false when metadata could not be read up to date
+    /// (tried again before the next pass).
+    async fn sweep_stale_tasks(&self) -> bool {
+        if self.meta.read_barrier().await.is_err() {
+            return false;
+        }
+        let Ok(tasks) = self.meta.tasks() else {
+            return false;
+        };
+        let now = cairn_util::now_unix_ms();
+        for mut t in tasks {
+            if t.node_id != self.node_id || t.state != TaskState::TaskRunning as i32 {
+                continue;
+            }
+            match t.kind.as_str() {
+                "rebuild" => {
+                    t.state = TaskState::TaskFailed as i32;
+                    t.message = format!(
+                        "interrupted by a restart of node {}; the data monitor goes on with \
+                         what is left (see the newer rebuild tasks). {}",
+                        self.node_id, t.message
+                    );
+                }
+                "rebuild-wait" => {
+                    t.state = TaskState::TaskDone as i32;
+                    t.done_bytes = t.total_bytes;
+                    t.message = format!(
+                        "node {} restarted: a newer rebuild-wait task shows the groups that \
+                         still wait",
+                        self.node_id
+                    );
+                }
+                _ => continue,
+            }
+            t.updated_unix_ms = now;
+            tracing::info!(task = %t.id, kind = %t.kind, "closed a task left running by the previous run");
+            self.put_task(&t).await;
+        }
+        true
     }
 
     /// The group has fewer replicas than its datastore's RF.
