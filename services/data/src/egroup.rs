@@ -1248,6 +1248,12 @@ impl ExtentGroupFile {
     /// ([`Self::compaction_factor_x8`]), or their headers alone make the
     /// file long.
     pub fn needs_compaction(&self) -> bool {
+        // A damaged replica is kept as it is until a repair replaces it: a
+        // compaction would write a file with a clean report, serving blocks
+        // past the damage as their older versions.
+        if self.report.damage.is_some() {
+            return false;
+        }
         let live = self.mapped_bytes() + SUPERBLOCK_SIZE;
         let dead = self.buried_bytes();
         let kept = self.allocated_bytes().saturating_sub(dead);

@@ -47,6 +47,16 @@ pub struct Group {
     fd: Mutex<Arc<File>>,
     /// A compaction is queued or running (one at a time per group).
     pub(crate) compacting: AtomicBool,
+    /// Deleted or quarantined (set under `sync_lock`): a compaction queued
+    /// before must not rename its copy over the path, which may hold a new
+    /// replica of the same group by then.
+    removed: AtomicBool,
+    /// A sync of the file failed. The kernel reports a writeback error to
+    /// a file once, so a later `fdatasync` that succeeds proves nothing
+    /// about the pages that failed (a compaction's copies of acknowledged
+    /// writes among them): no write to the group is called durable again;
+    /// the replica fails its durable writes and is replaced.
+    sync_failed: AtomicBool,
 }
 
 impl Group {
@@ -59,6 +69,8 @@ impl Group {
             synced,
             fd: Mutex::new(Arc::new(fd)),
             compacting: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
         })
     }
     /// Runs `f` on the open file.
@@ -519,7 +531,14 @@ impl DiskStore {
         let Some((_, _, fd)) = dirty.first() else {
             return Ok(0);
         };
-        rustix::fs::syncfs(&**fd).map_err(|e| self.note(DataError::io(&self.root, e.into())))?;
+        if let Err(e) = rustix::fs::syncfs(&**fd) {
+            // Which files lost pages is not known: none of these may call
+            // its unsynced writes durable later.
+            for (g, _, _) in &dirty {
+                g.sync_failed.store(true, Ordering::SeqCst);
+            }
+            return Err(self.note(DataError::io(&self.root, e.into())));
+        }
         for (g, end, fd) in &dirty {
             let _turn = lock(&g.sync_lock);
             // Compacted meanwhile: the new file is durable by itself, and
@@ -566,6 +585,11 @@ impl DiskStore {
         }
         let started = Instant::now();
         let turn = lock(&group.sync_lock);
+        // Delete and quarantine set this under the sync lock, which is held
+        // from here to the rename: checked once, it holds throughout.
+        if group.removed.load(Ordering::SeqCst) || group.sync_failed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let begun = {
             let f = lock(&group.file);
             if !f.needs_compaction() {
@@ -611,10 +635,24 @@ impl DiskStore {
             (fd, f.end(), freed, dir, (retired, old_fd))
         };
         let locked = swap.elapsed();
-        fd.sync_data()
-            .map_err(|e| self.note(DataError::io(&self.root, e)))?;
-        if let Some(dir) = dir {
-            cairn_util::durable::sync_dir(&dir).map_err(|e| self.note(DataError::io(&dir, e)))?;
+        // The catch-up's copies of acknowledged writes live only in the new
+        // file now, and until the directory is synced a power loss may bring
+        // the old file back at the path: either failing, the group can no
+        // longer call anything durable.
+        let durable = fd
+            .sync_data()
+            .map_err(|e| DataError::io(&self.root, e))
+            .and_then(|()| match &dir {
+                Some(dir) => cairn_util::durable::sync_dir(dir).map_err(|e| DataError::io(dir, e)),
+                None => Ok(()),
+            });
+        if let Err(e) = durable {
+            group.sync_failed.store(true, Ordering::SeqCst);
+            self.release_bytes(freed);
+            tracing::error!(disk = %self.id, error = %e,
+                "a compacted extent group file could not be made durable; its replica refuses \
+                 durable writes from now on and is replaced");
+            return Err(self.note(e));
         }
         group.synced.fetch_max(end, Ordering::AcqRel);
         {
@@ -657,11 +695,23 @@ impl DiskStore {
         if group.synced.load(Ordering::Acquire) >= end {
             return Ok(());
         }
+        let path = || group.with(|f| f.path().to_path_buf());
+        if group.sync_failed.load(Ordering::SeqCst) {
+            return Err(DataError::io(
+                &path(),
+                std::io::Error::other(
+                    "an earlier sync of this extent group file failed: nothing written to it \
+                     can be called durable any more",
+                ),
+            ));
+        }
         // Everything appended up to now rides on this one sync.
         let target = lock(&group.file).end();
         let fd = lock(&group.fd).clone();
-        fd.sync_data()
-            .map_err(|e| self.note(DataError::io(&self.root, e)))?;
+        fd.sync_data().map_err(|e| {
+            group.sync_failed.store(true, Ordering::SeqCst);
+            self.note(DataError::io(&path(), e))
+        })?;
         group.synced.fetch_max(target, Ordering::AcqRel);
         let freed = lock(&group.file).mark_synced(target);
         self.release_bytes(freed);
@@ -705,8 +755,10 @@ impl DiskStore {
         let Some(g) = lock(&self.groups).remove(&id) else {
             return Ok(());
         };
-        // A compaction under way would put the file back.
+        // A compaction under way would put the file back; one queued
+        // finds it removed.
         let _turn = lock(&g.sync_lock);
+        g.removed.store(true, Ordering::SeqCst);
         let (path, len) = g.with(|f| (f.path().to_path_buf(), f.allocated_bytes()));
         std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
         // A new file of this id gets a new instance anyway; this is tidiness.
@@ -725,6 +777,7 @@ impl DiskStore {
             return Ok(());
         };
         let _turn = lock(&g.sync_lock);
+        g.removed.store(true, Ordering::SeqCst);
         let path = g.with(|f| f.path().to_path_buf());
         let aside = path.with_extension(format!("ceg.bad-{}", cairn_util::now_unix_ms()));
         std::fs::rename(&path, &aside).map_err(|e| DataError::io(&path, e))?;
@@ -1065,6 +1118,42 @@ mod tests {
             "the holes are off the disk's usage"
         );
         assert_eq!(store.sync_dirty().unwrap(), 0, "nothing left to sync");
+    }
+
+    /// A compaction queued for a group (an `Arc` of it held) that is then
+    /// quarantined and created again as a fresh replica must not rename
+    /// its copy of the old file over the new one.
+    #[test]
+    fn a_compaction_queued_before_a_quarantine_leaves_the_new_replica_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 0).unwrap();
+        let old = store.create_group(header(9)).unwrap();
+        // Random single-block overwrites: partly superseded records that
+        // only a compaction gets back.
+        let mut seq = 0;
+        while !store.needs_compaction(&old) {
+            seq += 1;
+            assert!(seq < 100_000, "never needed a compaction");
+            let b = (seq * 37 % 256) as u32;
+            store
+                .write(&old, data_rec(seq, b, &[1u8; BLOCK_SIZE], false))
+                .unwrap();
+        }
+        store.quarantine_group(9).unwrap();
+        let new = store.create_group(header(9)).unwrap();
+        let fresh = vec![2u8; BLOCK_SIZE];
+        store.write(&new, data_rec(1, 0, &fresh, true)).unwrap();
+        store.maybe_compact(&old).unwrap();
+        assert_eq!(store.read(&new, 0, 1).unwrap(), fresh);
+        drop((old, new, store));
+        let store = DiskStore::open(dir.path(), 0).unwrap();
+        let g = store.group(9).unwrap();
+        assert_eq!(store.read(&g, 0, 1).unwrap(), fresh, "after a reopen");
+        assert_eq!(
+            store.read(&g, 1, 1).unwrap(),
+            vec![0u8; BLOCK_SIZE],
+            "the old replica's blocks came back"
+        );
     }
 
     #[test]
