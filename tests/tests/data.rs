@@ -950,6 +950,130 @@ fn groups_wait_for_a_node_in_maintenance_past_the_rebuild_wait() -> Result<()> {
     Ok(())
 }
 
+/// `cairn node maintenance start --wait` drains the node while it still
+/// runs: the RF2 vdisk it owns moves to another node (owner epoch + 1,
+/// under a host's writes through a third node), the RF1 one whose only
+/// copy is there stays and the drain task names it, and new extent groups
+/// go to other nodes. Killed after that, the node costs the moved vdisk no
+/// failover (its owner epoch does not change again), its writes go on, and
+/// no acknowledged write is lost.
+#[test]
+fn a_node_in_maintenance_is_drained_before_it_stops() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    let _g = serial();
+    let mut c = Cluster::start(3)?;
+    let half = 8 * MIB;
+    let rf2 = c.make_vdisk("two", 2, "d", 2 * half, 2)?;
+    let rf1 = c.make_vdisk("one", 1, "s", MIB, 2)?;
+    write_all_blocks(&c.block(0, &rf1)?, MIB, 1)?;
+    let io = c.block(0, &rf2)?;
+    write_all_blocks(&io, half, 1)?;
+    let owner = |c: &Cluster, ds: &str, name: &str| -> Result<(u64, u64)> {
+        let r = c.get(0, &format!("/v1/datastores/{ds}/vdisks/{name}"))?;
+        anyhow::ensure!(r.status == 200, "{} {}", r.status, r.body);
+        Ok((
+            r.body["owner_node_id"].as_u64().unwrap_or_default(),
+            r.body["owner_epoch"].as_u64().unwrap_or_default(),
+        ))
+    };
+    let id = c.nodes[2].id;
+    let (was, epoch) = owner(&c, "two", "d")?;
+    assert_eq!(was, id);
+
+    // A host writes the first half through node index 0 from here on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger: Arc<Mutex<Ledger>> = Arc::default();
+    let w = spawn_writer_from(c.block(0, &rf2)?, half, stop.clone(), ledger.clone(), 1);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let dir = c.nodes[0].dir.display().to_string();
+    let out = c.cli_ok(&[
+        "--data-dir",
+        &dir,
+        "node",
+        "maintenance",
+        "start",
+        &id.to_string(),
+        "--for",
+        "10m",
+        "--reason",
+        "disk swap",
+        "--wait",
+    ])?;
+    assert!(
+        out.contains("drain") && out.contains("done") && out.contains("s (every copy"),
+        "the CLI did not show the drain and what stays:\n{out}"
+    );
+    let (now_owner, now_epoch) = owner(&c, "two", "d")?;
+    assert!(
+        now_owner != id && now_epoch == epoch + 1,
+        "the RF2 vdisk was not moved off the node: owner {now_owner}, epoch {now_epoch}\n{}",
+        c.logs_tail()
+    );
+    assert_eq!(owner(&c, "one", "s")?.0, id, "the RF1 vdisk moved");
+    let nodes = c.get(0, "/v1/nodes")?.body;
+    let task_id = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["id"] == id))
+        .and_then(|n| n["maintenance"]["drain_task"].as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("no drain task in {nodes}"))?;
+    let task = c.get(1, &format!("/v1/tasks/{task_id}"))?.body;
+    assert!(
+        task["kind"] == "drain"
+            && task["state"] == "done"
+            && task["node_id"] == id
+            && task["done_bytes"] == 2 * half
+            && task["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("1 vdisk(s) stay")),
+        "{task}"
+    );
+
+    // New groups (the second half) have no replica on the drained node.
+    let on_2 = extent_files(&c.nodes[2].dir.join("disks")).len();
+    let upper = c.block(1, &rf2)?;
+    for k in 0..8 {
+        let off = half + k * MIB;
+        upper.write(off, &block(off, 7))?;
+    }
+    assert_eq!(
+        extent_files(&c.nodes[2].dir.join("disks")).len(),
+        on_2,
+        "a new extent group was placed on the node in maintenance"
+    );
+
+    let before_kill = ledger.lock().unwrap().ok;
+    c.kill9(2);
+    // Past DEAD_AFTER (5 s): a failover would have happened by now.
+    std::thread::sleep(Duration::from_secs(9));
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("writer");
+    let l = ledger.lock().unwrap().clone();
+    eprintln!(
+        "{} writes acknowledged after the kill, {} failed in all",
+        l.ok - before_kill,
+        l.failed
+    );
+    assert!(l.ok - before_kill > 20, "writes stopped after the kill");
+    assert_eq!(
+        owner(&c, "two", "d")?,
+        (now_owner, now_epoch),
+        "the moved vdisk failed over again"
+    );
+    for i in 0..2 {
+        check_ledger(&c.block(i, &rf2)?, &l)?;
+        let upper = c.block(i, &rf2)?;
+        for k in 0..8 {
+            let off = half + k * MIB;
+            check_block(&upper.read(off, BS as u64)?, off, 7);
+        }
+    }
+    Ok(())
+}
+
 /// The owner of an RF2 vdisk restarts while a replica's node is away
 /// (dropped from the groups it held): the groups keep waiting for that
 /// node, as the away marks in metadata say, instead of being copied whole

@@ -6,7 +6,8 @@
 //!   append-only, a crc32c per 4 KiB block, optional zstd per record, and
 //!   the index checkpoints beside each file ([`checkpoint`]);
 //! - re-replication that copies only what a returning replica missed
-//!   ([`catchup`]);
+//!   ([`catchup`]), and draining a node announced for maintenance
+//!   ([`drain`]);
 //! - the local disks ([`store`]): placement across them, free space, group
 //!   commit (concurrent writes to a group share one fdatasync);
 //! - the front-end trait ([`frontend::BlockDevice`]), the only way iSCSI and
@@ -20,6 +21,7 @@
 
 pub mod catchup;
 pub mod checkpoint;
+pub mod drain;
 pub mod egroup;
 pub mod format;
 pub mod frontend;

@@ -78,20 +78,12 @@ impl Waits {
                 HashMap::new()
             }
         };
-        let now = cairn_util::now_unix_ms();
-        let maintenance = match meta.maintenance() {
-            Ok(marks) => marks
-                .into_iter()
-                .filter(|m| m.until_unix_ms > now)
-                .map(|m| (m.node_id, m.until_unix_ms))
-                .collect(),
-            Err(e) => {
-                // Without the marks the plain wait still holds: the
-                // conservative side (a rebuild) once it has passed.
-                tracing::warn!(error = %e, "cannot read node maintenance marks");
-                HashMap::new()
-            }
-        };
+        // Without the marks the plain wait still holds: the conservative
+        // side (a rebuild) once it has passed.
+        let maintenance = crate::drain::current_marks(meta)
+            .into_values()
+            .map(|m| (m.node_id, m.until_unix_ms))
+            .collect();
         Self {
             wait,
             maintenance,
@@ -217,6 +209,8 @@ struct MonitorState {
     wait_put_at: Option<Instant>,
     /// This node's tasks left running by its previous run were closed.
     tasks_swept: bool,
+    /// The drain tasks, while this node is the metadata leader.
+    drains: crate::drain::Drains,
 }
 
 /// How often a running rebuild-wait task is rewritten when nothing but
@@ -343,6 +337,9 @@ impl DataService {
             .unwrap_or(false)
         {
             self.fail_over_owners(dead).await?;
+            self.drain_maintenance(dead, &mut st.drains).await?;
+        } else {
+            st.drains.resign();
         }
         let repaired = self.repair_owned(cfg, dead, &members, st).await?;
         if !repaired && cfg.scrub_bytes_per_sec > 0 {
@@ -660,7 +657,7 @@ impl DataService {
         Ok(true)
     }
 
-    async fn put_task(&self, t: &TaskRecord) {
+    pub(crate) async fn put_task(&self, t: &TaskRecord) {
         let r = self
             .meta
             .propose(Op::PutKv(PutKv {
@@ -702,7 +699,9 @@ impl DataService {
             return Some(self.node_id);
         }
         let disks = self.meta.disks().ok()?;
-        let mut best: Option<(u64, u64)> = None;
+        // Outside maintenance first (see `DataService::place`), then room.
+        let marked = crate::drain::current_marks(&self.meta);
+        let mut best: Option<(bool, u64, u64)> = None;
         for n in self.meta.nodes().ok()? {
             if holders.contains(&n.id) || dead.contains(&n.id) || !self.peers.is_up(n.id) {
                 continue;
@@ -712,11 +711,12 @@ impl DataService {
                 .filter(|d| d.node_id == n.id && d.health <= 1)
                 .map(|d| d.capacity_bytes.saturating_sub(d.used_bytes))
                 .sum();
-            if best.is_none_or(|(f, _)| free > f) {
-                best = Some((free, n.id));
+            let key = (!marked.contains_key(&n.id), free, n.id);
+            if best.is_none_or(|b| (key.0, key.1) > (b.0, b.1)) {
+                best = Some(key);
             }
         }
-        best.map(|(_, id)| id)
+        best.map(|(_, _, id)| id)
     }
 
     /// Brings `target` to a current copy of the group and adds it to the

@@ -453,10 +453,18 @@ impl DataService {
         }
         // Spread load: every node within 10 % of the emptiest one is as
         // good as it; pick among those at random, then the rest by room.
+        // Nodes in maintenance last: they are about to go away (a replica
+        // there would run short at once), but still better than too few.
         use rand::seq::SliceRandom as _;
+        let marked = crate::drain::current_marks(&self.meta);
         let best = candidates.iter().map(|c| c.0).max().unwrap_or(0);
         candidates.shuffle(&mut rand::thread_rng());
-        candidates.sort_by_key(|(free, _)| std::cmp::Reverse(*free >= best - best / 10));
+        candidates.sort_by_key(|(free, id)| {
+            (
+                marked.contains_key(id),
+                std::cmp::Reverse(*free >= best - best / 10),
+            )
+        });
         for (_, id) in candidates {
             if out.len() as u32 >= rf {
                 break;

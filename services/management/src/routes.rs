@@ -162,6 +162,8 @@ struct MaintenanceJson {
     started_unix_ms: u64,
     until_unix_ms: u64,
     reason: String,
+    /// The task that shows the vdisks' ownership moving off the node.
+    drain_task: String,
 }
 
 impl NodeJson {
@@ -175,6 +177,7 @@ impl NodeJson {
                 started_unix_ms: m.started_unix_ms,
                 until_unix_ms: m.until_unix_ms,
                 reason: m.reason.clone(),
+                drain_task: cairn_metadata::handle::drain_task_id(m.node_id, m.started_unix_ms),
             });
         j
     }
@@ -344,8 +347,10 @@ fn member(st: &ApiState, id: &str) -> ApiResult<NodeRecord> {
 
 /// Announces that a node will be away (an upgrade, a reboot): until the
 /// mark ends, groups that lose a replica on it wait for it instead of
-/// being rebuilt elsewhere after the node's `rebuild_wait_secs`. Starting
-/// it again replaces the mark (extends or shortens it).
+/// being rebuilt elsewhere after the node's `rebuild_wait_secs`, and the
+/// data service drains it (`cairn_data::drain`: its vdisks' ownership
+/// moves to other nodes, shown by the `drain_task`). Starting it again
+/// replaces the mark (extends or shortens it).
 async fn start_maintenance(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -383,7 +388,8 @@ async fn start_maintenance(
         }))
         .await?;
     tracing::info!(node = node.id, duration_secs = body.duration_secs, reason = %mark.reason,
-        "node maintenance started: its groups wait for it until the mark ends");
+        "node maintenance started: its vdisks move to other nodes, its groups wait for it \
+         until the mark ends");
     Ok(Json(NodeJson::with_marks(node, &[mark], now)))
 }
 

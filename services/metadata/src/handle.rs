@@ -36,6 +36,13 @@ pub fn maintenance_key(id: u64) -> Vec<u8> {
     format!("{MAINTENANCE_PREFIX}{id:020}").into_bytes()
 }
 
+/// The id of the task (`drain`) that shows the drain of node `id` for its
+/// maintenance mark that started at `mark_started_unix_ms`: one per mark,
+/// whichever leader writes it.
+pub fn drain_task_id(id: u64, mark_started_unix_ms: u64) -> String {
+    format!("drain-{id}-{mark_started_unix_ms}")
+}
+
 /// Key-value prefix of replicas awaited after their node went away
 /// ([`cairn_api::metadata::v1::AwayReplica`]); group and node ids follow.
 pub const AWAY_PREFIX: &str = "away/";

@@ -131,6 +131,10 @@ enum MaintenanceCmd {
         /// Shown with the mark ("kernel upgrade").
         #[arg(long, default_value = "")]
         reason: String,
+        /// Wait for the drain (the node's vdisks moving to other nodes),
+        /// with a progress bar, before returning.
+        #[arg(long)]
+        wait: bool,
     },
     /// End a node's maintenance mark.
     End {
@@ -517,6 +521,32 @@ fn vd_path(ds: &str, name: &str) -> String {
     format!("/v1/datastores/{}/vdisks/{}", seg(ds), seg(name))
 }
 
+/// Waits for a drain task to appear (the metadata leader's next monitor
+/// pass writes it), then watches it; prints what stays on the node.
+fn wait_drain(api: &client::Api, task: &str, out: Output) -> anyhow::Result<()> {
+    let path = format!("/v1/tasks/{}", seg(task));
+    let t0 = std::time::Instant::now();
+    loop {
+        match api.get(&path) {
+            Ok(_) => break,
+            Err(client::ApiError::Problem { status: 404, .. })
+                if t0.elapsed() < Duration::from_secs(60) =>
+            {
+                std::thread::sleep(Duration::from_millis(500))
+            }
+            Err(e) => bail!("the drain task {task}: {e}"),
+        }
+    }
+    watch_task(api, Some(task.to_string()), out)?;
+    let t = api.get(&path)?;
+    if let Some(msg) = t["message"].as_str().filter(|m| !m.is_empty()) {
+        if out != Output::Json {
+            println!("{msg}");
+        }
+    }
+    Ok(())
+}
+
 /// Polls a task and draws a progress bar until it ends.
 fn watch_task(api: &client::Api, id: Option<String>, out: Output) -> anyhow::Result<()> {
     use std::io::Write as _;
@@ -746,15 +776,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             id,
             duration,
             reason,
+            wait,
         })) => {
-            let mut v = api()?.put(
+            let api = api()?;
+            let mut v = api.put(
                 &format!("/v1/nodes/{id}/maintenance"),
                 &json!({ "duration_secs": duration, "reason": reason }),
             )?;
+            let task = v["maintenance"]["drain_task"].as_str().map(str::to_string);
             if out != Output::Json {
                 maintenance_cells(&mut v, cairn_util::now_unix_ms());
             }
-            print(out, &v, NODE_COLS)
+            print(out, &v, NODE_COLS);
+            if let Some(task) = task.filter(|_| wait) {
+                wait_drain(&api, &task, out)?;
+            }
         }
         Cmd::Node(NodeCmd::Maintenance(MaintenanceCmd::End { id })) => print(
             out,
