@@ -24,12 +24,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use cairn_api::metadata::v1::{
-    command::Op, ExtentGroupRecord, NodeMaintenance, SetVdiskOwner, TaskRecord, TaskState,
-};
+use cairn_api::metadata::v1::{ExtentGroupRecord, NodeMaintenance, TaskRecord, TaskState};
 use cairn_metadata::handle::drain_task_id;
 use cairn_metadata::MetadataHandle;
 
+use crate::repair::most_replicas;
 use crate::volume::{meta_err, DataService};
 use crate::DataError;
 
@@ -73,34 +72,22 @@ impl Drains {
 }
 
 /// Why a vdisk on a node in maintenance cannot move, if it cannot, else
-/// the node to move it to: the live node outside maintenance holding most
-/// of its replicas (the lowest id among equals).
+/// the node to move it to ([`most_replicas`] outside `away`).
 fn move_target(
     groups: &[&ExtentGroupRecord],
     away: &HashSet<u64>,
     candidates: &[u64],
 ) -> Result<u64, &'static str> {
-    let mut held: HashMap<u64, usize> = HashMap::new();
-    for g in groups {
-        let mut elsewhere = false;
-        for r in &g.replicas {
-            if !away.contains(&r.node_id) {
-                elsewhere = true;
-                *held.entry(r.node_id).or_default() += 1;
-            }
-        }
-        if !elsewhere {
-            return Err(
-                "every copy of some of its data is on nodes in maintenance or down \
-                        (RF1, or a group short of replicas)",
-            );
-        }
-    }
-    candidates
+    if groups
         .iter()
-        .copied()
-        .max_by_key(|id| (held.get(id).copied().unwrap_or(0), u64::MAX - id))
-        .ok_or("no node outside maintenance can take it")
+        .any(|g| g.replicas.iter().all(|r| away.contains(&r.node_id)))
+    {
+        return Err(
+            "every copy of some of its data is on nodes in maintenance or down \
+             (RF1, or a group short of replicas)",
+        );
+    }
+    most_replicas(groups, away, candidates).ok_or("no node outside maintenance can take it")
 }
 
 impl DataService {
@@ -194,16 +181,8 @@ impl DataService {
                         continue;
                     }
                 };
-                match self
-                    .meta
-                    .propose(Op::SetVdiskOwner(SetVdiskOwner {
-                        vdisk_id: vd.id.clone(),
-                        expect_owner_epoch: vd.owner_epoch,
-                        owner_node_id: to,
-                    }))
-                    .await
-                {
-                    Ok(_) => {
+                match self.set_vdisk_owner(vd, to).await {
+                    Ok(()) => {
                         moved += vd.size_bytes;
                         tracing::info!(vdisk = %vd.id, name = %vd.name, from = node, to,
                             owner_epoch = vd.owner_epoch + 1,

@@ -99,6 +99,26 @@ impl Waits {
     }
 }
 
+/// Of `candidates`, the node holding most replicas of `groups` (those on
+/// `excluded` nodes do not count), the lowest id among equals: a vdisk's
+/// new owner, which then reads most of it locally.
+pub(crate) fn most_replicas(
+    groups: &[&ExtentGroupRecord],
+    excluded: &HashSet<u64>,
+    candidates: &[u64],
+) -> Option<u64> {
+    let mut held: HashMap<u64, usize> = HashMap::new();
+    for r in groups.iter().flat_map(|g| &g.replicas) {
+        if !excluded.contains(&r.node_id) {
+            *held.entry(r.node_id).or_default() += 1;
+        }
+    }
+    candidates
+        .iter()
+        .copied()
+        .max_by_key(|id| (held.get(id).copied().unwrap_or(0), u64::MAX - id))
+}
+
 /// Tunables of the monitor.
 #[derive(Debug, Clone)]
 pub struct MonitorConfig {
@@ -358,14 +378,6 @@ impl DataService {
             if !dead.contains(&vd.owner_node_id) {
                 continue;
             }
-            let mut held: HashMap<u64, usize> = HashMap::new();
-            for g in groups.iter().filter(|g| g.vdisk_id == vd.id) {
-                for r in &g.replicas {
-                    if !dead.contains(&r.node_id) {
-                        *held.entry(r.node_id).or_default() += 1;
-                    }
-                }
-            }
             let candidates: Vec<u64> = self
                 .meta
                 .nodes()
@@ -374,29 +386,38 @@ impl DataService {
                 .map(|n| n.id)
                 .filter(|id| !dead.contains(id))
                 .collect();
-            let Some(new_owner) = candidates
-                .iter()
-                .copied()
-                .max_by_key(|id| (held.get(id).copied().unwrap_or(0), u64::MAX - id))
-            else {
+            let of_vd: Vec<&ExtentGroupRecord> =
+                groups.iter().filter(|g| g.vdisk_id == vd.id).collect();
+            let Some(new_owner) = most_replicas(&of_vd, dead, &candidates) else {
                 continue;
             };
-            match self
-                .meta
-                .propose(Op::SetVdiskOwner(SetVdiskOwner {
-                    vdisk_id: vd.id.clone(),
-                    expect_owner_epoch: vd.owner_epoch,
-                    owner_node_id: new_owner,
-                }))
-                .await
-            {
-                Ok(_) => tracing::warn!(vdisk = %vd.id, name = %vd.name, from = vd.owner_node_id,
+            match self.set_vdisk_owner(&vd, new_owner).await {
+                Ok(()) => tracing::warn!(vdisk = %vd.id, name = %vd.name, from = vd.owner_node_id,
                     to = new_owner, owner_epoch = vd.owner_epoch + 1,
                     "vdisk owner is dead; ownership moved to a surviving replica holder"),
                 Err(e) => tracing::warn!(vdisk = %vd.id, error = %e, "cannot move vdisk ownership"),
             }
         }
         Ok(())
+    }
+
+    /// Moves a vdisk's ownership to `to` if it is still at the owner epoch
+    /// `vd` names (`SetVdiskOwner` bumps it; the new owner fences the old
+    /// one as it takes each group over).
+    pub(crate) async fn set_vdisk_owner(
+        &self,
+        vd: &cairn_api::metadata::v1::VdiskRecord,
+        to: u64,
+    ) -> Result<(), DataError> {
+        self.meta
+            .propose(Op::SetVdiskOwner(SetVdiskOwner {
+                vdisk_id: vd.id.clone(),
+                expect_owner_epoch: vd.owner_epoch,
+                owner_node_id: to,
+            }))
+            .await
+            .map(|_| ())
+            .map_err(meta_err)
     }
 
     /// Brings every group of every vdisk this node owns back to RF.
