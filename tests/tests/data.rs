@@ -950,13 +950,14 @@ fn groups_wait_for_a_node_in_maintenance_past_the_rebuild_wait() -> Result<()> {
     Ok(())
 }
 
-/// `cairn node maintenance start --wait` drains the node while it still
-/// runs: the RF2 vdisk it owns moves to another node (owner epoch + 1,
-/// under a host's writes through a third node), the RF1 one whose only
-/// copy is there stays and the drain task names it, and new extent groups
-/// go to other nodes. Killed after that, the node costs the moved vdisk no
-/// failover (its owner epoch does not change again), its writes go on, and
-/// no acknowledged write is lost.
+/// `cairn node maintenance start --wait` drains the node (the metadata
+/// leader's) while it still runs: the RF2 vdisk it owns moves to another
+/// node (owner epoch + 1, under a host's writes through a third node), the
+/// RF1 one whose only copy is there stays and the drain task names it, new
+/// extent groups go to other nodes, and raft leadership moves to another
+/// voter. Killed after that, the node costs the moved vdisk no failover
+/// (its owner epoch does not change again), its writes go on, and no
+/// acknowledged write is lost.
 #[test]
 fn a_node_in_maintenance_is_drained_before_it_stops() -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -964,31 +965,35 @@ fn a_node_in_maintenance_is_drained_before_it_stops() -> Result<()> {
     use std::time::Duration;
     let _g = serial();
     let mut c = Cluster::start(3)?;
+    let leader = c.wait_leader(Duration::from_secs(30))?;
+    // The drained node m, the host's node h, and a third one t.
+    let m = c.index_of(leader);
+    let (h, t) = ((m + 1) % 3, (m + 2) % 3);
     let half = 8 * MIB;
-    let rf2 = c.make_vdisk("two", 2, "d", 2 * half, 2)?;
-    let rf1 = c.make_vdisk("one", 1, "s", MIB, 2)?;
-    write_all_blocks(&c.block(0, &rf1)?, MIB, 1)?;
-    let io = c.block(0, &rf2)?;
+    let rf2 = c.make_vdisk("two", 2, "d", 2 * half, m)?;
+    let rf1 = c.make_vdisk("one", 1, "s", MIB, m)?;
+    write_all_blocks(&c.block(h, &rf1)?, MIB, 1)?;
+    let io = c.block(h, &rf2)?;
     write_all_blocks(&io, half, 1)?;
     let owner = |c: &Cluster, ds: &str, name: &str| -> Result<(u64, u64)> {
-        let r = c.get(0, &format!("/v1/datastores/{ds}/vdisks/{name}"))?;
+        let r = c.get(h, &format!("/v1/datastores/{ds}/vdisks/{name}"))?;
         anyhow::ensure!(r.status == 200, "{} {}", r.status, r.body);
         Ok((
             r.body["owner_node_id"].as_u64().unwrap_or_default(),
             r.body["owner_epoch"].as_u64().unwrap_or_default(),
         ))
     };
-    let id = c.nodes[2].id;
+    let id = c.nodes[m].id;
     let (was, epoch) = owner(&c, "two", "d")?;
     assert_eq!(was, id);
 
-    // A host writes the first half through node index 0 from here on.
+    // A host writes the first half through node h from here on.
     let stop = Arc::new(AtomicBool::new(false));
     let ledger: Arc<Mutex<Ledger>> = Arc::default();
-    let w = spawn_writer_from(c.block(0, &rf2)?, half, stop.clone(), ledger.clone(), 1);
+    let w = spawn_writer_from(c.block(h, &rf2)?, half, stop.clone(), ledger.clone(), 1);
     std::thread::sleep(Duration::from_secs(2));
 
-    let dir = c.nodes[0].dir.display().to_string();
+    let dir = c.nodes[h].dir.display().to_string();
     let out = c.cli_ok(&[
         "--data-dir",
         &dir,
@@ -1013,14 +1018,14 @@ fn a_node_in_maintenance_is_drained_before_it_stops() -> Result<()> {
         c.logs_tail()
     );
     assert_eq!(owner(&c, "one", "s")?.0, id, "the RF1 vdisk moved");
-    let nodes = c.get(0, "/v1/nodes")?.body;
+    let nodes = c.get(h, "/v1/nodes")?.body;
     let task_id = nodes
         .as_array()
         .and_then(|a| a.iter().find(|n| n["id"] == id))
         .and_then(|n| n["maintenance"]["drain_task"].as_str())
         .map(str::to_string)
         .ok_or_else(|| anyhow::anyhow!("no drain task in {nodes}"))?;
-    let task = c.get(1, &format!("/v1/tasks/{task_id}"))?.body;
+    let task = c.get(t, &format!("/v1/tasks/{task_id}"))?.body;
     assert!(
         task["kind"] == "drain"
             && task["state"] == "done"
@@ -1032,21 +1037,32 @@ fn a_node_in_maintenance_is_drained_before_it_stops() -> Result<()> {
         "{task}"
     );
 
+    // Raft leadership moved off the node (asked in the drain's passes).
+    let t0 = std::time::Instant::now();
+    while c.leader().is_none_or(|l| l == id) {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the node in maintenance still leads the metadata\n{}",
+            c.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
     // New groups (the second half) have no replica on the drained node.
-    let on_2 = extent_files(&c.nodes[2].dir.join("disks")).len();
-    let upper = c.block(1, &rf2)?;
+    let on_m = extent_files(&c.nodes[m].dir.join("disks")).len();
+    let upper = c.block(t, &rf2)?;
     for k in 0..8 {
         let off = half + k * MIB;
         upper.write(off, &block(off, 7))?;
     }
     assert_eq!(
-        extent_files(&c.nodes[2].dir.join("disks")).len(),
-        on_2,
+        extent_files(&c.nodes[m].dir.join("disks")).len(),
+        on_m,
         "a new extent group was placed on the node in maintenance"
     );
 
     let before_kill = ledger.lock().unwrap().ok;
-    c.kill9(2);
+    c.kill9(m);
     // Past DEAD_AFTER (5 s): a failover would have happened by now.
     std::thread::sleep(Duration::from_secs(9));
     stop.store(true, Ordering::SeqCst);
@@ -1063,7 +1079,7 @@ fn a_node_in_maintenance_is_drained_before_it_stops() -> Result<()> {
         (now_owner, now_epoch),
         "the moved vdisk failed over again"
     );
-    for i in 0..2 {
+    for i in [h, t] {
         check_ledger(&c.block(i, &rf2)?, &l)?;
         let upper = c.block(i, &rf2)?;
         for k in 0..8 {

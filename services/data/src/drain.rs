@@ -17,6 +17,9 @@
 //! (`Volume::ensure_ready`), and a host's session on the old node follows
 //! the owner (`route::Routed`).
 //!
+//! A leader in maintenance also hands raft leadership to a voter outside
+//! it, so that its stop costs no election.
+//!
 //! Progress is a `drain` task per mark (`drain-<node>-<mark start>`, so a
 //! new leader continues the same task), in bytes of vdisk size: moved out
 //! of moved plus still to move. It is done when nothing movable is left
@@ -241,6 +244,41 @@ impl DataService {
             }
             self.put_task(t).await;
         }
+        if marks.contains_key(&self.node_id) {
+            self.hand_over_leadership(&away).await;
+        }
         Ok(())
+    }
+
+    /// This leader is in maintenance: raft leadership goes to the most
+    /// caught-up live voter outside maintenance, so that the node's stop
+    /// costs the cluster no election (metadata writes, and every vdisk
+    /// lookup that needs a read barrier, wait for one). Asked again each
+    /// pass while this node still leads (an election may bring it back).
+    async fn hand_over_leadership(&self, away: &HashSet<u64>) {
+        let Ok(status) = self.meta.status().await else {
+            return;
+        };
+        if status.role != "leader" {
+            return;
+        }
+        let matched: HashMap<u64, u64> = status.progress.iter().copied().collect();
+        let to = status
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| *v != self.node_id && !away.contains(v) && self.peers.is_up(*v))
+            .max_by_key(|v| (matched.get(v).copied().unwrap_or(0), u64::MAX - v));
+        let Some(to) = to else {
+            tracing::warn!(
+                node = self.node_id,
+                "this metadata leader is in maintenance, but no live voter outside maintenance \
+                 can take the leadership over"
+            );
+            return;
+        };
+        if let Err(e) = self.meta.transfer_leadership(to) {
+            tracing::warn!(to, error = %e, "cannot hand metadata leadership over");
+        }
     }
 }

@@ -305,6 +305,15 @@ impl MetadataHandle {
         self.wait(rx).await.map(|_| ())
     }
 
+    /// Asks this node, if it leads, to hand raft leadership to voter `to`
+    /// (raft's leader transfer: `to` is brought up to date, then told to
+    /// campaign at once; proposals meanwhile are refused and retried by
+    /// their callers). Returns at once: [`Self::status`] shows the outcome.
+    /// For a node about to go away, so that its stop costs no election.
+    pub fn transfer_leadership(&self, to: u64) -> Result<(), MetaError> {
+        self.send(Msg::TransferLeader(to))
+    }
+
     pub async fn status(&self) -> Result<NodeStatus, MetaError> {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Status { reply: tx })?;

@@ -102,6 +102,8 @@ pub(crate) enum Msg {
         reply: oneshot::Sender<NodeStatus>,
     },
     Unreachable(u64),
+    /// Hand leadership to this voter, if this node leads.
+    TransferLeader(u64),
     SnapshotDone {
         to: u64,
         ok: bool,
@@ -369,6 +371,17 @@ impl Driver {
                 let _ = reply.send(self.status());
             }
             Msg::Unreachable(id) => self.raw.report_unreachable(id),
+            Msg::TransferLeader(to) => {
+                if self.raw.raft.state == StateRole::Leader && to != self.id {
+                    tracing::info!(
+                        node = self.id,
+                        to,
+                        term = self.raw.raft.term,
+                        "handing raft leadership over"
+                    );
+                    self.raw.transfer_leader(to);
+                }
+            }
             Msg::SnapshotDone { to, ok } => {
                 let status = if ok {
                     SnapshotStatus::Finish
