@@ -674,6 +674,8 @@ impl DiskStore {
 
     /// Not fatal: the old file is intact; a repair or a later try fixes it.
     fn compaction_skipped(&self, group: &Group, e: DataError) -> Result<(), DataError> {
+        // A device error still takes the disk out of placement.
+        let e = self.note(e);
         let path = group.with(|f| f.path().to_path_buf());
         tracing::warn!(disk = %self.id, path = %path.display(), error = %e, "compaction skipped");
         Ok(())
