@@ -55,6 +55,13 @@ pub(crate) fn current_marks(meta: &MetadataHandle) -> HashMap<u64, NodeMaintenan
     }
 }
 
+/// Whether `t` is the drain task of its node's current mark.
+fn of_current_mark(marks: &HashMap<u64, NodeMaintenance>, t: &TaskRecord) -> bool {
+    marks
+        .get(&t.node_id)
+        .is_some_and(|m| drain_task_id(m.node_id, m.started_unix_ms) == t.id)
+}
+
 /// The drain tasks the leader writes, kept between monitor passes.
 #[derive(Default)]
 pub(crate) struct Drains {
@@ -108,18 +115,18 @@ impl DataService {
             // progress kept); its running ones of marks that ended while
             // no leader watched are closed below like any other.
             for t in self.meta.tasks().map_err(meta_err)? {
-                let current = marks
-                    .get(&t.node_id)
-                    .is_some_and(|m| drain_task_id(m.node_id, m.started_unix_ms) == t.id);
-                if t.kind == DRAIN_KIND && (current || t.state == TaskState::TaskRunning as i32) {
-                    let newer = st.tasks.get(&t.node_id).is_some_and(|o| {
-                        marks
-                            .get(&o.node_id)
-                            .is_some_and(|m| drain_task_id(m.node_id, m.started_unix_ms) == o.id)
-                    });
-                    if !newer {
-                        st.tasks.insert(t.node_id, t);
-                    }
+                let current = of_current_mark(&marks, &t);
+                if t.kind != DRAIN_KIND || !(current || t.state == TaskState::TaskRunning as i32) {
+                    continue;
+                }
+                // The current mark's task wins over an older running one.
+                if current
+                    || !st
+                        .tasks
+                        .get(&t.node_id)
+                        .is_some_and(|o| of_current_mark(&marks, o))
+                {
+                    st.tasks.insert(t.node_id, t);
                 }
             }
             st.adopted = true;
@@ -129,11 +136,7 @@ impl DataService {
         let ended: Vec<u64> = st
             .tasks
             .iter()
-            .filter(|(node, t)| {
-                marks
-                    .get(node)
-                    .is_none_or(|m| drain_task_id(m.node_id, m.started_unix_ms) != t.id)
-            })
+            .filter(|(_, t)| !of_current_mark(&marks, t))
             .map(|(node, _)| *node)
             .collect();
         for node in ended {
@@ -154,11 +157,8 @@ impl DataService {
 
         let away: HashSet<u64> = marks.keys().chain(dead.iter()).copied().collect();
         let candidates: Vec<u64> = self
-            .meta
-            .nodes()
-            .map_err(meta_err)?
+            .node_ids()?
             .into_iter()
-            .map(|n| n.id)
             .filter(|id| !away.contains(id) && (*id == self.node_id || self.peers.is_up(*id)))
             .collect();
         let all_groups = self.meta.extent_groups().map_err(meta_err)?;

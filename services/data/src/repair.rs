@@ -374,18 +374,15 @@ impl DataService {
             return Ok(());
         }
         let groups = self.meta.extent_groups().map_err(meta_err)?;
+        let candidates: Vec<u64> = self
+            .node_ids()?
+            .into_iter()
+            .filter(|id| !dead.contains(id))
+            .collect();
         for vd in self.meta.all_vdisks().map_err(meta_err)? {
             if !dead.contains(&vd.owner_node_id) {
                 continue;
             }
-            let candidates: Vec<u64> = self
-                .meta
-                .nodes()
-                .map_err(meta_err)?
-                .into_iter()
-                .map(|n| n.id)
-                .filter(|id| !dead.contains(id))
-                .collect();
             let of_vd: Vec<&ExtentGroupRecord> =
                 groups.iter().filter(|g| g.vdisk_id == vd.id).collect();
             let Some(new_owner) = most_replicas(&of_vd, dead, &candidates) else {
@@ -399,6 +396,17 @@ impl DataService {
             }
         }
         Ok(())
+    }
+
+    /// Every member's node id (metadata's node records).
+    pub(crate) fn node_ids(&self) -> Result<Vec<u64>, DataError> {
+        Ok(self
+            .meta
+            .nodes()
+            .map_err(meta_err)?
+            .into_iter()
+            .map(|n| n.id)
+            .collect())
     }
 
     /// Moves a vdisk's ownership to `to` if it is still at the owner epoch
